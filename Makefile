@@ -1,0 +1,33 @@
+# Two commands do all set-up: `make run` and `make test`. Both create or update the virtual environment in .venv.
+#
+# torch: these machines (and most laptops) want the CPU build; an unpinned `torch` would pull a multi-GB CUDA build.
+# The setup therefore installs TORCH_SPEC only when .venv has no torch yet. GPU users: install your CUDA build of
+# torch into .venv first (or pass TORCH_SPEC / TORCH_PIP_ARGS), and add the xformers extra with EXTRAS=test,cuda.
+VENV ?= .venv
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+EXTRAS ?= test
+ARGS ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.atelier-installed
+
+.PHONY: run test install clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)" $(TORCH_PIP_ARGS)
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) launch.py $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)
