@@ -1,0 +1,106 @@
+"""The Generate tab: widgets and events only; the work is ``pipelines.generation``."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from pipelines.errors import UserError
+from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
+from pipelines.model_cache import ModelCache
+from pipelines.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
+
+EXAMPLE_PROMPTS = [
+    "a red circle on the left, gray background",
+    "a blue square in the center, white background",
+    "a green triangle on the right and a yellow circle on the left, black background",
+]
+
+
+class CancelTokens:
+    """One cancel flag per browser session, so Cancel stops only that session's generation."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> threading.Event:
+        with self._lock:
+            event = self._events[session] = threading.Event()
+            return event
+
+    def cancel(self, session: str) -> bool:
+        with self._lock:
+            event = self._events.get(session)
+        if event is None:
+            return False
+        event.set()
+        return True
+
+
+def build_generate_tab(models: ModelCache, outputs: Path) -> None:
+    tokens = CancelTokens()
+    native = models.peek().native_size
+
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
+                                placeholder="a red circle on the left, gray background")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="gen-negative")
+            with gr.Row():
+                steps = gr.Slider(1, MAX_STEPS, value=20, step=1, label="Steps", elem_id="gen-steps")
+                guidance = gr.Slider(0, 30, value=7.0, step=0.5, label="Guidance (CFG)", elem_id="gen-guidance")
+            with gr.Row():
+                width = gr.Slider(8, 2048, value=native, step=8, label="Width", elem_id="gen-width")
+                height = gr.Slider(8, 2048, value=native, step=8, label="Height", elem_id="gen-height")
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="gen-seed")
+                randomize = gr.Button("Random seed", size="sm", elem_id="gen-random-seed")
+                reuse = gr.Button("Reuse last seed", size="sm", elem_id="gen-reuse-seed")
+            with gr.Row():
+                scheduler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
+                batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="gen-batch")
+            with gr.Row():
+                run = gr.Button("Generate", variant="primary", elem_id="gen-run")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
+            gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Example prompts")
+        with gr.Column(scale=4):
+            gallery = gr.Gallery(label="Results", columns=4, height=420, elem_id="gen-gallery", format="png")
+            status = gr.Markdown(elem_id="gen-status")
+            info = gr.Textbox(label="Parameters of the last image", lines=4, elem_id="gen-info")
+    last_seed = gr.State(-1)
+
+    def on_generate(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
+                    request: gr.Request, progress=gr.Progress()):
+        token = tokens.start(request.session_hash or "anonymous")
+        request_obj = GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
+                                        guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
+                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v)
+        images: list[tuple[str, str]] = []
+        params, seed_used = "", -1
+        try:
+            with models.use() as model:
+                progress((0, int(steps_v) * int(batch_v)), desc="Generating")
+                for item in generate(model, request_obj, cancel=token,
+                                     on_step=lambda s, t: progress((s, t), desc="Generating")):
+                    path = save_generated(item, outputs)
+                    images.append((str(path), f"seed {item.seed}"))
+                    params, seed_used = item.parameters, item.seed
+                    notes = "".join(f"\n\n⚠ {w}" for w in item.record["warnings"])
+                    yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        if token.is_set():
+            yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used
+
+    run.click(on_generate, [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count],
+              [gallery, status, info, last_seed], concurrency_id="model")
+    prompt.submit(on_generate, [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count],
+                  [gallery, status, info, last_seed], concurrency_id="model")
+    def on_cancel(request: gr.Request) -> str:
+        return "Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel."
+
+    cancel.click(on_cancel, None, status, queue=False)
+    randomize.click(lambda: -1, None, seed, queue=False)
+    reuse.click(lambda s: s, last_seed, seed, queue=False)

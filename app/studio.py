@@ -1,0 +1,83 @@
+"""The studio page: tabs arranged, services wired, server started on localhost unless asked otherwise."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import UserError
+from pipelines.model_cache import ModelCache, ModelSpec
+from pipelines.paths import data_home, default_outputs
+
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class StudioConfig:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    model: str | None = None
+    config: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    attention: str = "auto"
+    outputs: str | None = None
+    auth: str | None = None  # "user:password"
+    share: bool = False
+
+    @property
+    def outputs_dir(self) -> Path:
+        return Path(self.outputs).expanduser().resolve() if self.outputs else default_outputs()
+
+
+def parse_auth(auth: str | None) -> list[tuple[str, str]] | None:
+    if not auth:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise UserError("--auth must look like user:password")
+    return [(user, password)]
+
+
+def exposure_warning(config: StudioConfig) -> str | None:
+    """A warning when the studio is reachable from other machines without a login."""
+    if (config.share or config.host not in LOCAL_HOSTS) and not config.auth:
+        where = "a public share link" if config.share else f"{config.host}"
+        return (f"warning: the studio is exposed on {where} without a login; anyone who can reach it can use this "
+                "machine. Add --auth user:password.")
+    return None
+
+
+def build_studio(config: StudioConfig):
+    import gradio as gr
+
+    from .generate_tab import build_generate_tab
+
+    models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
+                                  dtype=config.dtype, attention=config.attention))
+    model = models.peek()  # load now: a bad --model fails at start with one line, not at the first click
+    outputs = config.outputs_dir
+    outputs.mkdir(parents=True, exist_ok=True)
+    with gr.Blocks(title="Atelier", analytics_enabled=False) as demo:
+        gr.Markdown(f"# Atelier\nModel **{model.name}** · fingerprint `{model.fingerprint}` · "
+                    f"{model.runtime.describe()}", elem_id="studio-header")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                build_generate_tab(models, outputs)
+    demo.queue(default_concurrency_limit=1)
+    return demo
+
+
+def serve(config: StudioConfig, *, block: bool = True):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    auth = parse_auth(config.auth)
+    warning = exposure_warning(config)
+    if warning:
+        print(warning, file=sys.stderr)
+    demo = build_studio(config)
+    print(f"Atelier on http://{config.host}:{config.port}  (outputs: {config.outputs_dir})", flush=True)
+    demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=auth,
+                allowed_paths=[str(config.outputs_dir)], blocked_paths=[str(data_home() / "runs")],
+                ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, inbrowser=False)
+    return demo

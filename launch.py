@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Atelier's launcher: ``python launch.py`` opens the studio; sub-commands run the same work headless.
+
+Every command prints ``--help``; a failure the user can fix exits non-zero with one line, never a traceback
+(set ``ATELIER_DEBUG=1`` to see tracebacks).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import warnings
+
+# Feature modules that add their own sub-commands through ``register(subparsers)``.
+COMMAND_MODULES = ("pipelines.microworld.cli",)
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars, advisory warnings) out of the CLI's output."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    from huggingface_hub.utils import disable_progress_bars
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    disable_progress_bars()
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="diffusers folder, .safetensors checkpoint or Hub id (default: embedded model)")
+    parser.add_argument("--config", help="diffusers config folder for a single-file checkpoint (default: shipped SD 1.x)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default: auto)")
+    parser.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16 (default: fp16 on CUDA, else fp32)")
+    parser.add_argument("--attention", default="auto", help="auto, sdpa, xformers, default (default: auto)")
+
+
+def add_ui_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    parser.add_argument("--outputs", help="folder for generated images (default: <data folder>/outputs)")
+    parser.add_argument("--auth", help="require a login, as user:password")
+    parser.add_argument("--share", action="store_true", help="also open a public Gradio share link (off by default)")
+    add_model_options(parser)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from app.studio import StudioConfig, serve
+
+    serve(StudioConfig(host=args.host, port=args.port, model=args.model, config=args.config, device=args.device,
+                       dtype=args.dtype, attention=args.attention, outputs=args.outputs, auth=args.auth,
+                       share=args.share))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    quiet_libraries()
+    from pathlib import Path
+
+    from pipelines.errors import UserError
+    from pipelines.generation import GenerationRequest, generate, save_generated
+    from pipelines.loading import load_model
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file (got {args.out})")
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; name a .png file")
+    model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention, config=args.config)
+    request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
+                                guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
+                                scheduler=args.scheduler, batch_count=args.batch_count)
+
+    def progress(step: int, total: int) -> None:
+        print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
+
+    for index, item in enumerate(generate(model, request, on_step=progress)):
+        target = out if request.batch_count == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
+        save_generated(item, path=target)
+        for warning in item.record["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{target} seed={item.seed} model={model.name} [{model.runtime.describe()}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.schedulers import MODEL_DEFAULT
+
+    parser = argparse.ArgumentParser(prog="launch.py", description="Atelier: a diffusion customization studio. "
+                                     "With no command, opens the studio in the browser.")
+    add_ui_options(parser)
+    parser.set_defaults(func=cmd_ui)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    ui = sub.add_parser("ui", help="open the studio (the default)", description="Open the studio web page.")
+    add_ui_options(ui)
+    ui.set_defaults(func=cmd_ui)
+
+    gen = sub.add_parser("generate", help="make images from a prompt",
+                         description="Make images from a prompt; parameters are saved in the PNG and a .json sidecar.")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--out", required=True, help="output .png (with --batch-count N: OUT-1.png … OUT-N.png)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--seed", type=int, default=-1, help="seed (default: random)")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    gen.add_argument("--width", type=int, help="default: the model's native size")
+    gen.add_argument("--height", type=int, help="default: the model's native size")
+    gen.add_argument("--scheduler", default=MODEL_DEFAULT, help="sampler, e.g. 'Euler a', 'DPM++ 2M Karras'")
+    gen.add_argument("--batch-count", type=int, default=1)
+    add_model_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name and name.startswith(exc.name):
+                continue  # feature not installed in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines.errors import UserError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure still gets one line unless debugging
+        if os.environ.get("ATELIER_DEBUG"):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        print(f"error: {exc.__class__.__name__}: {first} (set ATELIER_DEBUG=1 for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Text-to-image generation: one request → images with their parameters, per-step progress and cancel.
+
+The UI and the CLI both call :func:`generate` and :func:`save_generated`; neither touches tensors itself.
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from PIL import Image
+
+from .errors import UserError
+from .loading import LoadedModel
+from .png_metadata import format_parameters, save_png_with_parameters
+from .schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
+
+MAX_SEED = 2**32 - 1
+MAX_STEPS = 150
+MAX_BATCH = 16
+
+
+def max_pixels() -> int:
+    """Upper bound on width × height, so one request cannot exhaust memory (``ATELIER_MAX_PIXELS``)."""
+    return int(os.environ.get("ATELIER_MAX_PIXELS", 2048 * 2048))
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    guidance: float = 7.0
+    seed: int = -1  # -1: pick one at random
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    scheduler: str = MODEL_DEFAULT
+    batch_count: int = 1
+
+    def resolved(self, model: LoadedModel) -> "GenerationRequest":
+        """Check every field and fill the defaults that depend on the model; raises ``UserError``."""
+        if not isinstance(self.prompt, str):
+            raise UserError("the prompt must be text")
+        if not 1 <= int(self.steps) <= MAX_STEPS:
+            raise UserError(f"steps must be between 1 and {MAX_STEPS} (got {self.steps})")
+        if not 0.0 <= float(self.guidance) <= 30.0:
+            raise UserError(f"guidance must be between 0 and 30 (got {self.guidance})")
+        if not 1 <= int(self.batch_count) <= MAX_BATCH:
+            raise UserError(f"batch count must be between 1 and {MAX_BATCH} (got {self.batch_count})")
+        width = int(self.width or model.native_size)
+        height = int(self.height or model.native_size)
+        for label, value in (("width", width), ("height", height)):
+            if value < 8 or value % 8:
+                raise UserError(f"{label} must be a positive multiple of 8 (got {value})")
+        if width * height > max_pixels():
+            raise UserError(f"{width}x{height} is larger than the limit of {max_pixels()} pixels")
+        seed = int(self.seed)
+        if seed < 0:
+            seed = random.randint(0, MAX_SEED)
+        if seed > MAX_SEED:
+            raise UserError(f"seed must be at most {MAX_SEED}")
+        make_scheduler(self.scheduler, model.base_scheduler)  # raises on an unknown name
+        return replace(self, steps=int(self.steps), guidance=float(self.guidance), seed=seed, width=width,
+                       height=height, batch_count=int(self.batch_count))
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    parameters: str  # the A1111 "parameters" text
+    record: dict  # everything, for the JSON sidecar
+
+
+def prompt_warnings(model: LoadedModel, req: GenerationRequest) -> list[str]:
+    tok = model.pipe.tokenizer
+    out = []
+    for label, text in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
+        n = len(tok(text).input_ids)
+        if n > tok.model_max_length:
+            out.append(f"the {label} has {n - 2} tokens; only the first {tok.model_max_length - 2} are used")
+    return out
+
+
+def generate(model: LoadedModel, request: GenerationRequest, *,
+             on_step: Callable[[int, int], None] | None = None,
+             cancel: threading.Event | None = None) -> Iterator[GeneratedImage]:
+    """Yield ``batch_count`` images (seeds seed, seed+1, …), stopping early and cleanly when ``cancel`` is set."""
+    req = request.resolved(model)
+    pipe = model.pipe
+    pipe.scheduler = make_scheduler(req.scheduler, model.base_scheduler)
+    sampler = scheduler_label(req.scheduler, model.base_scheduler)
+    warnings = prompt_warnings(model, req)
+    total = req.steps * req.batch_count
+
+    for index in range(req.batch_count):
+        if cancel is not None and cancel.is_set():
+            return
+        seed = req.seed + index
+
+        def step_end(p, step, timestep, kwargs, _index=index):
+            if on_step is not None:
+                on_step(_index * req.steps + step + 1, total)
+            if cancel is not None and cancel.is_set():
+                p._interrupt = True  # diffusers' own flag: skip the remaining denoising steps
+            return kwargs
+
+        started = time.perf_counter()
+        # A CPU generator makes the same seed give the same image on every device.
+        generator = torch.Generator("cpu").manual_seed(seed)
+        with torch.inference_mode():
+            image = pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
+                         num_inference_steps=req.steps, guidance_scale=req.guidance, width=req.width,
+                         height=req.height, generator=generator, callback_on_step_end=step_end).images[0]
+        if cancel is not None and cancel.is_set():
+            return  # a half-denoised image is not a result
+        settings = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
+                    "Size": f"{req.width}x{req.height}", "Model hash": model.fingerprint[:10],
+                    "Model": model.name, "Version": "atelier"}
+        record = {**asdict(replace(req, seed=seed, batch_count=1)), "sampler": sampler, "model": model.name,
+                  "model_source": model.source, "model_fingerprint": model.fingerprint,
+                  "device": model.runtime.describe(), "seconds": round(time.perf_counter() - started, 3),
+                  "warnings": warnings}
+        yield GeneratedImage(image=image, seed=seed,
+                             parameters=format_parameters(req.prompt, req.negative_prompt, settings), record=record)
+
+
+_counter_lock = threading.Lock()
+
+
+def save_generated(item: GeneratedImage, folder: Path | None = None, path: Path | None = None) -> Path:
+    """Save as PNG (with the ``parameters`` chunk) + JSON sidecar: at ``path``, or numbered in ``folder``."""
+    if path is None:
+        if folder is None:
+            raise ValueError("save_generated needs a folder or a path")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with _counter_lock:
+            numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+            path = folder / f"{max(numbers, default=-1) + 1:05d}-{item.seed}.png"
+            save_png_with_parameters(item.image, path, item.parameters, item.record)
+        return path
+    return save_png_with_parameters(item.image, Path(path), item.parameters, item.record)
