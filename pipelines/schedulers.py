@@ -16,7 +16,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DDIM": ("DDIMScheduler", {}),
     "Heun": ("HeunDiscreteScheduler", {}),
-    "PNDM": ("PNDMScheduler", {}),
+    "PNDM": ("PNDMScheduler", {"skip_prk_steps": True}),
 }
 
 SCHEDULER_NAMES = [MODEL_DEFAULT, *SCHEDULERS]

@@ -1,0 +1,122 @@
+"""The real page in headless Chromium: a user generates an image and cancels a long run."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+from pipelines.png_metadata import parse_parameters, read_png_parameters
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def _start_studio(model_dir: Path, outputs: Path, *extra: str):
+    port = free_port()
+    log = open(outputs.parent / f"studio-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model_dir),
+                             "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("studio did not start within 120 s")
+
+
+@pytest.fixture
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def studio(tiny_model_dir, tmp_path):
+    outputs = tmp_path / "outputs"
+    proc, url = _start_studio(tiny_model_dir, outputs)
+    yield url, outputs
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_generate_through_the_page(browser, studio, tmp_path):
+    url, outputs = studio
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#gen-prompt textarea").fill("a red circle on the left, gray background")
+    page.locator("#gen-steps input[type=number]").fill("4")
+    page.locator("#gen-batch input[type=number]").fill("2")
+    page.locator("#gen-seed input").fill("123")
+    page.locator("#gen-run").click()
+    page.wait_for_function("document.querySelectorAll('#gen-gallery img').length >= 2", timeout=90_000)
+    page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+    assert "Seed: 124" in page.locator("#gen-info textarea").input_value()
+    saved = sorted(outputs.glob("*.png"))
+    assert [p.name for p in saved] == ["00000-123.png", "00001-124.png"]
+    parsed = parse_parameters(read_png_parameters(saved[0]))
+    assert parsed["prompt"] == "a red circle on the left, gray background" and parsed["settings"]["Steps"] == "4"
+    assert saved[0].with_suffix(".json").is_file()
+    # The page's images are the saved files, metadata included.
+    src = page.locator("#gen-gallery img").first.get_attribute("src")
+    assert src and "00000-123" in src
+
+
+def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
+    url, outputs = studio
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.locator("#gen-prompt textarea").fill("a blue square")
+    page.locator("#gen-steps input[type=number]").fill("150")
+    page.locator("#gen-batch input[type=number]").fill("16")
+    page.locator("#gen-run").click()
+    page.wait_for_selector(".progress-text, .eta-bar, .progress-level", timeout=60_000)
+    page.locator("#gen-cancel").click()
+    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Cancelled')", timeout=60_000)
+    page.screenshot(path=str(tmp_path / "cancel.png"), full_page=True)
+    assert len(list(outputs.glob("*.png"))) < 16
+    # The server still serves after a cancel: a short run completes.
+    page.locator("#gen-steps input[type=number]").fill("2")
+    page.locator("#gen-batch input[type=number]").fill("1")
+    page.locator("#gen-run").click()
+    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
+
+
+def test_login_required_when_auth_is_set(browser, tiny_model_dir, tmp_path):
+    outputs = tmp_path / "outputs"
+    proc, url = _start_studio(tiny_model_dir, outputs, "--auth", "ada:s3cret")
+    try:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector("input[type=password]", timeout=30_000)
+        assert page.locator("#gen-run").count() == 0
+        page.locator("input[type=text], input:not([type])").first.fill("ada")
+        page.locator("input[type=password]").fill("s3cret")
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#gen-run", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "after-login.png"))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
