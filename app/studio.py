@@ -52,19 +52,26 @@ def exposure_warning(config: StudioConfig) -> str | None:
 def build_studio(config: StudioConfig):
     import gradio as gr
 
+    from trainers.jobs import JobQueue
+
     from .generate_tab import build_generate_tab
+    from .train_tab import build_train_tab
 
     models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
                                   dtype=config.dtype, attention=config.attention))
     model = models.peek()  # load now: a bad --model fails at start with one line, not at the first click
     outputs = config.outputs_dir
     outputs.mkdir(parents=True, exist_ok=True)
+    jobs = JobQueue(data_home() / "runs")
     with gr.Blocks(title="Atelier", analytics_enabled=False) as demo:
         gr.Markdown(f"# Atelier\nModel **{model.name}** · fingerprint `{model.fingerprint}` · "
                     f"{model.runtime.describe()}", elem_id="studio-header")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(models, outputs)
+            with gr.Tab("Train", id="train"):
+                build_train_tab(demo, jobs, data_home(), config.model)
+    jobs.start_background()
     demo.queue(default_concurrency_limit=1)
     return demo
 
@@ -78,6 +85,6 @@ def serve(config: StudioConfig, *, block: bool = True):
     demo = build_studio(config)
     print(f"Atelier on http://{config.host}:{config.port}  (outputs: {config.outputs_dir})", flush=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=auth,
-                allowed_paths=[str(config.outputs_dir)], blocked_paths=[str(data_home() / "runs")],
+                allowed_paths=[str(config.outputs_dir), str(data_home() / "runs")],
                 ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, inbrowser=False)
     return demo

@@ -1,0 +1,185 @@
+"""The Train tab: set up a run, watch it live, stop and resume it. Jobs run as ``launch.py train`` subprocesses."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.errors import UserError
+from trainers.dataset import DatasetConfig, dataset_summary, import_files, safe_name
+from trainers.events import read_events
+from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
+
+
+def _progress_html(info) -> str:
+    pct = 100.0 * info.step / info.total if info.total else 0.0
+    eta = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(info.eta_s))}" if info.eta_s and info.status == "running" else ""
+    loss = f" · loss {info.loss:.4f}" if isinstance(info.loss, (int, float)) else ""
+    extra = f"<div>⚠ {info.message}</div>" if info.message else ""
+    done = f"<div>Adapter: <code>{info.artifact}</code></div>" if info.artifact else ""
+    return (f"<div id='train-progress'><b>{info.name}</b> — {info.status} · step {info.step}/{info.total}{loss}{eta}"
+            f"<div style='background:#eee;height:10px;border-radius:5px;margin:6px 0'>"
+            f"<div style='width:{pct:.1f}%;background:#f97316;height:10px;border-radius:5px'></div></div>"
+            f"{extra}{done}</div>")
+
+
+def _loss_frame(run_dir: Path) -> pd.DataFrame:
+    rows = [(e["step"], e["loss"]) for e in read_events(run_dir) if e.get("event") == "step"]
+    return pd.DataFrame(rows, columns=["step", "loss"])
+
+
+def _samples(run_dir: Path) -> list[tuple[str, str]]:
+    return [(str(p), p.stem) for p in sorted((run_dir / "samples").glob("*.png"))]
+
+
+def _log_tail(run_dir: Path, n: int = 25) -> str:
+    lines = []
+    for e in read_events(run_dir):
+        kind = e.get("event")
+        if kind == "step":
+            lines.append(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}")
+        else:
+            detail = {k: v for k, v in e.items() if k not in ("time", "event")}
+            lines.append(f"{kind}: {detail}")
+    log = run_dir / "process.log"
+    if log.is_file():
+        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        errors = [line for line in text if line.startswith("error:")]
+        lines += errors[-3:]
+    return "\n".join(lines[-n:])
+
+
+def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
+    with gr.Row():
+        with gr.Column(scale=3):
+            gr.Markdown("### New LoRA run")
+            folder = gr.Textbox(label="Dataset folder (images + same-name .txt captions)", elem_id="train-folder")
+            uploads = gr.File(label="…or upload images and captions", file_count="multiple", elem_id="train-upload")
+            with gr.Row():
+                trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger")
+                caption = gr.Textbox(label="One caption for all (optional)", elem_id="train-caption")
+            with gr.Row():
+                repeats = gr.Number(value=1, precision=0, label="Repeats", elem_id="train-repeats")
+                batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="train-batch")
+                accum = gr.Number(value=1, precision=0, label="Grad. accumulation", elem_id="train-accum")
+                steps = gr.Number(value=300, precision=0, label="Steps", elem_id="train-steps")
+            with gr.Row():
+                rank = gr.Number(value=8, precision=0, label="Rank", elem_id="train-rank")
+                lr = gr.Number(value=1e-4, label="Learning rate", elem_id="train-lr")
+                sample_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: end)",
+                                         elem_id="train-sample-every")
+                ckpt_every = gr.Number(value=100, precision=0, label="Checkpoint every", elem_id="train-ckpt-every")
+            prompts = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts")
+            name = gr.Textbox(label="Output name", value="my-lora", elem_id="train-name")
+            arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
+            start = gr.Button("Start training", variant="primary", elem_id="train-start")
+        with gr.Column(scale=4):
+            gr.Markdown("### Runs")
+            with gr.Row():
+                runs = gr.Dropdown(label="Run", choices=[], elem_id="train-runs", scale=4)
+                refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="train-refresh")
+            progress = gr.HTML(elem_id="train-progress-box")
+            with gr.Row():
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
+                resume = gr.Button("Resume", elem_id="train-resume")
+            plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="train-loss")
+            samples = gr.Gallery(label="Preview samples", columns=4, height=200, elem_id="train-samples")
+            tail = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log")
+    timer = gr.Timer(2.0)
+
+    def resolve_folder(folder_v, files_v, name_v) -> str:
+        if files_v:
+            target = data_root / "datasets" / safe_name(name_v or "dataset")
+            import_files([getattr(f, "name", f) for f in files_v], target)
+            return str(target)
+        return folder_v or ""
+
+    def on_preview(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v):
+        path = resolve_folder(folder_v, files_v, name_v)
+        if not path:
+            return path, "Choose a dataset folder or upload images."
+        try:
+            return path, dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
+                                                       trigger=trigger_v or None),
+                                         int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
+        except UserError as exc:
+            return path, f"⚠ {exc}"
+
+    inputs = [folder, uploads, name, trigger, caption, repeats, batch, accum, steps]
+    for widget in (folder, repeats, batch, accum, steps, trigger, caption):
+        widget.change(on_preview, inputs, [folder, arithmetic], queue=False)
+    uploads.upload(on_preview, inputs, [folder, arithmetic])
+
+    def choices():
+        return [j.name for j in list_jobs(queue.runs_root)]
+
+    def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, rank_v, lr_v,
+                 sample_v, ckpt_v, prompts_v):
+        path = resolve_folder(folder_v, files_v, name_v)
+        try:
+            summary = dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
+                                                    trigger=trigger_v or None),
+                                      int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        stem = safe_name(name_v or "my-lora")
+        out = data_root / "adapters" / f"{stem}.safetensors"
+        args = ["--data", path, "--out", str(out), "--steps", str(int(steps_v)), "--rank", str(int(rank_v)),
+                "--lr", str(float(lr_v)), "--repeats", str(int(repeats_v)), "--batch-size", str(int(batch_v)),
+                "--grad-accum", str(int(accum_v)), "--checkpoint-every", str(int(ckpt_v))]
+        if int(sample_v or 0):
+            args += ["--sample-every", str(int(sample_v))]
+        for prompt in (prompts_v or "").splitlines():
+            if prompt.strip():
+                args += ["--sample-prompt", prompt.strip()]
+        if trigger_v:
+            args += ["--trigger", trigger_v]
+        if caption_v:
+            args += ["--caption", caption_v]
+        if model_source:
+            args += ["--model", model_source]
+        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-lora-{stem}"
+        queue.submit(run_name, "lora", args)
+        return gr.update(choices=choices(), value=run_name), summary
+
+    start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts], [runs, arithmetic])
+
+    def on_refresh(current):
+        names = choices()
+        return gr.update(choices=names, value=current if current in names else (names[0] if names else None))
+
+    refresh.click(on_refresh, runs, runs, queue=False)
+    demo.load(on_refresh, runs, runs, queue=False)  # a page refresh re-attaches to the newest run
+
+    def on_tick(current):
+        if not current:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        run_dir = queue.runs_root / current
+        info = job_info(run_dir)
+        return _progress_html(info), _loss_frame(run_dir), _samples(run_dir), _log_tail(run_dir)
+
+    timer.tick(on_tick, runs, [progress, plot, samples, tail], queue=False)
+    runs.change(on_tick, runs, [progress, plot, samples, tail], queue=False)
+
+    def on_stop(current):
+        if not current:
+            raise gr.Error("Choose a run first.")
+        info = job_info(queue.runs_root / current)
+        if info.status not in ("running", "queued"):
+            raise gr.Error(f"{current} is not running ({info.status}).")
+        request_stop(info.run_dir)
+        gr.Info("Stopping after the current step; a checkpoint will be saved.")
+
+    def on_resume(current):
+        if not current:
+            raise gr.Error("Choose a run first.")
+        try:
+            queue.resume(queue.runs_root / current)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from exc
+        gr.Info("Resumed from the last checkpoint.")
+
+    stop.click(on_stop, runs, None, queue=False)
+    resume.click(on_resume, runs, None, queue=False)

@@ -1,0 +1,132 @@
+"""Training checkpoints without pickle, written so a crash mid-write never corrupts the latest one.
+
+A checkpoint is a folder ``step-NNNNNNN`` holding ``trainable.safetensors`` (the method's trainable state),
+``optimizer.safetensors`` (every optimizer tensor, flattened) and ``state.json`` (step, data position, optimizer
+hyper-parameters, learning-rate scheduler state, RNG states). It is written under a temporary name and renamed
+into place as the last act, so a folder with the final name is always complete.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+KEEP = 2  # checkpoints kept per run (older ones are removed after a newer one is complete)
+
+
+@dataclass
+class CheckpointState:
+    step: int
+    epoch: int
+    batch: int
+    rng: dict[str, str]  # name -> base64 of a torch RNG state
+    optimizer: dict[str, Any]  # param_groups and the non-tensor parts of the state
+    scheduler: dict[str, Any]
+    extra: dict[str, Any]
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entry in state_dict["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for pid, entry in meta.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_snapshot(generators: dict[str, torch.Generator]) -> dict[str, str]:
+    out = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        out["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    for name, gen in generators.items():
+        out[f"gen.{name}"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+    return out
+
+
+def rng_restore(snapshot: dict[str, str], generators: dict[str, torch.Generator]) -> None:
+    def tensor(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+    torch.set_rng_state(tensor(snapshot["torch"]))
+    if "cuda" in snapshot and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensor(snapshot["cuda"]))
+    for name, gen in generators.items():
+        if f"gen.{name}" in snapshot:
+            gen.set_state(tensor(snapshot[f"gen.{name}"]))
+
+
+def _json_safe_scheduler(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in state.items() if isinstance(v, (int, float, str, bool, list, type(None)))
+            and not (isinstance(v, list) and any(callable(x) for x in v))}
+
+
+def save_checkpoint(folder: Path, *, step: int, epoch: int, batch: int, trainable: dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer, scheduler, generators: dict[str, torch.Generator],
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Write checkpoint ``step`` under ``folder`` atomically and prune old ones; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:07d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder))
+    try:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        state = CheckpointState(step=step, epoch=epoch, batch=batch, rng=rng_snapshot(generators),
+                                optimizer=opt_meta, scheduler=_json_safe_scheduler(scheduler.state_dict()),
+                                extra=extra or {})
+        with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+            json.dump(asdict(state), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(folder)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> tuple[CheckpointState, dict[str, torch.Tensor], dict]:
+    """(state, trainable tensors, optimizer state_dict) of a checkpoint folder."""
+    state = CheckpointState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+    trainable = load_file(str(path / "trainable.safetensors"))
+    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.optimizer)
+    return state, trainable, optimizer

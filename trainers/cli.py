@@ -1,0 +1,118 @@
+"""``python launch.py train METHOD ...``: the command the CLI user types and the Train tab launches."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from pipelines.errors import UserError
+
+METHODS = ("lora",)
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="folder of images with same-name .txt captions")
+    p.add_argument("--out", help="the trained adapter, a .safetensors file")
+    p.add_argument("--model", help="base model (default: the embedded model)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 500)")
+    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    p.add_argument("--trigger", help="trigger word, prepended to every caption that lacks it")
+    p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
+    p.add_argument("--repeats", type=int, help="times each image is seen per epoch (default 1)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default 1)")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
+    p.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
+    p.add_argument("--buckets", action="store_true", default=None, help="aspect-ratio buckets instead of centre crops")
+    p.add_argument("--lr-scheduler", help="constant, constant_with_warmup, linear, cosine, ... (default constant)")
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--mixed-precision", help="auto, no, fp16, bf16 (default auto: fp16/bf16 on CUDA, none on CPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--noise-offset", type=float)
+    p.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting γ (e.g. 5; default off)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--sample-every", type=int, help="steps between preview samples (default: only at the end)")
+    p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="preview prompt (repeatable)")
+    p.add_argument("--sample-steps", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, mps")
+    p.add_argument("--preset", help="a config.json of an earlier run; flags given here override it")
+    p.add_argument("--run-dir", help="run folder (default: a new folder under <data folder>/runs)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last checkpoint")
+
+
+def register(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train an adapter (a job with a run folder you can stop and resume)",
+                                  description="Train an adapter. Each run has a folder with its config, events, "
+                                              "samples and checkpoints; stop with Ctrl-C (a checkpoint is saved) "
+                                              "and continue with --resume RUN_DIR.")
+    methods = train.add_subparsers(dest="method", metavar="METHOD", required=True)
+    lora = methods.add_parser("lora", help="plain LoRA on the UNet attention layers (peft)",
+                              description="Train a LoRA on a folder of images with captions.")
+    add_common_options(lora)
+    lora.add_argument("--rank", type=int, help="LoRA rank (default 8)")
+    lora.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
+    lora.set_defaults(func=run_train, method_option_names=("rank", "alpha"))
+
+
+def config_from_args(args: argparse.Namespace):
+    from trainers.loop import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    if args.resume:
+        base = TrainConfig.load(Path(args.resume) / "config.json")
+    elif args.preset:
+        base = TrainConfig.load(Path(args.preset))
+    else:
+        if not args.data or not args.out:
+            raise UserError("--data and --out are required (or --resume RUN_DIR, or --preset CONFIG)")
+        base = TrainConfig(data=args.data, out=args.out, method=args.method)
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None and k != "method"}
+    options = dict(base.method_options)
+    options.update({k: getattr(args, k) for k in args.method_option_names if getattr(args, k, None) is not None})
+    config = TrainConfig(**{**base.__dict__, **values, "method": args.method, "method_options": options})
+    if config.method != args.method:
+        raise UserError(f"this run is a {config.method} run, not {args.method}")
+    return config.validate()
+
+
+def default_run_dir(config) -> Path:
+    from pipelines.paths import data_home
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return data_home() / "runs" / f"{stamp}-{config.method}-{Path(config.out).stem}"
+
+
+def make_method(name: str):
+    if name == "lora":
+        from trainers.lora import LoraMethod
+
+        return LoraMethod()
+    raise UserError(f"unknown training method {name!r}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from trainers.events import EventLog
+    from trainers.loop import train
+
+    config = config_from_args(args)
+    run_dir = Path(args.resume or args.run_dir or default_run_dir(config)).expanduser().resolve()
+    if not args.resume and (run_dir / "checkpoints").exists():
+        raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
+    print(f"run folder: {run_dir}", flush=True)
+    try:
+        result = train(config, make_method(config.method), run_dir, resume=bool(args.resume))
+    except UserError as exc:
+        EventLog(run_dir).write("error", message=str(exc))
+        raise
+    except Exception as exc:
+        EventLog(run_dir).write("error", message=f"{exc.__class__.__name__}: {exc}")
+        raise
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}; continue with: python launch.py train {config.method} "
+              f"--resume {run_dir}", flush=True)
+    else:
+        print(f"done: {result.artifact} (step {result.step}, final loss {result.losses[-1]:.4f})" if result.losses
+              else f"done: {result.artifact}", flush=True)
+    return 0

@@ -1,0 +1,240 @@
+"""The training dataset: a folder of images with same-name ``.txt`` captions (the kohya convention).
+
+Bad files never stop a run: unreadable, empty, oversized or non-image files are reported by name and skipped.
+Order is deterministic from (seed, epoch), and a position ``(epoch, index)`` is enough to resume exactly, also
+when several processes each take their slice of every global batch.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from pipelines.errors import UserError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_MAX_PIXELS = 4096 * 4096
+# Aspect buckets as (width, height) ratios; each image goes to the bucket nearest its aspect ratio.
+BUCKET_ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    folder: str
+    resolution: int = 64
+    repeats: int = 1
+    caption: str | None = None  # one caption for every image (overrides .txt files)
+    trigger: str | None = None  # prepended to every caption that lacks it
+    buckets: bool = False  # aspect-ratio buckets instead of centre crops
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class Sample:
+    path: Path
+    caption: str
+    size: tuple[int, int]  # target (width, height) after crop/resize
+
+
+@dataclass
+class DatasetReport:
+    used: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file name, reason)
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"{len(self.used)} image(s) used"]
+        out += [f"skipped {name}: {reason}" for name, reason in self.skipped]
+        return out + self.notes
+
+
+def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tuple[int, int]:
+    """The bucket (w, h) with about resolution² pixels whose aspect is nearest the image's."""
+    aspect = width / height
+    best = min(BUCKET_ASPECTS, key=lambda a: abs(math.log(aspect / (a[0] / a[1]))))
+    ratio = best[0] / best[1]
+    w = resolution * math.sqrt(ratio)
+    h = resolution / math.sqrt(ratio)
+    return max(multiple, int(round(w / multiple)) * multiple), max(multiple, int(round(h / multiple)) * multiple)
+
+
+def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+    if path.stat().st_size == 0:
+        raise ValueError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ValueError(f"too large ({w}x{h} > {max_pixels} pixels)")
+                im.verify()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ValueError("too large (decompression bomb guard)") from exc
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"unreadable image ({exc.__class__.__name__})") from exc
+    if w < 8 or h < 8:
+        raise ValueError(f"too small ({w}x{h})")
+    return w, h
+
+
+class ImageFolderDataset:
+    """Images + captions, resized/cropped to the training resolution, as tensors in [-1, 1]."""
+
+    def __init__(self, config: DatasetConfig, size_multiple: int = 8) -> None:
+        folder = Path(config.folder).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"dataset folder {config.folder} does not exist")
+        if config.repeats < 1:
+            raise UserError("repeats must be at least 1")
+        self.config = config
+        self.report = DatasetReport()
+        self.samples: list[Sample] = []
+        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                if path.suffix.lower() not in (".txt", ".json", ".toml", ".caption"):
+                    self.report.skipped.append((path.name, "not an image file"))
+                continue
+            try:
+                w, h = _check_image(path, config.max_pixels)
+            except (ValueError, OSError) as exc:
+                self.report.skipped.append((path.name, str(exc)))
+                continue
+            caption = self._caption(path)
+            if config.buckets:
+                size = bucket_size(w, h, config.resolution, size_multiple)
+            else:
+                size = (config.resolution, config.resolution)
+            self.samples.append(Sample(path, caption, size))
+            self.report.used.append(path.name)
+        if not self.samples:
+            raise UserError(f"no usable images in {config.folder}" +
+                            (f" ({len(self.report.skipped)} skipped)" if self.report.skipped else ""))
+
+    def _caption(self, path: Path) -> str:
+        cfg = self.config
+        caption = cfg.caption
+        if caption is None:
+            txt = path.with_suffix(".txt")
+            if txt.is_file():
+                caption = txt.read_text(encoding="utf-8", errors="replace").strip()
+            else:
+                caption = ""
+                self.report.notes.append(f"{path.name}: no caption file, using {'the trigger' if cfg.trigger else 'an empty caption'}")
+        if cfg.trigger and cfg.trigger not in caption.split():
+            caption = f"{cfg.trigger} {caption}".strip() if caption else cfg.trigger
+        return caption
+
+    def __len__(self) -> int:
+        """Images × repeats: one epoch."""
+        return len(self.samples) * self.config.repeats
+
+    def load(self, index: int) -> tuple[torch.Tensor, str]:
+        sample = self.samples[index % len(self.samples)]
+        with Image.open(sample.path) as im:
+            im = ImageOps.exif_transpose(im)
+            im = im.convert("RGB")
+            im = ImageOps.fit(im, sample.size, method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), sample.caption
+
+    def bucket_of(self, index: int) -> tuple[int, int]:
+        return self.samples[index % len(self.samples)].size
+
+
+@dataclass
+class DataPosition:
+    epoch: int = 0
+    batch: int = 0  # index of the next global batch within the epoch
+
+
+class BatchPlan:
+    """Deterministic global batches: per epoch a seeded shuffle, grouped by bucket so a batch has one size.
+
+    Every batch is full (a bucket's last batch is topped up from its own images), so several processes always get
+    equal slices. ``steps_per_epoch`` is ceil(images × repeats / batch), plus one per extra bucket at most.
+    """
+
+    def __init__(self, dataset: ImageFolderDataset, batch_size: int, seed: int) -> None:
+        if batch_size < 1:
+            raise UserError("batch size must be at least 1")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self._cache: dict[int, list[list[int]]] = {}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(len(self.dataset), generator=g).tolist()
+            by_bucket: dict[tuple[int, int], list[int]] = {}
+            for i in order:
+                by_bucket.setdefault(self.dataset.bucket_of(i), []).append(i)
+            batches = []
+            for idx in by_bucket.values():
+                short = -len(idx) % self.batch_size  # fill the last batch cyclically: every batch is full
+                idx = idx + [idx[k % len(idx)] for k in range(short)]
+                batches += [idx[k:k + self.batch_size] for k in range(0, len(idx), self.batch_size)]
+            perm = torch.randperm(len(batches), generator=g).tolist()
+            self._cache = {epoch: [batches[p] for p in perm]}
+        return self._cache[epoch]
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.epoch_batches(0))
+
+    def next(self, pos: DataPosition) -> tuple[list[int], DataPosition]:
+        batches = self.epoch_batches(pos.epoch)
+        if pos.batch >= len(batches):
+            pos = DataPosition(pos.epoch + 1, 0)
+            batches = self.epoch_batches(pos.epoch)
+        return batches[pos.batch], DataPosition(pos.epoch, pos.batch + 1)
+
+
+def step_arithmetic(n_images: int, repeats: int, batch_size: int, grad_accum: int, steps: int) -> str:
+    """The sentence the UI shows before a run starts: no hidden arithmetic."""
+    per_epoch = math.ceil(n_images * repeats / batch_size)
+    optimizer_steps_per_epoch = max(1, math.ceil(per_epoch / grad_accum))
+    epochs = steps / optimizer_steps_per_epoch
+    accum = f" ÷ accumulation {grad_accum}" if grad_accum > 1 else ""
+    return (f"{n_images} images × {repeats} repeats ÷ batch {batch_size}{accum} = {optimizer_steps_per_epoch} steps "
+            f"per epoch; {epochs:.2f} epochs = {steps} steps")
+
+
+def safe_name(name: str, default: str = "file") -> str:
+    """A file name with no folders, no leading dots and only portable characters (uploads, run names)."""
+    import re
+    import unicodedata
+
+    base = Path(str(name).replace("\\", "/")).name
+    base = unicodedata.normalize("NFKC", base)
+    base = re.sub(r"[^\w.\- ]+", "_", base, flags=re.UNICODE).strip(" .")
+    return base[:120] or default
+
+
+def import_files(paths: list[str], folder: Path) -> list[str]:
+    """Copy uploaded images and captions into a dataset folder under sanitised names; returns the names."""
+    import shutil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for src in paths:
+        name = safe_name(Path(src).name)
+        if Path(name).suffix.lower() not in IMAGE_SUFFIXES + (".txt",):
+            continue
+        shutil.copyfile(src, folder / name)
+        names.append(name)
+    return names
+
+
+def dataset_summary(config: DatasetConfig, batch_size: int, grad_accum: int, steps: int) -> str:
+    """What the UI shows before a run starts: the images found, what was skipped, and the step arithmetic."""
+    dataset = ImageFolderDataset(config)
+    lines = [step_arithmetic(len(dataset.samples), config.repeats, batch_size, grad_accum, steps)]
+    lines += [f"skipped {name}: {reason}" for name, reason in dataset.report.skipped]
+    return "\n".join(lines)

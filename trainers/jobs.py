@@ -1,0 +1,191 @@
+"""Training jobs: each a subprocess running the same ``launch.py train`` command a user could type.
+
+A job outlives the web server (its own session), so a crash of either does not take the other down, and a
+restarted studio re-attaches by reading the run folders: ``job.json`` (command, pid), ``events.jsonl`` (progress)
+and the checkpoints. One job runs at a time by default; the rest wait in the queue, in submission order.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import latest_checkpoint
+from .events import read_events
+from .loop import STOP_FILE
+
+LAUNCH = Path(__file__).resolve().parent.parent / "launch.py"
+JOB_FILE = "job.json"
+FINAL = ("done", "stopped", "error")
+
+
+@dataclass
+class JobInfo:
+    run_dir: Path
+    method: str
+    status: str  # queued | running | done | stopped | error | interrupted
+    step: int
+    total: int
+    loss: float | None
+    eta_s: float | None
+    artifact: str | None
+    message: str | None
+    resumable: bool
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def pid_alive(pid: int | None, run_dir: Path) -> bool:
+    """True when ``pid`` is alive and is our job for ``run_dir`` (pids are reused)."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if cmdline.exists():
+        try:
+            raw = cmdline.read_bytes()
+            state = Path(f"/proc/{pid}/stat").read_text().split()[2]
+        except OSError:
+            return False
+        return str(run_dir).encode() in raw and state != "Z"
+    return True
+
+
+def job_info(run_dir: Path) -> JobInfo:
+    run_dir = Path(run_dir)
+    job = _read_json(run_dir / JOB_FILE)
+    step = total = 0
+    loss = eta = None
+    status, artifact, message = None, None, None
+    for event in read_events(run_dir):
+        kind = event.get("event")
+        if kind in ("start", "step", "resumed"):
+            step = int(event.get("step", step))
+            total = int(event.get("total", total) or total)
+            loss = event.get("loss", loss)
+            eta = event.get("eta_s", eta)
+            status = None
+        elif kind in FINAL:
+            status = kind
+            step = int(event.get("step", step) or step)
+            artifact = event.get("artifact", artifact)
+            message = event.get("message")
+    if job.get("state") == "queued":
+        status = "queued"
+    elif pid_alive(job.get("pid"), run_dir) and status not in FINAL:
+        status = "running"
+    elif status is None:
+        status = "interrupted"  # killed or crashed without a final event
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    return JobInfo(run_dir=run_dir, method=job.get("method", "?"), status=status, step=step, total=total,
+                   loss=loss, eta_s=eta, artifact=artifact, message=message,
+                   resumable=ckpt is not None and status in ("stopped", "interrupted", "error"))
+
+
+def list_jobs(runs_root: Path) -> list[JobInfo]:
+    """Every run under ``runs_root``, newest first."""
+    if not runs_root.is_dir():
+        return []
+    runs = [p for p in runs_root.iterdir() if p.is_dir() and (p / JOB_FILE).is_file()]
+    return [job_info(p) for p in sorted(runs, key=lambda p: p.stat().st_mtime, reverse=True)]
+
+
+def train_command(method: str, args: list[str]) -> list[str]:
+    return [sys.executable, str(LAUNCH), "train", method, *args]
+
+
+def spawn(run_dir: Path, method: str, args: list[str]) -> int:
+    """Start the job process now (detached from this process's session); returns its pid."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+    command = train_command(method, [*args, *(["--run-dir", str(run_dir)] if "--resume" not in args else [])])
+    with open(run_dir / "process.log", "ab") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=LAUNCH.parent, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "command": command, "pid": proc.pid,
+                                     "state": "started", "started": time.time()})
+    threading.Thread(target=proc.wait, daemon=True).start()  # reap it, so it never lingers as a zombie
+    return proc.pid
+
+
+def request_stop(run_dir: Path) -> None:
+    """Ask a running job to finish its step, save a checkpoint and end (a file, so it works on every OS)."""
+    (Path(run_dir) / STOP_FILE).write_text("stop requested\n")
+
+
+class JobQueue:
+    """Runs queued jobs one at a time (by default), started from the studio or re-attached after a restart."""
+
+    def __init__(self, runs_root: Path, max_running: int = 1, poll_s: float = 1.0) -> None:
+        self.runs_root = Path(runs_root)
+        self.max_running = max_running
+        self.poll_s = poll_s
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, name: str, method: str, args: list[str]) -> Path:
+        run_dir = self.runs_root / name
+        if (run_dir / JOB_FILE).exists():
+            raise FileExistsError(f"a run named {name} exists already")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "state": "queued", "queued": time.time()})
+        self.tick()
+        return run_dir
+
+    def resume(self, run_dir: Path) -> None:
+        info = job_info(run_dir)
+        if not info.resumable:
+            raise ValueError(f"{info.name} cannot be resumed (status {info.status})")
+        _write_json(run_dir / JOB_FILE, {**_read_json(run_dir / JOB_FILE), "method": info.method,
+                                         "args": ["--resume", str(run_dir)], "state": "queued",
+                                         "queued": time.time()})
+        self.tick()
+
+    def tick(self) -> None:
+        """Start queued jobs while fewer than ``max_running`` run."""
+        with self._lock:
+            jobs = list_jobs(self.runs_root)
+            running = sum(1 for j in jobs if j.status == "running")
+            queued = sorted((j for j in jobs if j.status == "queued"),
+                            key=lambda j: _read_json(j.run_dir / JOB_FILE).get("queued", 0))
+            for job in queued[: max(0, self.max_running - running)]:
+                meta = _read_json(job.run_dir / JOB_FILE)
+                spawn(job.run_dir, meta["method"], meta["args"])
+
+    def start_background(self) -> None:
+        if self._thread is not None:
+            return
+
+        def loop() -> None:
+            while True:
+                try:
+                    self.tick()
+                except Exception as exc:  # the poller must never die; a broken run folder is just skipped
+                    print(f"job queue: {exc}", file=sys.stderr)
+                time.sleep(self.poll_s)
+
+        self._thread = threading.Thread(target=loop, name="job-queue", daemon=True)
+        self._thread.start()

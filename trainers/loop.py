@@ -1,0 +1,363 @@
+"""The shared training loop every method trains through (diffusion denoising loss on a dataset folder).
+
+A method (LoRA, SaRA, …) only says what is trainable, how its state is saved and how its artefact is written
+(:class:`TrainingMethod`); this loop owns everything else: accelerate (devices, mixed precision, several
+processes), gradient accumulation and checkpointing, noise offset, min-SNR weighting, diffusers' learning-rate
+schedulers, exact resume, preview samples, the event log and graceful stop.
+
+Several processes (``torchrun`` / ``accelerate launch``) give the same weights as one process with the same global
+batch: every process draws the whole global batch's noise, timesteps and latent samples from one seeded generator
+and takes its own slice, and gradients are averaged over equal slices.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.errors import UserError
+
+from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
+from .dataset import BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, step_arithmetic
+from .events import EventLog
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+STOP_FILE = "STOP"
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    method: str = "lora"
+    model: str | None = None
+    steps: int = 500
+    batch_size: int = 1  # global batch, split across processes
+    grad_accum: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "auto"
+    gradient_checkpointing: bool = False
+    noise_offset: float = 0.0
+    min_snr_gamma: float = 0.0  # 0: off
+    seed: int = 0
+    resolution: int = 0  # 0: the model's native size
+    repeats: int = 1
+    caption: str | None = None
+    trigger: str | None = None
+    buckets: bool = False
+    checkpoint_every: int = 100
+    sample_every: int = 0  # 0: only at the end
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_steps: int = 20
+    device: str = "auto"
+    method_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.steps >= 1, "steps must be at least 1"),
+            (self.batch_size >= 1, "batch size must be at least 1"),
+            (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
+            (self.lr > 0, "learning rate must be positive"),
+            (self.lr_scheduler in LR_SCHEDULERS, f"lr scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
+            (self.mixed_precision in MIXED_PRECISION, f"mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
+            (self.noise_offset >= 0, "noise offset must be ≥ 0"),
+            (self.min_snr_gamma >= 0, "min-SNR gamma must be ≥ 0"),
+            (self.checkpoint_every >= 1, "checkpoint interval must be at least 1"),
+            (self.sample_every >= 0, "sample interval must be ≥ 0"),
+            (bool(self.out) and self.out.endswith(".safetensors"), "--out must name a .safetensors file"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+        return self
+
+    def save(self, path: Path) -> None:
+        _atomic_text(path, json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> "TrainConfig":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            return cls(**data)
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"{path}: not a valid training config ({exc})") from exc
+
+
+class TrainingMethod(Protocol):
+    """What a method adds to the loop: trainable parts, their state, and the file it produces."""
+
+    name: str
+
+    def attach(self, pipe, config: TrainConfig) -> list[torch.nn.Parameter]:
+        """Freeze the base, add the trainable parts to ``pipe``; return the parameters to optimise."""
+
+    def trainable_state(self) -> dict[str, torch.Tensor]: ...
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A regulariser added to the denoising loss (or None)."""
+
+    def save_artifact(self, path: Path, model, config: TrainConfig) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done" | "stopped"
+    step: int
+    artifact: str | None
+    losses: list[float]
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT or a ``STOP`` file in the run folder; checked once per step."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.file = run_dir / STOP_FILE
+        self._set = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. tests calling train() from a worker)
+                pass
+
+    def _handler(self, signum, frame) -> None:
+        self._set = True
+
+    def __bool__(self) -> bool:
+        return self._set or self.file.exists()
+
+
+def mixed_precision_for(device: torch.device, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023) for ε- or v-prediction."""
+    ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = ac / (1 - ac)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
+def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume: bool = False) -> TrainResult:
+    """Run (or resume) a training; returns when done or stopped. Writes events, samples, checkpoints, artefact."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from pipelines.devices import pick_device
+    from pipelines.loading import load_model
+
+    config.validate()
+    run_dir = Path(run_dir)
+    device = pick_device(config.device)
+    precision = mixed_precision_for(device, config.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
+    main = accelerator.is_main_process
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % world:
+        raise UserError(f"batch size {config.batch_size} must be divisible by the {world} processes")
+    log = EventLog(run_dir, enabled=main)
+    stop = StopFlag(run_dir)
+    if main:
+        stop.file.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config.save(run_dir / "config.json")
+
+    torch.manual_seed(config.seed)
+    model = load_model(config.model, device=str(accelerator.device), dtype="fp32", attention="auto")
+    pipe = model.pipe
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+    for frozen in (pipe.vae, pipe.text_encoder, pipe.unet):
+        frozen.requires_grad_(False)
+        if weight_dtype != torch.float32:  # frozen weights in half precision save memory; trainables stay fp32
+            frozen.to(accelerator.device, dtype=weight_dtype)
+    params = method.attach(pipe, config)
+    for p in params:  # trainable values stay fp32 under mixed precision
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    pipe.unet.train()
+
+    resolution = config.resolution or model.native_size
+    multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    dataset = ImageFolderDataset(DatasetConfig(config.data, resolution=resolution, repeats=config.repeats,
+                                               caption=config.caption, trigger=config.trigger,
+                                               buckets=config.buckets), size_multiple=multiple)
+    plan = BatchPlan(dataset, config.batch_size, config.seed)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                                 num_training_steps=config.steps)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    noise_gen = torch.Generator("cpu").manual_seed(config.seed + 1)
+
+    step, pos = 0, DataPosition()
+    if resume:
+        ckpt = latest_checkpoint(run_dir / "checkpoints")
+        if ckpt is None:
+            raise UserError(f"{run_dir}: no complete checkpoint to resume from")
+        state, trainable, opt_state = load_checkpoint(ckpt)
+        method.load_trainable_state(trainable)
+        optimizer.load_state_dict(opt_state)
+        lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state.scheduler})
+        rng_restore(state.rng, {"noise": noise_gen})
+        step, pos = state.step, DataPosition(state.epoch, state.batch)
+        log.write("resumed", step=step, checkpoint=ckpt.name)
+    else:
+        for line in dataset.report.lines():
+            log.write("dataset", message=line)
+    arithmetic = step_arithmetic(len(dataset.samples), config.repeats, config.batch_size, config.grad_accum,
+                                 config.steps)
+    log.write("start", step=step, total=config.steps, arithmetic=arithmetic, device=str(accelerator.device),
+              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params))
+
+    def encode_prompts(captions: list[str]) -> torch.Tensor:
+        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0]
+
+    def checkpoint(at: int) -> None:
+        if main:
+            path = save_checkpoint(run_dir / "checkpoints", step=at, epoch=pos.epoch, batch=pos.batch,
+                                   trainable=method.trainable_state(), optimizer=optimizer, scheduler=lr_scheduler,
+                                   generators={"noise": noise_gen})
+            log.write("checkpoint", step=at, path=str(path.relative_to(run_dir)))
+        accelerator.wait_for_everyone()
+
+    losses: list[float] = []
+    recent: list[float] = []
+    local = config.batch_size // world
+    while step < config.steps:
+        started = time.perf_counter()
+        step_loss = 0.0
+        for micro in range(config.grad_accum):
+            indices, pos = plan.next(pos)
+            sl = slice(rank * local, (rank + 1) * local)
+            pixels, captions = zip(*(dataset.load(i) for i in indices[sl]))
+            w, h = dataset.bucket_of(indices[0])
+            lat_shape = (len(indices), pipe.vae.config.latent_channels, h // pipe.vae_scale_factor,
+                         w // pipe.vae_scale_factor)
+            eps_latent = torch.randn(lat_shape, generator=noise_gen)
+            noise = torch.randn(lat_shape, generator=noise_gen)
+            offset = torch.randn(lat_shape[:2] + (1, 1), generator=noise_gen)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),),
+                                      generator=noise_gen)
+            px = torch.stack(pixels).to(accelerator.device, dtype=weight_dtype)
+            with torch.no_grad():
+                dist = pipe.vae.encode(px).latent_dist
+                latents = (dist.mean + dist.std * eps_latent[sl].to(px)) * pipe.vae.config.scaling_factor
+            latents = latents.float()
+            n = noise[sl].to(latents)
+            if config.noise_offset:
+                n = n + config.noise_offset * offset[sl].to(latents)
+            t = timesteps[sl].to(accelerator.device)
+            noisy = noise_scheduler.add_noise(latents, n, t)
+            target = noise_scheduler.get_velocity(latents, n, t) if prediction_type == "v_prediction" else n
+            text = encode_prompts(list(captions))
+            sync = micro == config.grad_accum - 1
+            context = accelerator.no_sync(unet) if not sync and world > 1 else _null()
+            with context:
+                with accelerator.autocast():
+                    pred = unet(noisy.to(weight_dtype), t, text).sample
+                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if config.min_snr_gamma:
+                    per_sample = per_sample * snr_weights(noise_scheduler.alphas_cumprod, t, config.min_snr_gamma,
+                                                          prediction_type)
+                loss = per_sample.mean()
+                extra = method.extra_loss()
+                if extra is not None:
+                    loss = loss + extra
+                accelerator.backward(loss / config.grad_accum)
+            step_loss += loss.detach().float().item() / config.grad_accum
+        if config.max_grad_norm:
+            accelerator.clip_grad_norm_(params, config.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
+        losses.append(mean_loss)
+        recent = (recent + [time.perf_counter() - started])[-20:]
+        eta = (config.steps - step) * sum(recent) / len(recent)
+        log.write("step", step=step, total=config.steps, loss=round(mean_loss, 6),
+                  lr=lr_scheduler.get_last_lr()[0], epoch=pos.epoch, eta_s=round(eta, 1))
+        if config.sample_every and step % config.sample_every == 0 and step < config.steps:
+            _preview(pipe, config, run_dir, step, log, accelerator)
+        if stop:
+            checkpoint(step)
+            log.write("stopped", step=step)
+            return TrainResult("stopped", step, None, losses)
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            checkpoint(step)
+
+    checkpoint(step)
+    if config.sample_prompts:
+        _preview(pipe, config, run_dir, step, log, accelerator)
+    artifact = None
+    if main:
+        method.save_artifact(Path(config.out), model, config)
+        artifact = str(Path(config.out).resolve())
+        log.write("done", step=step, artifact=artifact, final_loss=losses[-1] if losses else None)
+    accelerator.wait_for_everyone()
+    return TrainResult("done", step, artifact, losses)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator) -> None:
+    """Sample the preview prompts with fixed seeds, so previews are comparable across steps."""
+    if not accelerator.is_main_process or not config.sample_prompts:
+        accelerator.wait_for_everyone()
+        return
+    from pipelines.png_metadata import format_parameters, save_png_with_parameters
+
+    pipe.unet.eval()
+    folder = run_dir / "samples"
+    paths = []
+    for i, prompt in enumerate(config.sample_prompts):
+        generator = torch.Generator("cpu").manual_seed(config.seed + i)
+        with torch.no_grad(), accelerator.autocast():
+            image = pipe(prompt, num_inference_steps=config.sample_steps, generator=generator).images[0]
+        path = folder / f"step-{step:07d}-{i}.png"
+        save_png_with_parameters(image, path, format_parameters(prompt, "", {"Steps": config.sample_steps,
+                                                                             "Seed": config.seed + i,
+                                                                             "Training step": step}))
+        paths.append(str(path.relative_to(run_dir)))
+    pipe.unet.train()
+    log.write("sample", step=step, paths=paths, prompts=config.sample_prompts)
+    accelerator.wait_for_everyone()
