@@ -50,7 +50,6 @@ def add_ui_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    quiet_libraries()
     from app.studio import StudioConfig, serve
 
     serve(StudioConfig(host=args.host, port=args.port, model=args.model, config=args.config, device=args.device,
@@ -60,7 +59,6 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    quiet_libraries()
     from pathlib import Path
 
     from pipelines.errors import UserError
@@ -134,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        quiet_libraries()
         return int(args.func(args) or 0)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,123 @@
+"""Training as jobs: the CLI command in a subprocess, stopped and resumed; two processes equal one."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from trainers.checkpoints import latest_checkpoint
+from trainers.events import read_events
+from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
+from training_data import draw_dataset
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return draw_dataset(tmp_path_factory.mktemp("jobdata") / "circles", n=6)
+
+
+def _wait(predicate, timeout: float = 180, every: float = 0.3):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not reached")
+
+
+def test_cli_train_lora_writes_a_loadable_adapter(data, tiny_model_dir, tmp_path):
+    out = tmp_path / "circle.safetensors"
+    result = run_cli("train", "lora", "--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
+                     "--steps", "4", "--rank", "4", "--trigger", "sks", "--run-dir", str(tmp_path / "run"),
+                     "--sample-prompt", "sks a red circle", "--sample-steps", "2")
+    assert result.returncode == 0, result.stderr
+    assert out.is_file() and "done:" in result.stdout
+    from pipelines.safetensors_files import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["atelier.method"] == "lora" and "sks" in meta["atelier.trigger_words"]
+    assert list((tmp_path / "run" / "samples").glob("*.png"))
+    assert (tmp_path / "run" / "config.json").is_file()
+
+
+def test_cli_refuses_bad_input_in_one_line(tmp_path, tiny_model_dir):
+    result = run_cli("train", "lora", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o.safetensors"),
+                     "--model", str(tiny_model_dir), "--run-dir", str(tmp_path / "r"))
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("train", "lora", "--data", str(tmp_path), "--out", str(tmp_path / "o.bin"))
+    assert result.returncode == 2 and ".safetensors" in result.stderr
+
+
+def test_stop_and_resume_through_the_job_queue(data, tiny_model_dir, tmp_path):
+    queue = JobQueue(tmp_path / "runs")
+    out = tmp_path / "job.safetensors"
+    run_dir = queue.submit("job1", "lora", ["--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
+                                            "--steps", "400", "--rank", "4", "--checkpoint-every", "1000"])
+    assert job_info(run_dir).status == "running"
+    _wait(lambda: job_info(run_dir).step >= 3)
+    request_stop(run_dir)
+    info = _wait(lambda: (i := job_info(run_dir)).status == "stopped" and i)
+    assert info.resumable and not out.exists()
+    stopped_at = info.step
+    assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{stopped_at:07d}"
+    assert [j.name for j in list_jobs(tmp_path / "runs")] == ["job1"]
+
+    # Resume with fewer total steps is not possible, so shorten the run by editing the preset, as a user may.
+    import json
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["steps"] = stopped_at + 3
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    queue.resume(run_dir)
+    info = _wait(lambda: (i := job_info(run_dir)).status == "done" and i)
+    assert info.step == stopped_at + 3 and out.is_file()
+    kinds = [e["event"] for e in read_events(run_dir)]
+    assert kinds.count("start") == 2 and "resumed" in kinds
+
+
+def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_dir, tmp_path):
+    queue = JobQueue(tmp_path / "runs")
+    run_dir = queue.submit("job2", "lora", ["--data", str(data), "--out", str(tmp_path / "k.safetensors"),
+                                            "--model", str(tiny_model_dir), "--steps", "400", "--rank", "4",
+                                            "--checkpoint-every", "2"])
+    _wait(lambda: latest_checkpoint(run_dir / "checkpoints") is not None)
+    import json
+    import signal
+
+    pid = json.loads((run_dir / "job.json").read_text())["pid"]
+    os.kill(pid, signal.SIGKILL)
+    info = _wait(lambda: (i := job_info(run_dir)).status == "interrupted" and i)
+    assert info.resumable
+
+
+def test_two_processes_give_the_weights_of_one(data, tiny_model_dir, tmp_path):
+    """torchrun --nproc_per_node 2 on CPU (gloo) with the same global batch gives the same LoRA as one process."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not found")
+    common = ["train", "lora", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "3",
+              "--batch-size", "2", "--seed", "1", "--lr", "1e-3", "--rank", "4"]
+    one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", str(REPO / "launch.py"), *common,
+                          "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2")],
+                         capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy())
+    assert two.returncode == 0, two.stderr[-2000:]
+    start = next(e for e in read_events(tmp_path / "r2") if e["event"] == "start")
+    assert start["processes"] == 2
+    a = load_file(str(tmp_path / "r1" / "checkpoints" / "step-0000003" / "trainable.safetensors"))
+    b = load_file(str(tmp_path / "r2" / "checkpoints" / "step-0000003" / "trainable.safetensors"))
+    assert a.keys() == b.keys()
+    moved = max((a[k] - b[k]).abs().max().item() for k in a)
+    scale = max(a[k].abs().max().item() for k in a)
+    assert moved < 1e-4 * max(scale, 1.0), moved
+    assert (tmp_path / "two.safetensors").is_file()
