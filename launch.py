@@ -62,7 +62,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipelines.errors import UserError
-    from pipelines.generation import GenerationRequest, generate, save_generated
+    from pipelines.generation import GenerationRequest, generate, parse_lora_arg, save_generated
     from pipelines.loading import load_model
 
     out = Path(args.out)
@@ -73,7 +73,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention, config=args.config)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
-                                scheduler=args.scheduler, batch_count=args.batch_count)
+                                scheduler=args.scheduler, batch_count=args.batch_count,
+                                loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
 
     def progress(step: int, total: int) -> None:
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=int, help="default: the model's native size")
     gen.add_argument("--scheduler", default=MODEL_DEFAULT, help="sampler, e.g. 'Euler a', 'DPM++ 2M Karras'")
     gen.add_argument("--batch-count", type=int, default=1)
+    gen.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                     help="apply a LoRA / adapter file with a strength (default 1.0); repeatable")
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 
 from pipelines.errors import UserError
+from pipelines.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
 from pipelines.model_cache import ModelCache
 from pipelines.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
@@ -39,7 +40,10 @@ class CancelTokens:
         return True
 
 
-def build_generate_tab(models: ModelCache, outputs: Path) -> None:
+LORA_SLOTS = 3  # on_generate names one argument per slot
+
+
+def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path) -> None:
     tokens = CancelTokens()
     native = models.peek().native_size
 
@@ -61,6 +65,15 @@ def build_generate_tab(models: ModelCache, outputs: Path) -> None:
             with gr.Row():
                 scheduler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
                 batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="gen-batch")
+            with gr.Accordion("LoRA / adapters", open=False, elem_id="gen-loras"):
+                lora_files, lora_strengths = [], []
+                for slot in range(LORA_SLOTS):
+                    with gr.Row():
+                        lora_files.append(gr.Dropdown(choices=[], value=None, label=f"Adapter {slot + 1}",
+                                                      scale=3, elem_id=f"gen-lora-{slot}"))
+                        lora_strengths.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=2,
+                                                        elem_id=f"gen-lora-strength-{slot}"))
+                refresh_loras = gr.Button("Refresh list", size="sm", elem_id="gen-lora-refresh")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
@@ -72,11 +85,14 @@ def build_generate_tab(models: ModelCache, outputs: Path) -> None:
     last_seed = gr.State(-1)
 
     def on_generate(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
+                    lora0, lora1, lora2, strength0, strength1, strength2,
                     request: gr.Request, progress=gr.Progress()):
         token = tokens.start(request.session_hash or "anonymous")
+        names, strengths = (lora0, lora1, lora2), (strength0, strength1, strength2)
+        loras = tuple((str(adapters / name), float(w)) for name, w in zip(names, strengths) if name)
         request_obj = GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
                                         guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
-                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v)
+                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras)
         images: list[tuple[str, str]] = []
         params, seed_used = "", -1
         try:
@@ -94,10 +110,18 @@ def build_generate_tab(models: ModelCache, outputs: Path) -> None:
         if token.is_set():
             yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used
 
-    run.click(on_generate, [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count],
-              [gallery, status, info, last_seed], concurrency_id="model")
-    prompt.submit(on_generate, [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count],
-                  [gallery, status, info, last_seed], concurrency_id="model")
+    gen_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count, *lora_files,
+                  *lora_strengths]
+    run.click(on_generate, gen_inputs, [gallery, status, info, last_seed], concurrency_id="model")
+    prompt.submit(on_generate, gen_inputs, [gallery, status, info, last_seed], concurrency_id="model")
+
+    def adapter_choices():
+        entries, _ = list_adapters(adapters)
+        names = [e.name for e in entries]
+        return [gr.update(choices=[None, *names]) for _ in range(LORA_SLOTS)]
+
+    refresh_loras.click(adapter_choices, None, lora_files, queue=False)
+    demo.load(adapter_choices, None, lora_files, queue=False)
     def on_cancel(request: gr.Request) -> str:
         return "Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel."
 

@@ -54,7 +54,10 @@ def build_studio(config: StudioConfig):
 
     from trainers.jobs import JobQueue
 
+    from pipelines.library import adapters_folder
+
     from .generate_tab import build_generate_tab
+    from .library_tab import build_library_tab
     from .train_tab import build_train_tab
 
     models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
@@ -68,9 +71,11 @@ def build_studio(config: StudioConfig):
                     f"{model.runtime.describe()}", elem_id="studio-header")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                build_generate_tab(models, outputs)
+                build_generate_tab(demo, models, outputs, adapters_folder(data_home()))
             with gr.Tab("Train", id="train"):
                 build_train_tab(demo, jobs, data_home(), config.model)
+            with gr.Tab("Library", id="library"):
+                build_library_tab(demo, models, adapters_folder(data_home()))
     jobs.start_background()
     demo.queue(default_concurrency_limit=1)
     return demo

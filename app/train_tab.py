@@ -8,7 +8,9 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.errors import UserError
-from trainers.dataset import DatasetConfig, dataset_summary, import_files, safe_name
+from pipelines.library import adapters_folder
+from pipelines.paths import safe_name
+from trainers.dataset import DatasetConfig, dataset_summary, import_files
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 
@@ -125,7 +127,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_name(name_v or "my-lora")
-        out = data_root / "adapters" / f"{stem}.safetensors"
+        out = adapters_folder(data_root) / f"{stem}.safetensors"
         args = ["--data", path, "--out", str(out), "--steps", str(int(steps_v)), "--rank", str(int(rank_v)),
                 "--lr", str(float(lr_v)), "--repeats", str(int(repeats_v)), "--batch-size", str(int(batch_v)),
                 "--grad-accum", str(int(accum_v)), "--checkpoint-every", str(int(ckpt_v))]

@@ -8,6 +8,7 @@ import os
 import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -41,6 +42,7 @@ class GenerationRequest:
     height: int | None = None
     scheduler: str = MODEL_DEFAULT
     batch_count: int = 1
+    loras: tuple[tuple[str, float], ...] = ()  # (adapter file, strength)
 
     def resolved(self, model: LoadedModel) -> "GenerationRequest":
         """Check every field and fill the defaults that depend on the model; raises ``UserError``."""
@@ -65,6 +67,9 @@ class GenerationRequest:
         if seed > MAX_SEED:
             raise UserError(f"seed must be at most {MAX_SEED}")
         make_scheduler(self.scheduler, model.base_scheduler)  # raises on an unknown name
+        for path, strength in self.loras:
+            if not -4.0 <= float(strength) <= 4.0:
+                raise UserError(f"LoRA strength must be between -4 and 4 (got {strength} for {Path(path).name})")
         return replace(self, steps=int(self.steps), guidance=float(self.guidance), seed=seed, width=width,
                        height=height, batch_count=int(self.batch_count))
 
@@ -87,6 +92,40 @@ def prompt_warnings(model: LoadedModel, req: GenerationRequest) -> list[str]:
     return out
 
 
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """``FILE[:STRENGTH]`` as typed after ``--lora``."""
+    path, sep, strength = text.rpartition(":")
+    if sep and path and not strength.startswith(("/", "\\")):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+@contextmanager
+def adapters_applied(model: LoadedModel, loras: tuple[tuple[str, float], ...]) -> Iterator[list[str]]:
+    """Apply the request's LoRAs for the duration of one request; yields warnings (e.g. another base model)."""
+    if not loras:
+        yield []
+        return
+    from .adapter_files import check_base, load_lora
+    from .lora import apply_loras, remove_loras
+
+    warnings, pairs = [], []
+    for path, strength in loras:
+        adapter = load_lora(Path(path), model.pipe)
+        note = check_base(adapter, model.fingerprint)
+        if note:
+            warnings.append(note)
+        pairs.append((adapter, float(strength)))
+    apply_loras(model.pipe, pairs)
+    try:
+        yield warnings
+    finally:
+        remove_loras(model.pipe)
+
+
 def generate(model: LoadedModel, request: GenerationRequest, *,
              on_step: Callable[[int, int], None] | None = None,
              cancel: threading.Event | None = None) -> Iterator[GeneratedImage]:
@@ -95,9 +134,15 @@ def generate(model: LoadedModel, request: GenerationRequest, *,
     pipe = model.pipe
     pipe.scheduler = make_scheduler(req.scheduler, model.base_scheduler)
     sampler = scheduler_label(req.scheduler, model.base_scheduler)
-    warnings = prompt_warnings(model, req)
     total = req.steps * req.batch_count
+    with adapters_applied(model, req.loras) as adapter_warnings:
+        warnings = prompt_warnings(model, req) + adapter_warnings
+        yield from _generate_images(model, req, sampler, warnings, total, on_step, cancel)
 
+
+def _generate_images(model: LoadedModel, req: GenerationRequest, sampler: str, warnings: list[str], total: int,
+                     on_step, cancel) -> Iterator[GeneratedImage]:
+    pipe = model.pipe
     for index in range(req.batch_count):
         if cancel is not None and cancel.is_set():
             return
@@ -122,6 +167,8 @@ def generate(model: LoadedModel, request: GenerationRequest, *,
         settings = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
                     "Size": f"{req.width}x{req.height}", "Model hash": model.fingerprint[:10],
                     "Model": model.name, "Version": "atelier"}
+        if req.loras:
+            settings["Lora"] = ", ".join(f"{Path(p).stem}:{w:g}" for p, w in req.loras)
         record = {**asdict(replace(req, seed=seed, batch_count=1)), "sampler": sampler, "model": model.name,
                   "model_source": model.source, "model_fingerprint": model.fingerprint,
                   "device": model.runtime.describe(), "seconds": round(time.perf_counter() - started, 3),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -21,3 +23,11 @@ def data_home() -> Path:
 
 def default_outputs() -> Path:
     return data_home() / "outputs"
+
+
+def safe_name(name: str, default: str = "file") -> str:
+    """A file name with no folders, no leading dots and only portable characters (uploads, run names)."""
+    base = Path(str(name).replace("\\", "/")).name
+    base = unicodedata.normalize("NFKC", base)
+    base = re.sub(r"[^\w.\- ]+", "_", base, flags=re.UNICODE).strip(" .")
+    return base[:120] or default

@@ -2,8 +2,9 @@ import pytest
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.paths import safe_name
 from trainers.dataset import (BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, bucket_size, import_files,
-                              safe_name, step_arithmetic)
+                              step_arithmetic)
 from training_data import draw_dataset
 
 

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import UserError
+from pipelines.paths import safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_MAX_PIXELS = 4096 * 4096
@@ -204,17 +205,6 @@ def step_arithmetic(n_images: int, repeats: int, batch_size: int, grad_accum: in
     accum = f" ÷ accumulation {grad_accum}" if grad_accum > 1 else ""
     return (f"{n_images} images × {repeats} repeats ÷ batch {batch_size}{accum} = {optimizer_steps_per_epoch} steps "
             f"per epoch; {epochs:.2f} epochs = {steps} steps")
-
-
-def safe_name(name: str, default: str = "file") -> str:
-    """A file name with no folders, no leading dots and only portable characters (uploads, run names)."""
-    import re
-    import unicodedata
-
-    base = Path(str(name).replace("\\", "/")).name
-    base = unicodedata.normalize("NFKC", base)
-    base = re.sub(r"[^\w.\- ]+", "_", base, flags=re.UNICODE).strip(" .")
-    return base[:120] or default
 
 
 def import_files(paths: list[str], folder: Path) -> list[str]:

@@ -1,0 +1,61 @@
+"""The Library tab: adapters on disk with their metadata; import a file; export to the other format."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from pipelines.errors import UserError
+from pipelines.library import export_adapter, import_adapter, list_adapters
+from pipelines.model_cache import ModelCache
+
+COLUMNS = ["file", "method", "format", "rank", "trigger words", "base model", "KB"]
+
+
+def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None:
+    gr.Markdown(f"Adapters in `{folder}`. *Base model* says whether an adapter was trained on the model loaded now.")
+    table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="lib-table", wrap=True)
+    problems = gr.Markdown(elem_id="lib-problems")
+    with gr.Row():
+        upload = gr.File(label="Import a LoRA (.safetensors: diffusers/peft or kohya format)",
+                         file_types=[".safetensors"], elem_id="lib-import")
+        with gr.Column():
+            chosen = gr.Dropdown(label="Adapter", choices=[], elem_id="lib-chosen")
+            fmt = gr.Radio(["diffusers", "kohya"], value="kohya", label="Export to", elem_id="lib-format")
+            export = gr.Button("Export", elem_id="lib-export")
+            exported = gr.File(label="Exported file", interactive=False, elem_id="lib-exported")
+    status = gr.Markdown(elem_id="lib-status")
+
+    def refresh():
+        fingerprint = models.peek().fingerprint
+        entries, bad = list_adapters(folder, fingerprint)
+        rows = [[e.name, e.method, e.format, e.rank, e.triggers,
+                 {True: "✓ this model", False: "⚠ another model", None: "unknown"}[e.matches_model], e.size_kb]
+                for e in entries]
+        note = "\n".join(f"- ⚠ {line}" for line in bad)
+        return pd.DataFrame(rows, columns=COLUMNS), note, gr.update(choices=[e.name for e in entries])
+
+    def on_import(file):
+        if file is None:
+            return gr.skip(), gr.skip(), gr.skip(), ""
+        path = Path(getattr(file, "name", file))
+        try:
+            with models.use() as model:
+                target = import_adapter(path, folder, model.pipe, original_name=path.name)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        return (*refresh(), f"Imported **{target.name}**.")
+
+    def on_export(name, fmt_v):
+        if not name:
+            raise gr.Error("Choose an adapter first.")
+        try:
+            target = export_adapter(folder / name, fmt_v, folder)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        return str(target), *refresh(), f"Wrote **{target.name}** ({fmt_v} format)."
+
+    upload.upload(on_import, upload, [table, problems, chosen, status])
+    export.click(on_export, [chosen, fmt], [exported, table, problems, chosen, status])
+    demo.load(refresh, None, [table, problems, chosen])
