@@ -28,15 +28,16 @@ def _progress_html(info) -> str:
 
 
 def _loss_frame(run_dir: Path) -> pd.DataFrame:
-    rows = [(e["step"], e["loss"]) for e in read_events(run_dir) if e.get("event") == "step"]
-    return pd.DataFrame(rows, columns=["step", "loss"])
+    rows = [(int(e["step"]), float(e["loss"])) for e in read_events(run_dir) if e.get("event") == "step"]
+    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
 def _samples(run_dir: Path) -> list[tuple[str, str]]:
     return [(str(p), p.stem) for p in sorted((run_dir / "samples").glob("*.png"))]
 
 
-def _log_tail(run_dir: Path, n: int = 25) -> str:
+def _log_tail(run_dir: Path, n: int = 12) -> str:
+    """The newest lines first, so the box shows what is happening now."""
     lines = []
     for e in read_events(run_dir):
         kind = e.get("event")
@@ -50,7 +51,7 @@ def _log_tail(run_dir: Path, n: int = 25) -> str:
         text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
         errors = [line for line in text if line.startswith("error:")]
         lines += errors[-3:]
-    return "\n".join(lines[-n:])
+    return "\n".join(reversed(lines[-n:]))
 
 
 def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
@@ -88,7 +89,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 resume = gr.Button("Resume", elem_id="train-resume")
             plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="train-loss")
             samples = gr.Gallery(label="Preview samples", columns=4, height=200, elem_id="train-samples")
-            tail = gr.Textbox(label="Log", lines=8, max_lines=8, elem_id="train-log")
+            tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
     timer = gr.Timer(2.0)
 
     def resolve_folder(folder_v, files_v, name_v) -> str:

@@ -1,0 +1,83 @@
+"""A user trains a LoRA from the page: sees the arithmetic, starts, watches, stops, resumes; then uses it."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from test_browser import _start_studio, browser  # noqa: F401  (fixture)
+from training_data import draw_dataset
+
+pytestmark = pytest.mark.browser
+
+
+def test_train_stop_resume_and_use_from_the_page(browser, tiny_model_dir, tmp_path):  # noqa: F811
+    data = draw_dataset(tmp_path / "data", n=6, caption="a red circle")
+    home = Path(os.environ["ATELIER_HOME"])
+    proc, url = _start_studio(tiny_model_dir, tmp_path / "outputs")
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))
+        page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
+        steps = page.locator("#train-steps input")
+        steps.fill("400")
+        steps.press("Tab")
+        page.locator("#train-ckpt-every input").fill("1000")
+        name = f"browser-{int(time.time())}"
+        page.locator("#train-name textarea, #train-name input").first.fill(name)
+        page.wait_for_function(
+            "document.querySelector('#train-arithmetic textarea').value.includes('6 images × 1 repeats ÷ batch 1')",
+            timeout=30_000)
+        page.locator("#train-start").click()
+        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('running')",
+                               timeout=60_000)
+        page.wait_for_function(
+            "(() => { const m = document.querySelector('#train-progress-box').innerText.match(/step (\\d+)\\//);"
+            " return m && Number(m[1]) >= 3; })()", timeout=120_000)
+        page.screenshot(path=str(tmp_path / "train-running.png"), full_page=True)
+        page.locator("#train-stop").click()
+        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('stopped')",
+                               timeout=120_000)
+        page.screenshot(path=str(tmp_path / "train-stopped.png"), full_page=True)
+        run_dir = next((home / "runs").glob(f"*{name}"))
+        assert list((run_dir / "checkpoints").glob("step-*"))
+
+        # A page refresh re-attaches to the run.
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('stopped')",
+                               timeout=60_000)
+
+        cfg = json.loads((run_dir / "config.json").read_text())  # finish soon after resuming
+        stopped = int(page.locator("#train-progress-box").inner_text().split("step ")[1].split("/")[0])
+        cfg["steps"] = stopped + 3
+        (run_dir / "config.json").write_text(json.dumps(cfg))
+        page.locator("#train-resume").click()
+        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('done')",
+                               timeout=180_000)
+        page.screenshot(path=str(tmp_path / "train-done.png"), full_page=True)
+        adapter = home / "adapters" / f"{name}.safetensors"
+        assert adapter.is_file()
+
+        # The new adapter is in the Library and can be applied in the Generate tab.
+        page.reload()
+        page.get_by_role("tab", name="Library").click()
+        page.wait_for_function(f"document.querySelector('#lib-table').innerText.includes('{name}')", timeout=30_000)
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-loras").click()
+        page.locator("#gen-lora-0 input").click()
+        page.get_by_role("option", name=f"{name}.safetensors").click()
+        page.locator("#gen-prompt textarea").fill("sks a red circle")
+        page.locator("#gen-steps input[type=number]").fill("2")
+        page.locator("#gen-run").click()
+        page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
+        assert f'Lora: "{name}:1"' in page.locator("#gen-info textarea").input_value()
+        page.screenshot(path=str(tmp_path / "generate-with-lora.png"), full_page=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
