@@ -51,7 +51,8 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
         if not name:
             raise gr.Error("Choose an adapter first.")
         try:
-            target = export_adapter(folder / name, fmt_v, folder)
+            with models.use() as model:
+                target = export_adapter(folder / name, fmt_v, folder, model.pipe)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         return str(target), *refresh(), f"Wrote **{target.name}** ({fmt_v} format)."

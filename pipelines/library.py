@@ -81,7 +81,7 @@ def import_adapter(upload: Path, folder: Path, pipe, original_name: str | None =
     return target
 
 
-def export_adapter(path: Path, fmt: str, folder: Path) -> Path:
+def export_adapter(path: Path, fmt: str, folder: Path, pipe=None) -> Path:
     """Write ``path`` in the other tool's format next to it: ``NAME.kohya.safetensors`` or ``NAME.diffusers...``."""
     from .adapter_files import export_lora
 
@@ -91,5 +91,5 @@ def export_adapter(path: Path, fmt: str, folder: Path) -> Path:
     for other in (".kohya", ".diffusers"):
         stem = stem.removesuffix(other)
     target = _free_name(folder, f"{stem}.{fmt}.safetensors")
-    export_lora(path, target, fmt)
+    export_lora(path, target, fmt, pipe)
     return target

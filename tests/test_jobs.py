@@ -93,6 +93,9 @@ def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_di
     import json
     import signal
 
+    # A restarted studio (a new queue over the same folder) re-attaches to the running job.
+    assert job_info(run_dir).status == "running"
+    assert [j.status for j in list_jobs(tmp_path / "runs")] == ["running"]
     pid = json.loads((run_dir / "job.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
     info = _wait(lambda: (i := job_info(run_dir)).status == "interrupted" and i)
