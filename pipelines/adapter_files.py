@@ -4,18 +4,26 @@ In memory an adapter is a set of :class:`LoraLayer` (``down`` = A, ``up`` = B, `
 keyed by the diffusers module path with its component prefix (``unet.down_blocks.0.attentions.0.proj_in``,
 ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj``). On disk:
 
-- **diffusers** (peft) format — ``<prefix>.<module>.lora_A.weight`` / ``lora_B.weight``; what
-  ``pipe.load_lora_weights`` reads. Its loader assumes alpha = rank, so alpha/rank is folded into ``lora_B``.
-- **kohya** format — ``lora_unet_<module with _>.lora_down.weight`` / ``lora_up.weight`` / ``.alpha``; what
-  kohya sd-scripts writes and A1111/ComfyUI read. Names use ``_`` for ``.``, so reading them needs the model's
-  module names to undo the ambiguity.
+- **diffusers** (peft) format: ``<component>.<module>.lora_A.weight`` / ``.lora_B.weight``, what
+  ``pipe.load_lora_weights`` reads. That loader (like ComfyUI's) takes alpha = rank unless told otherwise, so
+  alpha/rank is folded into ``lora_B``; ``atelier.lora_alpha`` in the metadata lets an import recover the real alpha.
+- **kohya** format: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, what kohya
+  sd-scripts writes and A1111/ComfyUI read. The names use ``_`` for ``.``, so reading them is resolved against the
+  model's real module names; without a model, diffusers' own renaming rules are used.
+
+Imports also accept peft files with diffusers' ``lora_adapter_metadata`` (alpha, alpha_pattern, rsLoRA) and the old
+diffusers layouts (``.lora.down``, ``processor.to_q_lora``, ``lora_linear_layer``).
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import tempfile
 import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,10 +33,25 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 from .safetensors_files import read_header
 
-PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_", "text_encoder_2": "lora_te2_"}
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+FORMATS = ("diffusers", "kohya")
+KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                  "lora_te2_": "text_encoder_2"}
 # transformers 5 dropped the ``text_model`` level of CLIPTextModel; files keep the conventional names.
 TEXT_MODEL = "text_model."
 TEXT_MODEL_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm")
+# diffusers' key for the peft LoraConfig it stores in a file's metadata (``save_lora_weights(..., *_metadata)``).
+DIFFUSERS_CONFIG_KEY = "lora_adapter_metadata"
+
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.[\w-]+)?\.weight")
+_LEGACY_KEY = re.compile(r"(?P<stem>.+?)\.(?:(?P<proc>to_(?:q|k|v|out)_lora)|lora|lora_linear_layer)"
+                         r"\.(?P<part>down|up)\.weight")
+_KOHYA_KEY = re.compile(r"(?P<stem>lora_(?:unet|te|te1|te2)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
+_PEFT_INTERNALS = re.compile(r"(^|\.)(base_layer|lora_A|lora_B|lora_dropout|lora_magnitude_vector|"
+                             r"lora_embedding_A|lora_embedding_B)(\.|$)")
+_LEGACY_PROJ = {"unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
+                "text": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj",
+                         "to_out_lora": "out_proj"}}
 
 
 def canonical_name(name: str) -> str:
@@ -49,13 +72,24 @@ class LoraLayer:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self) -> torch.Tensor:
-        """ΔW in the shape of the layer's weight, computed in fp32."""
-        up, down = self.up.float(), self.down.float()
-        scale = self.alpha / self.rank
-        if down.dim() == 4:
-            return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:]) * scale
-        return (up @ down) * scale
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """Shape of the ΔW this layer produces (and of the weight it belongs to)."""
+        return (int(self.up.shape[0]), *(int(s) for s in self.down.shape[1:]))
+
+    def delta(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return delta(self, device)
+
+
+def delta(layer: LoraLayer, device: torch.device | str | None = None) -> torch.Tensor:
+    """ΔW = up·down·alpha/rank in the weight's shape, always in fp32 (fp16 products lose the small updates)."""
+    up = layer.up.to(device=device, dtype=torch.float32)
+    down = layer.down.to(device=device, dtype=torch.float32)
+    return (up.flatten(1) @ down.flatten(1)).reshape(layer.weight_shape) * layer.scale
 
 
 @dataclass
@@ -70,34 +104,122 @@ class LoraAdapter:
     def rank(self) -> int:
         return max((layer.rank for layer in self.layers.values()), default=0)
 
+    @property
+    def components(self) -> set[str]:
+        return {name.partition(".")[0] for name in self.layers}
 
-def lora_metadata(*, method: str, base_fingerprint: str, trigger_words: list[str], rank: int, alpha: float,
-                  settings: dict, base_model_name: str, title: str) -> dict[str, str]:
-    """Atelier's keys plus kohya's ``ss_*`` and ``modelspec.*``, so A1111/ComfyUI show name and triggers."""
-    triggers = [t for t in trigger_words if t]
-    return {
+
+def shapes_fit(delta_shape: Iterable[int], weight_shape: Iterable[int]) -> bool:
+    """Equal shapes, or a Linear-shaped LoRA on a 1×1 conv (SD 1.x ``proj_in``) and the other way round."""
+    a, b = tuple(delta_shape), tuple(weight_shape)
+    return a == b or (len(a) >= 2 and len(b) >= 2 and _squeeze_kernel(a) == _squeeze_kernel(b))
+
+
+def _squeeze_kernel(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return shape[:2] + tuple(x for x in shape[2:] if x != 1)
+
+
+def lora_targets(pipe) -> dict[str, torch.nn.Module]:
+    """Every layer of ``pipe`` a LoRA can change: canonical name → the module holding the base weight.
+
+    Layers currently wrapped by peft (adapters loaded through diffusers) map to their ``base_layer``.
+    """
+    targets: dict[str, torch.nn.Module] = {}
+    for component in COMPONENTS:
+        model = getattr(pipe, component, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        for name, module in model.named_modules():
+            if not name or _PEFT_INTERNALS.search(name):
+                continue
+            base = getattr(module, "base_layer", module)
+            if isinstance(base, (torch.nn.Linear, torch.nn.Conv2d)):
+                targets[canonical_name(f"{component}.{name}")] = base
+    return targets
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+
+
+def lora_metadata(method: str, base_fingerprint: str, trigger_words: Iterable[str], rank: int, alpha: float,
+                  settings: Mapping, base_model_name: str, title: str, *, sdxl: bool = False,
+                  resolution: int | None = None) -> dict[str, str]:
+    """Atelier's keys plus kohya's ``ss_*`` and ``modelspec.*``, so A1111/ComfyUI/Civitai show name and triggers."""
+    triggers = [t.strip() for t in trigger_words if t and t.strip()]
+    meta = {
         "atelier.method": method,
         "atelier.base_fingerprint": base_fingerprint,
         "atelier.trigger_words": ", ".join(triggers),
-        "atelier.settings": json.dumps(settings, default=str),
+        "atelier.settings": json.dumps(dict(settings), default=str, sort_keys=True),
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank),
-        "ss_network_alpha": f"{alpha:g}",
-        "ss_base_model_version": "sd_v1",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": f"{float(alpha):g}",
+        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
         "ss_sd_model_name": base_model_name,
         "ss_output_name": title,
-        "ss_tag_frequency": json.dumps({"triggers": {t: 1 for t in triggers}}),
+        # kohya's shape: {dataset folder: {tag: count}}; the webui's tag list reads it.
+        "ss_tag_frequency": json.dumps({title or "atelier": {t: 1 for t in triggers}}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora",
-        "modelspec.implementation": "diffusers",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
         "modelspec.title": title,
         "modelspec.trigger_phrase": ", ".join(triggers),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.prediction_type": "epsilon",
     }
+    if resolution:
+        meta["modelspec.resolution"] = f"{int(resolution)}x{int(resolution)}"
+    return meta
+
+
+def _string_metadata(metadata: Mapping) -> dict[str, str]:
+    """safetensors accepts only str → str; numbers and structures are written as text rather than failing a save."""
+    return {str(k): v if isinstance(v, str) else json.dumps(v, default=str) for k, v in metadata.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+
+def to_diffusers_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """The diffusers/peft state dict, alpha/rank folded into ``lora_B`` (fp32 maths, stored in the layer's dtype)."""
+    state = {}
+    for name, layer in adapter.layers.items():
+        state[f"{name}.lora_A.weight"] = layer.down
+        state[f"{name}.lora_B.weight"] = (layer.up.float() * layer.scale).to(layer.up.dtype)
+    return state
+
+
+def kohya_stem(name: str, sdxl: bool = False) -> str:
+    component, _, module = canonical_name(name).partition(".")
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+              "text_encoder_2": "lora_te2_"}.get(component)
+    if prefix is None:
+        raise UserError(f"cannot write {name} in kohya format (unknown component {component!r})")
+    return prefix + module.replace(".", "_")
+
+
+def to_kohya_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+    """kohya's state dict: ``lora_down``/``lora_up`` and a real 0-dim ``alpha`` per module.
+
+    All modules get the adapter's most common alpha, layers with another alpha having it folded into ``lora_up``
+    (same ΔW): diffusers' kohya import honours a single alpha only and mis-scales the attention and text-encoder
+    layers whose alpha differs from it.
+    """
+    sdxl = "text_encoder_2" in adapter.components
+    common = Counter(float(layer.alpha) for layer in adapter.layers.values()).most_common(1)[0][0]
+    state = {}
+    for name, layer in adapter.layers.items():
+        stem = kohya_stem(name, sdxl)
+        up = layer.up
+        if float(layer.alpha) != common:
+            up = (up.float() * (float(layer.alpha) / common)).to(up.dtype)
+        state[f"{stem}.lora_down.weight"] = layer.down
+        state[f"{stem}.lora_up.weight"] = up
+        state[f"{stem}.alpha"] = torch.tensor(common, dtype=torch.float32)
+    return state
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -109,147 +231,317 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
         raise
 
 
-def to_diffusers_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, layer in adapter.layers.items():
-        state[f"{name}.lora_A.weight"] = layer.down.float()
-        state[f"{name}.lora_B.weight"] = layer.up.float() * (layer.alpha / layer.rank)
-    return state
-
-
-def to_kohya_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, layer in adapter.layers.items():
-        component, _, module = name.partition(".")
-        if component not in PREFIXES:
-            raise UserError(f"cannot write {name} in kohya format (unknown component {component!r})")
-        key = PREFIXES[component] + module.replace(".", "_")
-        state[f"{key}.lora_down.weight"] = layer.down.float()
-        state[f"{key}.lora_up.weight"] = layer.up.float()
-        state[f"{key}.alpha"] = torch.tensor(float(layer.alpha))
-    return state
-
-
 def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers") -> Path:
-    """Write ``adapter`` as ``.safetensors`` in ``format`` ("diffusers" or "kohya"), atomically."""
+    """Write ``adapter`` as ``.safetensors`` in ``format`` ("diffusers" or "kohya"), atomically (temp + rename)."""
     path = Path(path)
-    if path.suffix != ".safetensors":
+    if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path.name}: adapter files are .safetensors")
+    if not adapter.layers:
+        raise UserError(f"{path.name}: the adapter has no layers to save")
+    metadata = {**_string_metadata(adapter.metadata), "atelier.format": format}
+    # Both describe the layout of the file the adapter was read from; diffusers would scale our folded B by the
+    # old config's alpha once more.
+    metadata.pop(DIFFUSERS_CONFIG_KEY, None)
+    metadata.pop("atelier.lora_alpha", None)
     if format == "diffusers":
         state = to_diffusers_state(adapter)
+        alphas = {float(layer.alpha) for layer in adapter.layers.values()}
+        if len(alphas) == 1:
+            metadata["atelier.lora_alpha"] = repr(alphas.pop())
     elif format == "kohya":
         state = to_kohya_state(adapter)
     else:
         raise UserError(f"unknown adapter format {format!r} (diffusers or kohya)")
-    _atomic_save(state, path, {**adapter.metadata, "atelier.format": format})
+    _atomic_save(state, path, metadata)
     return path
 
 
-def detect_format(keys: list[str]) -> str:
-    if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
-        return "diffusers"
-    if any(k.startswith(tuple(PREFIXES.values())) and ".lora_down." in k for k in keys):
+# ---------------------------------------------------------------------------------------------------- reading
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """"diffusers" (peft lora_A/B), "kohya", "diffusers-legacy", or what we refuse: "lycoris", "dora", "unknown"."""
+    keys = [k for k in keys if k != "__metadata__"]
+    if any(part in k for k in keys for part in (".hada_w", ".lokr_w", ".lokr_t")):
+        return "lycoris"
+    if any("dora_scale" in k or "lora_magnitude_vector" in k for k in keys):
+        return "dora"
+    if any(_KOHYA_KEY.fullmatch(k) and not k.endswith(".alpha") for k in keys):
         return "kohya"
-    if any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in keys):
+    if any(_PEFT_KEY.fullmatch(k) for k in keys):
+        return "diffusers"
+    if any(_LEGACY_KEY.fullmatch(k) for k in keys):
         return "diffusers-legacy"
     return "unknown"
 
 
-def _module_index(pipe) -> dict[str, str]:
-    """kohya-style flattened name → dotted module path, for every component that can carry a LoRA."""
-    index = {}
-    for component, prefix in PREFIXES.items():
-        module = getattr(pipe, component, None) if pipe is not None else None
-        if module is None:
-            continue
-        for name, _ in module.named_modules():
-            if name:
-                full = canonical_name(f"{component}.{name}")
-                index[prefix + full.partition(".")[2].replace(".", "_")] = full
-    return index
+@dataclass
+class _Pairs:
+    """down/up/alpha tensors collected per layer while a file is read."""
+
+    down: dict[str, torch.Tensor] = field(default_factory=dict)
+    up: dict[str, torch.Tensor] = field(default_factory=dict)
+    alpha: dict[str, float] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)
+
+    def layers(self, filename: str) -> dict[str, LoraLayer]:
+        halves = sorted(set(self.down) ^ set(self.up))
+        if halves:
+            raise UserError(f"{filename}: incomplete LoRA layers (down or up missing) for {few_names(halves)}")
+        layers = {}
+        for name, down in self.down.items():
+            up = self.up[name]
+            if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0] \
+                    or (up.dim() == 4 and tuple(up.shape[2:]) != (1, 1)):
+                raise UserError(f"{filename}: layer {name} has shapes that do not pair "
+                                f"(down {tuple(down.shape)}, up {tuple(up.shape)})")
+            layers[name] = LoraLayer(down=down, up=up, alpha=self.alpha.get(name, float(down.shape[0])))
+        return layers
 
 
-def _from_diffusers(state: dict[str, torch.Tensor]) -> dict[str, LoraLayer]:
-    layers = {}
-    for key, down in state.items():
-        if key.endswith(".lora_A.weight"):
-            name = key[: -len(".lora_A.weight")]
-            up = state.get(f"{name}.lora_B.weight")
-            if up is None:
-                raise UserError(f"adapter file is incomplete: {name}.lora_B.weight is missing")
-            layers[canonical_name(name)] = LoraLayer(down=down, up=up, alpha=float(down.shape[0]))
-    return layers
+def few_names(names: list[str], n: int = 3) -> str:
+    more = f" and {len(names) - n} more" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
 
 
-def _from_kohya(state: dict[str, torch.Tensor], pipe, filename: str) -> dict[str, LoraLayer]:
-    if pipe is None:
-        raise UserError(f"{filename}: a kohya-format file needs the base model to resolve its layer names")
-    index = _module_index(pipe)
-    layers, unknown = {}, []
-    for key, down in state.items():
-        if not key.endswith(".lora_down.weight"):
-            continue
-        stem = key[: -len(".lora_down.weight")]
-        up = state.get(f"{stem}.lora_up.weight")
-        if up is None:
-            raise UserError(f"{filename}: {stem}.lora_up.weight is missing")
-        alpha = state.get(f"{stem}.alpha")
-        name = index.get(stem)
+def _component_and_path(module: str) -> tuple[str, str]:
+    """Split ``unet.x`` / ``text_encoder.x``; bare paths (peft saving a lone UNet) belong to the UNet."""
+    module = module.removeprefix("base_model.model.")
+    head, _, rest = module.partition(".")
+    return (head, rest) if head in COMPONENTS and rest else ("unet", module)
+
+
+def _legacy_module(stem: str, proc: str | None) -> str:
+    """Old diffusers names (``attn1.processor.to_q_lora``, ``to_q.lora``, ``q_proj.lora_linear_layer``) → module."""
+    component, path = _component_and_path(stem)
+    path = re.sub(r"(^|\.)processor(\.|$)", r"\1", path).strip(".")
+    if proc:
+        table = _LEGACY_PROJ["text" if component.startswith("text_encoder") else "unet"]
+        path = f"{path}.{table[proc]}" if path else table[proc]
+    return canonical_name(f"{component}.{path}")
+
+
+def _pattern_value(patterns: Mapping[str, object], path: str, default):
+    """peft's ``rank_pattern``/``alpha_pattern`` lookup: a key matches a module path it ends (by whole segments)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
+
+
+def _diffusers_config_alpha(config: Mapping[str, object], name: str, rank: int) -> float | None:
+    """The alpha diffusers' ``lora_adapter_metadata`` (a peft LoraConfig per component) gives layer ``name``."""
+    component, _, path = name.partition(".")
+    cfg = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(f"{component}.")}
+    if not cfg:
+        return None
+    alpha = float(cfg.get("lora_alpha", 8))  # peft's LoraConfig default
+    patterns = cfg.get("alpha_pattern") or {}
+    for candidate in (path, path.removeprefix(TEXT_MODEL)):
+        alpha = float(_pattern_value(patterns, candidate, alpha))
+    if cfg.get("use_rslora"):
+        alpha *= math.sqrt(rank)  # rsLoRA scales by alpha/√r; ours is alpha/r
+    return alpha
+
+
+def _read_diffusers(state: dict[str, torch.Tensor], metadata: dict[str, str], filename: str) -> _Pairs:
+    pairs = _Pairs()
+    per_module_alpha = {}
+    for key, tensor in state.items():
+        match = _PEFT_KEY.fullmatch(key)
+        if match:
+            component, path = _component_and_path(match["module"])
+            name = canonical_name(f"{component}.{path}")
+            (pairs.down if match["part"] == "lora_A" else pairs.up)[name] = tensor
+        elif key.endswith(".alpha") and tensor.numel() == 1:
+            component, path = _component_and_path(key.removesuffix(".alpha"))
+            per_module_alpha[canonical_name(f"{component}.{path}")] = float(tensor.item())
+        else:
+            pairs.unmapped.append(key)
+    config = {}
+    if metadata.get(DIFFUSERS_CONFIG_KEY):
+        try:
+            config = json.loads(metadata[DIFFUSERS_CONFIG_KEY])
+        except ValueError as exc:
+            raise UserError(f"{filename}: its {DIFFUSERS_CONFIG_KEY} metadata is not JSON") from exc
+    real = _float_or_none(metadata.get("atelier.lora_alpha")) if metadata.get("atelier.format") == "diffusers" \
+        else None
+    for name, down in pairs.down.items():
+        rank = int(down.shape[0])
+        alpha = per_module_alpha.get(name)
+        if alpha is None and isinstance(config, dict):
+            try:
+                alpha = _diffusers_config_alpha(config, name, rank)
+            except (TypeError, ValueError, re.error) as exc:
+                raise UserError(f"{filename}: its {DIFFUSERS_CONFIG_KEY} metadata is malformed ({exc})") from exc
+        if alpha is not None:
+            pairs.alpha[name] = alpha
+        elif real and real > 0 and name in pairs.up:
+            # our own file: alpha/rank was folded into lora_B; unfold it so a kohya export carries the real alpha
+            pairs.up[name] = (pairs.up[name].float() * (rank / real)).to(pairs.up[name].dtype)
+            pairs.alpha[name] = real
+    return pairs
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
+
+
+def _read_legacy(state: dict[str, torch.Tensor]) -> _Pairs:
+    pairs = _Pairs()
+    for key, tensor in state.items():
+        match = _LEGACY_KEY.fullmatch(key)
+        if match:
+            name = _legacy_module(match["stem"], match["proc"])
+            (pairs.down if match["part"] == "down" else pairs.up)[name] = tensor
+        else:
+            pairs.unmapped.append(key)
+    return pairs
+
+
+def _kohya_names_by_diffusers(stems: list[str], unet_config=None) -> dict[str, str]:
+    """diffusers' own kohya renaming rules (incl. SDXL's sgm block numbering), for names no model resolved.
+
+    diffusers only converts whole state dicts, so each stem goes in as a tiny tensor carrying its own index; the
+    index that comes out under a diffusers name says which stem that name belongs to.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    probe = {}
+    for i, stem in enumerate(stems):
+        probe[f"{stem}.lora_down.weight"] = torch.tensor([float(i)])
+        probe[f"{stem}.lora_up.weight"] = torch.tensor([float(i)])
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(probe, unet_config=unet_config)
+    except Exception:  # names diffusers cannot place either: reported by the caller
+        return {}
+    names = {}
+    for key, marker in converted.items():
+        match = _LEGACY_KEY.fullmatch(key)
+        if match and match["part"] == "down":
+            names[stems[int(marker.item())]] = _legacy_module(match["stem"], match["proc"])
+    return names
+
+
+def _read_kohya(state: dict[str, torch.Tensor], pipe) -> _Pairs:
+    by_stem: dict[str, dict[str, torch.Tensor]] = {}
+    pairs = _Pairs()
+    for key, tensor in state.items():
+        match = _KOHYA_KEY.fullmatch(key)
+        if match:
+            by_stem.setdefault(match["stem"], {})[match["part"]] = tensor
+        else:
+            pairs.unmapped.append(key)
+    names: dict[str, str] = {}
+    targets = lora_targets(pipe) if pipe is not None else None
+    if targets is not None:
+        index = {}
+        for name in targets:
+            component, _, path = name.partition(".")
+            for prefix, owner in KOHYA_PREFIXES.items():
+                if owner == component:
+                    index[prefix + path.replace(".", "_")] = name
+        names = {stem: index[stem] for stem in by_stem if stem in index}
+    rest = [stem for stem in by_stem if stem not in names]
+    if rest:
+        unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+        guessed = _kohya_names_by_diffusers(rest, unet_config)
+        names.update({s: n for s, n in guessed.items() if targets is None or n in targets})
+    for stem, parts in by_stem.items():
+        name = names.get(stem)
         if name is None:
-            unknown.append(stem)
+            pairs.unmapped.append(stem)
             continue
-        layers[name] = LoraLayer(down=down, up=up,
-                                 alpha=float(alpha.item()) if alpha is not None else float(down.shape[0]))
-    if unknown:
-        raise UserError(f"{filename}: {len(unknown)} layer(s) do not exist in this model "
-                        f"(e.g. {', '.join(unknown[:3])}); is it a LoRA for another architecture?")
-    return layers
+        if "lora_down.weight" in parts:
+            pairs.down[name] = parts["lora_down.weight"]
+        if "lora_up.weight" in parts:
+            pairs.up[name] = parts["lora_up.weight"]
+        if "alpha" in parts:
+            pairs.alpha[name] = float(parts["alpha"].float().item())
+    return pairs
 
 
-def _unfold_alpha(layers: dict[str, LoraLayer], alpha: float) -> None:
-    """Our diffusers files fold alpha/rank into ``up``; undo it so a kohya export carries the real alpha."""
-    if alpha <= 0:
-        return
-    for layer in layers.values():
-        layer.up = layer.up * (layer.rank / alpha)
-        layer.alpha = alpha
+def _fit_to_model(layers: dict[str, LoraLayer], pipe, filename: str) -> dict[str, LoraLayer]:
+    """Refuse, by name, layers the model lacks or whose shapes differ (an adapter for another architecture); give a
+    Linear-shaped LoRA on a 1×1 conv (or the reverse: SD 2.x vs SD 1.x ``proj_in``) the model's layout."""
+    targets = lora_targets(pipe)
+    missing = sorted(name for name in layers if name not in targets)
+    if missing:
+        raise UserError(f"{filename}: {len(missing)} layer(s) do not exist in this model ({few_names(missing)}); "
+                        "is it a LoRA for another architecture?")
+    wrong = [f"{name} {layer.weight_shape} vs {tuple(targets[name].weight.shape)}"
+             for name, layer in layers.items() if not shapes_fit(layer.weight_shape, targets[name].weight.shape)]
+    if wrong:
+        raise UserError(f"{filename}: {len(wrong)} layer(s) have other shapes than this model's "
+                        f"({few_names(wrong, 2)}); is it a LoRA for another base model size (SD 1.x / 2.x / XL)?")
+    fitted = {}
+    for name, layer in layers.items():
+        conv = targets[name].weight.dim() == 4
+        if conv and layer.down.dim() == 2:
+            layer = LoraLayer(layer.down[:, :, None, None], layer.up[:, :, None, None], layer.alpha)
+        elif not conv and layer.down.dim() == 4:
+            layer = LoraLayer(layer.down.flatten(1), layer.up.flatten(1), layer.alpha)
+        fitted[name] = layer
+    return fitted
 
 
 def load_lora(path: Path, pipe=None) -> LoraAdapter:
-    """Read a diffusers/peft or kohya LoRA file; every problem is a one-line ``UserError``."""
+    """Read a diffusers/peft, old-diffusers or kohya LoRA file; every problem is a one-line ``UserError``.
+
+    With ``pipe`` the layer names are resolved against (and checked with) that model; kohya's ambiguous names are
+    exact only then.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise UserError(f"{path.name}: only .safetensors adapter files are loaded")
-    header = read_header(path)
-    metadata = dict(header.get("__metadata__") or {})
-    keys = [k for k in header if k != "__metadata__"]
-    kind = detect_format(keys)
+        raise UserError(f"{path.name}: only .safetensors adapter files are loaded (pickles can run code)")
+    header = read_header(path)  # refuses empty, truncated, renamed-pickle files before safetensors sees them
+    metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
+    kind = detect_format(header)
+    if kind == "lycoris":
+        raise UserError(f"{path.name}: a LyCORIS (LoHa/LoKr) adapter; only plain LoRA files are supported")
+    if kind == "dora":
+        raise UserError(f"{path.name}: a DoRA adapter; its magnitude vectors cannot be applied as a plain LoRA")
     if kind == "unknown":
         raise UserError(f"{path.name}: not a LoRA file (no lora_A/lora_B or lora_down/lora_up weights)")
-    if kind == "diffusers-legacy":
-        raise UserError(f"{path.name}: old diffusers LoRA layout; re-save it with a current diffusers "
-                        "(pipe.save_lora_weights) and import that")
-    state = load_file(str(path))
-    layers = _from_diffusers(state) if kind == "diffusers" else _from_kohya(state, pipe, path.name)
-    if kind == "diffusers" and metadata.get("atelier.format") == "diffusers" and metadata.get("ss_network_alpha"):
-        _unfold_alpha(layers, float(metadata["ss_network_alpha"]))
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # header was fine, yet a tensor is not (unknown dtype, bad offsets)
+        raise UserError(f"{path.name}: the .safetensors file cannot be read ({str(exc).splitlines()[0][:120]})") \
+            from exc
+    if kind == "kohya":
+        pairs = _read_kohya(state, pipe)
+    elif kind == "diffusers":
+        pairs = _read_diffusers(state, metadata, path.name)
+    else:
+        pairs = _read_legacy(state)
+    if pairs.unmapped:
+        where = "this model" if pipe is not None else "a diffusers layer"
+        raise UserError(f"{path.name}: {len(pairs.unmapped)} key(s) cannot be mapped to {where} "
+                        f"({few_names(sorted(pairs.unmapped))})")
+    layers = pairs.layers(path.name)
     if not layers:
         raise UserError(f"{path.name}: the file holds no LoRA layers")
+    if pipe is not None:
+        layers = _fit_to_model(layers, pipe, path.name)
     return LoraAdapter(layers=layers, metadata={**metadata, "atelier.format": kind})
 
 
 def export_lora(src: Path, dst: Path, format: str, pipe=None) -> Path:
-    adapter = load_lora(src, pipe)
-    return save_lora(adapter, dst, format=format)
+    """Convert ``src`` to ``format`` at ``dst`` with the same ΔW and metadata (``pipe`` resolves kohya names)."""
+    return save_lora(load_lora(src, pipe), dst, format=format)
 
 
 def check_base(adapter: LoraAdapter, fingerprint: str, *, strict: bool = False) -> str | None:
-    """A loud warning (or, strict, an error) when the adapter was trained on another base model."""
+    """A loud warning (or, strict, an error) when the adapter was trained on another base model; None otherwise."""
     base = adapter.metadata.get("atelier.base_fingerprint")
     if not base or base == fingerprint:
         return None
-    message = (f"this adapter was trained on another base model (fingerprint {base}, this model {fingerprint}); "
-               "results may be garbage")
+    title = adapter.metadata.get("modelspec.title") or adapter.metadata.get("ss_output_name") or "this adapter"
+    message = (f"WARNING: {title} was trained on another base model (fingerprint {base}, loaded model "
+               f"{fingerprint}); its effect here may be garbage")
     if strict:
-        raise UserError(message)
+        raise UserError(message.removeprefix("WARNING: "))
     return message
