@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
-METHODS = ("lora",)
+METHODS = ("lora", "sr")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -55,6 +55,30 @@ def register(subparsers) -> None:
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
     lora.set_defaults(func=run_train, method_option_names=("rank", "alpha"))
 
+    sr = methods.add_parser("sr", help="DSCLoRA: fine-tune an upscaler on your own images (ConvLoRA + distillation)",
+                            description="Fine-tune a SPAN upscaler with ConvLoRA on a folder of high-resolution "
+                                        "images, supervised by the images, a frozen teacher and spatial affinity; "
+                                        "the result is merged into a plain SPAN file.")
+    sr.add_argument("--data", help="folder of high-resolution images (LR inputs are made by bicubic downscaling)")
+    sr.add_argument("--out", help="the fine-tuned upscaler, a .safetensors file")
+    sr.add_argument("--model", help="the upscaler to start from (default: the shipped one)")
+    sr.add_argument("--teacher", help="frozen teacher (default: the starting model)")
+    sr.add_argument("--official-pth", action="store_true", default=None,
+                    help="allow official .pth release checkpoints for --model/--teacher (tensors only)")
+    sr.add_argument("--steps", type=int)
+    sr.add_argument("--batch-size", type=int)
+    sr.add_argument("--patch", type=int, help="LR patch side in pixels (default 24)")
+    sr.add_argument("--lr", type=float)
+    sr.add_argument("--lambda-hr", type=float, help="weight of L1 to the HR image (default 1)")
+    sr.add_argument("--lambda-teacher", type=float, help="weight of L1 to the teacher (default 0.1)")
+    sr.add_argument("--lambda-affinity", type=float, help="weight of the spatial-affinity loss (default 0.01; 0 = off)")
+    sr.add_argument("--seed", type=int)
+    sr.add_argument("--checkpoint-every", type=int)
+    sr.add_argument("--device")
+    sr.add_argument("--run-dir")
+    sr.add_argument("--resume", metavar="RUN_DIR")
+    sr.set_defaults(func=run_train_sr)
+
 
 def config_from_args(args: argparse.Namespace):
     from trainers.loop import TrainConfig
@@ -77,11 +101,10 @@ def config_from_args(args: argparse.Namespace):
     return config.validate()
 
 
-def default_run_dir(config) -> Path:
+def default_run_dir_for(method: str, out: str) -> Path:
     from pipelines.paths import data_home
 
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return data_home() / "runs" / f"{stamp}-{config.method}-{Path(config.out).stem}"
+    return data_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{Path(out).stem}"
 
 
 def make_method(name: str):
@@ -97,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
     from trainers.loop import train
 
     config = config_from_args(args)
-    run_dir = Path(args.resume or args.run_dir or default_run_dir(config)).expanduser().resolve()
+    run_dir = Path(args.resume or args.run_dir or default_run_dir_for(config.method, config.out)).expanduser().resolve()
     if not args.resume and (run_dir / "checkpoints").exists():
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     print(f"run folder: {run_dir}", flush=True)
@@ -115,4 +138,32 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         print(f"done: {result.artifact} (step {result.step}, final loss {result.losses[-1]:.4f})" if result.losses
               else f"done: {result.artifact}", flush=True)
+    return 0
+
+
+def run_train_sr(args: argparse.Namespace) -> int:
+    from trainers.dsclora import DscLoraConfig, train_dsclora
+
+    names = {f.name for f in fields(DscLoraConfig)}
+    renames = {"data": "hr_folder", "model": "base"}
+    if args.resume:
+        import json
+
+        try:
+            base = DscLoraConfig(**json.loads((Path(args.resume) / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as exc:
+            raise UserError(f"{args.resume}: not a DSCLoRA run folder ({exc})") from exc
+    else:
+        if not args.data or not args.out:
+            raise UserError("--data and --out are required (or --resume RUN_DIR)")
+        base = DscLoraConfig(hr_folder=args.data, out=args.out)
+    values = {renames.get(k, k): v for k, v in vars(args).items() if v is not None}
+    config = DscLoraConfig(**{**base.__dict__, **{k: v for k, v in values.items() if k in names}}).validate()
+    run_dir = Path(args.resume or args.run_dir or default_run_dir_for("sr", config.out)).expanduser().resolve()
+    print(f"run folder: {run_dir}", flush=True)
+    result = train_dsclora(config, run_dir, resume=bool(args.resume))
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}; continue with: python launch.py train sr --resume {run_dir}")
+    else:
+        print(f"done: {result.artifact} (step {result.step})")
     return 0

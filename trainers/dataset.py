@@ -64,7 +64,8 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tupl
     return max(multiple, int(round(w / multiple)) * multiple), max(multiple, int(round(h / multiple)) * multiple)
 
 
-def _check_image(path: Path, max_pixels: int) -> tuple[int, int]:
+def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of a usable image file, or ValueError saying why it is not usable."""
     if path.stat().st_size == 0:
         raise ValueError("empty file (0 bytes)")
     with warnings.catch_warnings():
@@ -104,7 +105,7 @@ class ImageFolderDataset:
                     self.report.skipped.append((path.name, "not an image file"))
                 continue
             try:
-                w, h = _check_image(path, config.max_pixels)
+                w, h = check_image(path, config.max_pixels)
             except (ValueError, OSError) as exc:
                 self.report.skipped.append((path.name, str(exc)))
                 continue

@@ -1,0 +1,207 @@
+"""SPAN, ConvLoRA and DSCLoRA: exact folds and merges, the reference figure, tiling, loading errors, fine-tuning."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.errors import ModelLoadError, UserError
+from pipelines.image_metrics import psnr_y
+from pipelines.span import SPAN, Conv3XC, SpanConfig, num_parameters
+from pipelines.upscale import (default_sr_model_path, load_sr_model, save_sr_model, tensor_to_image,
+                               upscale_image, upscale_tensor, image_to_tensor)
+from trainers.conv_lora import ConvLoRA
+from trainers.dsclora import DscLoraConfig, affinity_loss, attach_conv_lora, merge_conv_lora, train_dsclora
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+DSCF = SHARED / "models" / "dscf-x4" / "team23_DSCF.pth"
+SET5 = SHARED / "data" / "set5"
+
+
+def _randomised(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights at PyTorch's default init scale (so activations stay in the range real models have)."""
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.reset_parameters()
+    return model
+
+
+def test_folded_conv3xc_equals_unfolded():
+    conv = _randomised(Conv3XC(5, 7))
+    x = torch.randn(2, 5, 13, 11)
+    with torch.no_grad():
+        unfolded = conv(x)
+        conv.fold()
+        folded = conv(x)
+    torch.testing.assert_close(folded, unfolded, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels,scale", [(26, 4), (48, 2), (16, 3)])
+def test_folded_span_equals_unfolded(channels, scale):
+    net = _randomised(SPAN(SpanConfig(channels=channels, scale=scale)), seed=1).eval()
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        a = net(x)
+        b = net.reparameterize()(x)
+    assert a.shape == (1, 3, 12 * scale, 10 * scale)
+    assert (b - a).abs().max().item() < 1e-4 * a.abs().max().item()  # float rounding only
+
+
+def test_parameter_counts_match_the_papers():
+    assert num_parameters(SPAN(SpanConfig(channels=26)).reparameterize()) == 130_828
+    assert 420_000 < num_parameters(SPAN(SpanConfig(channels=48)).reparameterize()) < 430_000
+
+
+def test_conv_lora_starts_at_zero_and_merges_exactly():
+    base = torch.nn.Conv2d(4, 6, 3, padding=1)
+    layer = ConvLoRA(base, rank=2, alpha=4)
+    x = torch.randn(1, 4, 9, 9)
+    with torch.no_grad():
+        start = layer(x)
+        torch.testing.assert_close(start, base(x))  # B = 0: the pretrained network
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+        unmerged = layer(x)
+        original = base.weight.clone()
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+    assert layer.lora_A.shape == (2 * 3, 4 * 3) and layer.lora_B.shape == (6 * 3, 2 * 3)
+    assert (unmerged - start).abs().max() > 1e-3
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+
+
+def test_merged_dsclora_network_is_a_plain_span(tmp_path):
+    net = _randomised(SPAN(SpanConfig(channels=16)), seed=2).reparameterize().eval()
+    layers = attach_conv_lora(net, DscLoraConfig(hr_folder="", out="x.safetensors"))
+    assert len(layers) == 6 * 3 + 2
+    for layer in layers:
+        torch.nn.init.normal_(layer.lora_B, std=0.01)
+    x = torch.rand(1, 3, 10, 10)
+    with torch.no_grad():
+        unmerged = net(x)
+        merged = merge_conv_lora(net)(x)
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-4)
+    assert not any(isinstance(m, ConvLoRA) for m in net.modules())
+    path = save_sr_model(net, tmp_path / "m.safetensors")
+    again = load_sr_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(again.network(x), merged, rtol=1e-5, atol=1e-5)
+
+
+def test_affinity_loss():
+    f = torch.randn(2, 8, 5, 5)
+    assert affinity_loss(f, f.clone()).item() == pytest.approx(0.0, abs=1e-7)
+    assert affinity_loss(f, torch.randn(2, 8, 5, 5)).item() > 0.01
+    assert affinity_loss(f, 3.0 * f).item() == pytest.approx(0.0, abs=1e-6)  # scale-free per position
+
+
+def test_tiles_join_without_seams():
+    net = _randomised(SPAN(SpanConfig(channels=16)), seed=3).reparameterize().eval()
+    x = torch.rand(1, 3, 70, 53)
+    with torch.no_grad():
+        torch.testing.assert_close(upscale_tensor(net, x, 4, tile=24, overlap=24), net(x), rtol=0, atol=1e-5)
+
+
+def test_loading_refuses_bad_files(tmp_path):
+    net = SPAN(SpanConfig(channels=16)).reparameterize()
+    good = save_sr_model(net, tmp_path / "good.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(good))
+    state["conv_cat.weight"] = torch.zeros(16, 60, 1, 1)
+    save_file(state, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ModelLoadError, match="wrong shape conv_cat.weight"):
+        load_sr_model(tmp_path / "shape.safetensors")
+    del state["conv_cat.weight"]
+    save_file(state, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing conv_cat.weight"):
+        load_sr_model(tmp_path / "missing.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelLoadError, match="not a SPAN"):
+        load_sr_model(tmp_path / "other.safetensors")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps({"a": 1}))
+    with pytest.raises(ModelLoadError, match="--official-pth"):
+        load_sr_model(tmp_path / "evil.pth")
+    with pytest.raises(ModelLoadError, match="not a plain tensor checkpoint"):
+        load_sr_model(tmp_path / "evil.pth", allow_pth=True)
+    (tmp_path / "t.safetensors").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match="truncated|not a valid"):
+        load_sr_model(tmp_path / "t.safetensors")
+
+
+def test_alpha_is_kept_and_size_is_bounded(tmp_path):
+    net = SPAN(SpanConfig(channels=16)).reparameterize().eval()
+    model = load_sr_model(save_sr_model(net, tmp_path / "m.safetensors"))
+    out = upscale_image(model, Image.new("RGBA", (20, 12), (10, 20, 30, 128)), tile=16)
+    assert out.size == (80, 48) and out.mode == "RGBA" and out.getchannel("A").getextrema() == (128, 128)
+    with pytest.raises(UserError, match="limit"):
+        import os
+
+        os.environ["ATELIER_MAX_UPSCALE_PIXELS"] = "100"
+        try:
+            upscale_image(model, Image.new("RGB", (20, 20)))
+        finally:
+            del os.environ["ATELIER_MAX_UPSCALE_PIXELS"]
+
+
+@pytest.mark.skipif(not (DSCF.is_file() and SET5.is_dir()), reason="reference weights/data in ../shared are absent")
+def test_official_weights_reproduce_the_reference_psnr():
+    model = load_sr_model(DSCF, allow_pth=True)
+    scores = []
+    for path in sorted(SET5.glob("*.png")):
+        hr = Image.open(path).convert("RGB")
+        hr = hr.crop((0, 0, hr.width - hr.width % 4, hr.height - hr.height % 4))
+        lr = hr.resize((hr.width // 4, hr.height // 4), Image.Resampling.BICUBIC)
+        scores.append(psnr_y(upscale_image(model, lr, tile=0), hr, border=4))
+    assert abs(np.mean(scores) - 31.73) < 0.05, np.mean(scores)
+
+
+def _start_model() -> tuple[Path, bool]:
+    if default_sr_model_path().is_file():
+        return default_sr_model_path(), False
+    if DSCF.is_file():
+        return DSCF, True
+    pytest.skip("neither the shipped SR model nor the reference weights are available")
+
+
+def test_dsclora_fine_tune_raises_psnr_on_its_domain(tmp_path):
+    """A user's own domain — pixel art (micro-world scenes blown up ×4 with hard pixel edges), which a photo-trained
+    upscaler smooths: a short fine-tune on a few such images beats the start model on other images of it."""
+    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+
+    start, official = _start_model()
+    config = SceneConfig(size=48, fills=("solid", "stripes", "checker"), min_objects=2, max_objects=3)
+
+    def pixel_art(scene) -> Image.Image:
+        return scene.to_pil().resize((192, 192), Image.Resampling.NEAREST)
+
+    train_dir = tmp_path / "hr"
+    train_dir.mkdir()
+    for i, scene in enumerate(generate_scenes(8, seed=11, config=config)):
+        pixel_art(scene).save(train_dir / f"{i}.png")
+    held_out = [pixel_art(scene) for scene in generate_scenes(4, seed=999, config=config)]
+
+    def mean_psnr(model_path: Path, pth: bool) -> float:
+        model = load_sr_model(model_path, allow_pth=pth)
+        scores = []
+        for hr in held_out:
+            lr = hr.resize((hr.width // 4, hr.height // 4), Image.Resampling.BICUBIC)
+            scores.append(psnr_y(upscale_image(model, lr, tile=0), hr, border=4))
+        return float(np.mean(scores))
+
+    before = mean_psnr(start, official)
+    torch.manual_seed(0)
+    out = tmp_path / "tuned.safetensors"
+    result = train_dsclora(DscLoraConfig(hr_folder=str(train_dir), out=str(out), base=str(start),
+                                         official_pth=official, steps=150, batch_size=4, patch=16, lr=1e-3),
+                           tmp_path / "run")
+    after = mean_psnr(out, False)
+    print(f"held-out PSNR before {before:.2f} dB, after {after:.2f} dB")
+    assert result.status == "done"
+    assert after > before + 0.3, (before, after)
