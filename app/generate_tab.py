@@ -43,7 +43,7 @@ class CancelTokens:
 LORA_SLOTS = 3  # on_generate names one argument per slot
 
 
-def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path) -> None:
+def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path, sr_models) -> None:
     tokens = CancelTokens()
     native = models.peek().native_size
 
@@ -80,9 +80,11 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=4):
             gallery = gr.Gallery(label="Results", columns=4, height=420, elem_id="gen-gallery", format="png")
+            upscale = gr.Button("Upscale these ×4", size="sm", elem_id="gen-upscale")
             status = gr.Markdown(elem_id="gen-status")
             info = gr.Textbox(label="Parameters of the last image", lines=4, elem_id="gen-info")
     last_seed = gr.State(-1)
+    last_paths = gr.State([])
 
     def on_generate(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
                     lora0, lora1, lora2, strength0, strength1, strength2,
@@ -104,16 +106,33 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                     images.append((str(path), f"seed {item.seed}"))
                     params, seed_used = item.parameters, item.seed
                     notes = "".join(f"\n\n⚠ {w}" for w in item.record["warnings"])
-                    yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used
+                    yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used, \
+                        [p for p, _ in images]
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         if token.is_set():
-            yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used
+            yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used, \
+                [p for p, _ in images]
 
     gen_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count, *lora_files,
                   *lora_strengths]
-    run.click(on_generate, gen_inputs, [gallery, status, info, last_seed], concurrency_id="model")
-    prompt.submit(on_generate, gen_inputs, [gallery, status, info, last_seed], concurrency_id="model")
+    gen_outputs = [gallery, status, info, last_seed, last_paths]
+    run.click(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
+    prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
+
+    def on_upscale(paths):
+        from pipelines.upscale import upscale_files
+
+        if not paths:
+            raise gr.Error("Generate something first.")
+        try:
+            done, problems = upscale_files(sr_models, [Path(p) for p in paths], outputs / "upscaled", None, None, 256)
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        lines = [f"Upscaled {len(done)} image(s) into `{outputs / 'upscaled'}`."] + [f"⚠ {p}" for p in problems]
+        return [(str(r), r.name) for _, r in done], "\n\n".join(lines)
+
+    upscale.click(on_upscale, last_paths, [gallery, status], concurrency_id="upscale")
 
     def adapter_choices():
         entries, _ = list_adapters(adapters)

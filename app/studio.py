@@ -56,9 +56,12 @@ def build_studio(config: StudioConfig):
 
     from pipelines.library import adapters_folder
 
+    from pipelines.upscale import SRModelCache
+
     from .generate_tab import build_generate_tab
     from .library_tab import build_library_tab
     from .train_tab import build_train_tab
+    from .upscale_tab import build_upscale_tab
 
     models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
                                   dtype=config.dtype, attention=config.attention))
@@ -66,14 +69,17 @@ def build_studio(config: StudioConfig):
     outputs = config.outputs_dir
     outputs.mkdir(parents=True, exist_ok=True)
     jobs = JobQueue(data_home() / "runs")
+    sr_models = SRModelCache(data_home(), device=config.device)
     with gr.Blocks(title="Atelier", analytics_enabled=False) as demo:
         gr.Markdown(f"# Atelier\nModel **{model.name}** · fingerprint `{model.fingerprint}` · "
                     f"{model.runtime.describe()}", elem_id="studio-header")
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                build_generate_tab(demo, models, outputs, adapters_folder(data_home()))
+                build_generate_tab(demo, models, outputs, adapters_folder(data_home()), sr_models)
             with gr.Tab("Train", id="train"):
                 build_train_tab(demo, jobs, data_home(), config.model)
+            with gr.Tab("Upscale", id="upscale"):
+                build_upscale_tab(demo, sr_models, data_home(), outputs)
             with gr.Tab("Library", id="library"):
                 build_library_tab(demo, models, adapters_folder(data_home()))
     jobs.start_background()

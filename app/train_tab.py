@@ -9,6 +9,7 @@ import pandas as pd
 
 from pipelines.errors import UserError
 from pipelines.library import adapters_folder
+from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from pipelines.paths import safe_name
 from trainers.dataset import DatasetConfig, dataset_summary, import_files
 from trainers.events import read_events
@@ -78,6 +79,18 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             name = gr.Textbox(label="Output name", value="my-lora", elem_id="train-name")
             arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            with gr.Accordion("Upscaler fine-tuning (DSCLoRA)", open=False, elem_id="train-sr"):
+                gr.Markdown("Adapt the ×4 upscaler to your own images: ConvLoRA on every block, distilled from the "
+                            "starting model; the result is a plain SPAN file in the Upscale tab's model list.")
+                sr_folder = gr.Textbox(label="Folder of high-resolution images", elem_id="train-sr-folder")
+                sr_base = gr.Dropdown(sr_model_choices(data_root), value=SHIPPED, label="Start from",
+                                      elem_id="train-sr-base")
+                with gr.Row():
+                    sr_steps = gr.Number(value=300, precision=0, label="Steps", elem_id="train-sr-steps")
+                    sr_teacher = gr.Number(value=0.1, label="λ teacher", elem_id="train-sr-teacher")
+                    sr_affinity = gr.Number(value=0.01, label="λ affinity (0 = off)", elem_id="train-sr-affinity")
+                sr_name = gr.Textbox(label="Output name", value="my-upscaler", elem_id="train-sr-name")
+                sr_start = gr.Button("Start upscaler fine-tuning", elem_id="train-sr-start")
         with gr.Column(scale=4):
             gr.Markdown("### Runs")
             with gr.Row():
@@ -148,6 +161,21 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return gr.update(choices=choices(), value=run_name), summary
 
     start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts], [runs, arithmetic])
+
+    def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
+        if not folder_v:
+            raise gr.Error("Choose a folder of high-resolution images.")
+        stem = safe_name(name_v or "my-upscaler")
+        args = ["--data", folder_v, "--out", str(sr_models_folder(data_root) / f"{stem}.safetensors"),
+                "--steps", str(int(steps_v)), "--lambda-teacher", str(float(teacher_v)),
+                "--lambda-affinity", str(float(affinity_v))]
+        if base_v and base_v != SHIPPED:
+            args += ["--model", str(sr_models_folder(data_root) / safe_name(base_v))]
+        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-sr-{stem}"
+        queue.submit(run_name, "sr", args)
+        return gr.update(choices=choices(), value=run_name)
+
+    sr_start.click(on_sr_start, [sr_folder, sr_base, sr_steps, sr_teacher, sr_affinity, sr_name], runs)
 
     def on_refresh(current):
         names = choices()

@@ -184,3 +184,79 @@ def upscale_image(model: SRModel, image: Image.Image, *, tile: int = DEFAULT_TIL
 
 def metadata_json(model: SRModel) -> str:
     return json.dumps(model.metadata, indent=2)
+
+
+SHIPPED = "Shipped SPAN ×4"
+
+
+def sr_models_folder(home: Path) -> Path:
+    return home / "sr_models"
+
+
+def sr_model_choices(home: Path) -> list[str]:
+    """The picker's entries: the shipped model, then the user's fine-tuned ones."""
+    folder = sr_models_folder(home)
+    return [SHIPPED] + ([p.name for p in sorted(folder.glob("*.safetensors"))] if folder.is_dir() else [])
+
+
+class SRModelCache:
+    """The last SR model used, kept loaded (SR models are small; switching reloads)."""
+
+    def __init__(self, home: Path, device: str = "auto") -> None:
+        import threading
+
+        self.home, self.device = home, device
+        self._key: tuple | None = None
+        self._model: SRModel | None = None
+        self.lock = threading.Lock()
+
+    def get(self, choice: str | None, official_path: str | None = None) -> SRModel:
+        if official_path:
+            key = ("pth", official_path)
+            path, allow = Path(official_path).expanduser(), True
+        elif not choice or choice == SHIPPED:
+            key, path, allow = ("shipped",), None, False
+        else:
+            from .paths import safe_name
+
+            key = ("user", choice)
+            path, allow = sr_models_folder(self.home) / safe_name(choice), False
+        if key != self._key:
+            self._model, self._key = load_sr_model(path, device=self.device, allow_pth=allow), key
+        return self._model
+
+
+def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: int) -> Path:
+    """``NAME_x4.png`` in ``folder`` (never over an existing file), written atomically."""
+    from .paths import safe_name
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = Path(safe_name(source_name, "image")).stem
+    target, n = folder / f"{stem}_x{scale}.png", 1
+    while target.exists():
+        target, n = folder / f"{stem}_x{scale}-{n}.png", n + 1
+    tmp = target.with_name(f".{target.name}.tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, target)
+    return target
+
+
+def upscale_files(cache: SRModelCache, paths: list[Path], folder: Path, choice: str | None, official: str | None,
+                  tile: int) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(source, result) pairs and one readable line per file that could not be upscaled."""
+    done, problems = [], []
+    with cache.lock:
+        model = cache.get(choice, official)
+        for path in paths:
+            try:
+                with Image.open(path) as im:
+                    im.load()
+                    result = upscale_image(model, im, tile=tile)
+            except UserError as exc:
+                problems.append(f"{Path(path).name}: {exc}")
+                continue
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                problems.append(f"{Path(path).name}: not a readable image ({exc.__class__.__name__})")
+                continue
+            done.append((Path(path), save_upscaled(result, folder, Path(path).name, model.scale)))
+    return done, problems
