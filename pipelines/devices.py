@@ -92,8 +92,11 @@ def apply_attention(pipe, attention: str) -> None:
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:
     """``from_pretrained`` keyword for the dtype: ``dtype`` on current diffusers, ``torch_dtype`` on older ones."""
+    import importlib
+
+    # diffusers added ``dtype=`` together with this helper when it deprecated ``torch_dtype=``
     try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401  (present since dtype= exists)
+        module = importlib.import_module("diffusers.utils.deprecation_utils")
     except ImportError:
         return {"torch_dtype": dtype}
-    return {"dtype": dtype}
+    return {"dtype": dtype} if hasattr(module, "_resolve_dtype") else {"torch_dtype": dtype}

@@ -14,7 +14,6 @@ from pathlib import Path
 from .devices import Runtime, apply_attention, dtype_kwargs, resolve_runtime
 from .errors import ModelLoadError
 from .fingerprint import pipeline_fingerprint
-from .paths import data_home
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")

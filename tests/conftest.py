@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -46,10 +50,46 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def start_studio(model_dir: Path, outputs: Path, *extra: str):
+    port = free_port()
+    log = open(outputs.parent / f"studio-{port}.log", "w")
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model_dir),
+                             "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                            env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("studio did not start within 120 s")
+
+
+@pytest.fixture
+def browser():
+    """Debian's chromium driven by Playwright (never a downloaded browser)."""
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        yield b
+        b.close()
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180):
     """Run ``launch.py`` as a user would and return the completed process."""
-    import subprocess
-
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)

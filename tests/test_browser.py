@@ -1,62 +1,18 @@
 """The real page in headless Chromium: a user generates an image and cancels a long run."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 
-from conftest import REPO, free_port
+from conftest import start_studio
 from pipelines.png_metadata import parse_parameters, read_png_parameters
 
 pytestmark = pytest.mark.browser
-
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
-
-
-def _start_studio(model_dir: Path, outputs: Path, *extra: str):
-    port = free_port()
-    log = open(outputs.parent / f"studio-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model_dir),
-                             "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("studio did not start within 120 s")
-
-
-@pytest.fixture
-def browser():
-    chromium = shutil.which("chromium")
-    if chromium is None:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture
 def studio(tiny_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = _start_studio(tiny_model_dir, outputs)
+    proc, url = start_studio(tiny_model_dir, outputs)
     yield url, outputs
     proc.terminate()
     proc.wait(timeout=30)
@@ -106,7 +62,7 @@ def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
 
 def test_login_required_when_auth_is_set(browser, tiny_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = _start_studio(tiny_model_dir, outputs, "--auth", "ada:s3cret")
+    proc, url = start_studio(tiny_model_dir, outputs, "--auth", "ada:s3cret")
     try:
         page = browser.new_page()
         page.goto(url)

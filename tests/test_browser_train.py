@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import _start_studio, browser  # noqa: F401  (fixture)
+from conftest import start_studio
 from training_data import draw_dataset
 
 pytestmark = pytest.mark.browser
 
 
-def test_train_stop_resume_and_use_from_the_page(browser, tiny_model_dir, tmp_path):  # noqa: F811
+def test_train_stop_resume_and_use_from_the_page(browser, tiny_model_dir, tmp_path):
     data = draw_dataset(tmp_path / "data", n=6, caption="a red circle")
     home = Path(os.environ["ATELIER_HOME"])
-    proc, url = _start_studio(tiny_model_dir, tmp_path / "outputs")
+    proc, url = start_studio(tiny_model_dir, tmp_path / "outputs")
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(url)

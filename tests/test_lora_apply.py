@@ -10,27 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.adapter_files import LoraAdapter, LoraLayer, delta, load_lora, save_lora
+from pipelines.adapter_files import LoraLayer, delta, load_lora, save_lora
 from pipelines.errors import UserError
 from pipelines.loading import load_model
 from pipelines.lora import apply_loras, loaded_adapter_names, merge_lora, remove_loras, unmerge_lora
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-
-
-def random_adapter(pipe, seed: int, rank: int = 4, alpha: float = 2.0, text_encoder: bool = True) -> LoraAdapter:
-    """Rank-4, alpha-2 LoRA on the UNet's attention (and the text encoder's projections); ``up`` is not zero."""
-    g = torch.Generator().manual_seed(seed)
-    layers = {}
-    components = [("unet", UNET_TARGETS)] + ([("text_encoder", TE_TARGETS)] if text_encoder else [])
-    for component, targets in components:
-        for name, module in getattr(pipe, component).named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(targets):
-                out_f, in_f = module.weight.shape
-                layers[f"{component}.{name}"] = LoraLayer(down=torch.randn(rank, in_f, generator=g) * 0.3,
-                                                          up=torch.randn(out_f, rank, generator=g) * 0.3, alpha=alpha)
-    return LoraAdapter(layers=layers)
+from test_adapter_files import random_adapter  # one helper for both files
 
 
 def image(pipe, seed: int = 0) -> np.ndarray:

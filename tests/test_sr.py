@@ -12,8 +12,7 @@ from PIL import Image
 from pipelines.errors import ModelLoadError, UserError
 from pipelines.image_metrics import psnr_y
 from pipelines.span import SPAN, Conv3XC, SpanConfig, num_parameters
-from pipelines.upscale import (default_sr_model_path, load_sr_model, save_sr_model, tensor_to_image,
-                               upscale_image, upscale_tensor, image_to_tensor)
+from pipelines.upscale import default_sr_model_path, load_sr_model, save_sr_model, upscale_image, upscale_tensor
 from trainers.conv_lora import ConvLoRA
 from trainers.dsclora import DscLoraConfig, affinity_loss, attach_conv_lora, merge_conv_lora, train_dsclora
 

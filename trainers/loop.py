@@ -12,7 +12,6 @@ and takes its own slice, and gradients are averaged over equal slices.
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import time
