@@ -23,7 +23,10 @@ def module_fingerprint(module: torch.nn.Module, h: "hashlib._Hash") -> None:
         flat = tensor.detach().reshape(-1)
         if flat.numel() == 0:
             continue
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), SAMPLES_PER_TENSOR)).long()
+        n = flat.numel()
+        k = min(n, SAMPLES_PER_TENSOR)
+        # integer arithmetic: float positions lose precision past 2**24 elements (SD's larger tensors)
+        idx = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
         sample = flat[idx.to(flat.device)].to("cpu", torch.float32).to(torch.float16)
         h.update(sample.numpy().tobytes())
 

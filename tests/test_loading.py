@@ -125,3 +125,19 @@ def test_bf16_on_cpu_generates(tiny_model_dir):
     assert model.pipe.unet.dtype == torch.bfloat16
     item = next(generate(model, GenerationRequest("x", steps=2, seed=0)))
     assert item.image.size == (32, 32)
+
+
+def test_fingerprint_of_tensors_larger_than_float_precision():
+    """SD's larger weights have more than 2**24 elements; sampling them must stay in bounds and see the last one."""
+    import hashlib
+
+    from pipelines.fingerprint import module_fingerprint
+
+    big = torch.nn.Embedding(5000, 4000)  # 20 M elements
+    h1 = hashlib.sha256()
+    module_fingerprint(big, h1)
+    with torch.no_grad():
+        big.weight.view(-1)[-1] += 1.0
+    h2 = hashlib.sha256()
+    module_fingerprint(big, h2)
+    assert h1.hexdigest() != h2.hexdigest()
