@@ -106,3 +106,28 @@ def test_bad_single_files(single_file, tmp_path):
     (tmp_path / "model.ckpt").write_bytes(pickle.dumps({}))
     with pytest.raises(ModelLoadError, match="pickle"):
         load_model(tmp_path / "model.ckpt")
+
+
+@pytest.mark.slow
+def test_full_size_sd15_single_file_loads_offline_with_the_shipped_configs(tmp_path, monkeypatch):
+    """A real-size SD 1.5 checkpoint (random fp16 weights, 2.1 GB) loads with no network through assets/sd15_config."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD15_CONFIG / "unet")).half(),
+        vae=AutoencoderKL.from_config(AutoencoderKL.load_config(SD15_CONFIG / "vae")).half(),
+        text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(SD15_CONFIG / "text_encoder")).half(),
+        tokenizer=CLIPTokenizer.from_pretrained(SD15_CONFIG / "tokenizer"),
+        scheduler=PNDMScheduler.from_pretrained(SD15_CONFIG / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    path = save_single_file(pipe, tmp_path / "sd15.safetensors")
+    model = load_model(path)
+    assert model.kind == "single_file" and list(model.pipe.unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    source = pipe.unet.state_dict()
+    assert all(torch.equal(source[k].float(), v.float()) for k, v in model.pipe.unet.state_dict().items())
+    from pipelines.fingerprint import pipeline_fingerprint
+
+    assert model.fingerprint == pipeline_fingerprint(pipe)
