@@ -55,6 +55,9 @@ def test_boxes_select_the_object_to_judge(judge):
     assert (left["shape"], left["color"], left["fill"]) == ("star", "red", "stripes")
     assert (right["shape"], right["color"], right["fill"]) == ("square", "blue", "solid")
     assert 0 < left["shape_prob"] <= 1 and abs(sum(left["probabilities"]["color"].values()) - 1) < 1e-3
+    assert left["objects_found"] == right["objects_found"] == 1
+    empty, both = judge_images([scene.image] * 2, boxes=[(0, 0.7, 0.4, 1), None], judge=judge)
+    assert empty["objects_found"] == 0 and both["objects_found"] == 2
 
 
 def test_judge_scene_finds_and_names_every_object(judge):

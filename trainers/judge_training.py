@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines.microworld.judge import HEADS, Judge, JudgeNet, JudgeVocab, judge_probabilities, save_judge, to_input
+from pipelines.microworld.judge import HEADS, Judge, JudgeNet, JudgeVocab, crop, save_judge, to_input
 from pipelines.microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scene
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,12 +80,7 @@ def _jittered(config: SceneConfig, amount: float) -> SceneConfig:
 
 def _augment(rng: np.random.Generator, image: Image.Image, box) -> Image.Image:
     """Crop first (as the judge will), then blur/rescale/noise like a decoder might."""
-    if box is not None:
-        w, h = image.size
-        x0, y0, x1, y1 = box
-        left, top = int(np.floor(x0 * w)), int(np.floor(y0 * h))
-        image = image.crop((left, top, max(left + 1, int(np.ceil(x1 * w))), max(top + 1, int(np.ceil(y1 * h)))))
-    image = image.resize((64, 64), Image.BILINEAR)
+    image = crop(image, box).resize((64, 64), Image.BILINEAR)
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
     if rng.random() < 0.2:

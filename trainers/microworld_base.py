@@ -2,6 +2,7 @@
 
     python -m trainers.microworld_base vae    --run RUN [--steps N]
     python -m trainers.microworld_base unet   --run RUN [--steps N] [--world small|base]
+    python -m trainers.microworld_base snapshot --run RUN            # judge the latest checkpoint's EMA weights
     python -m trainers.microworld_base export --run RUN --out FOLDER
     python -m trainers.microworld_base sample --run RUN          # a judged grid of samples
 
@@ -445,6 +446,19 @@ def _export_and_judge(run: Path, config: UNetConfig, ema: EMA, log, tag: str, ju
     return out
 
 
+def snapshot(run: Path, judge: bool = True) -> Path:
+    """Export (and judge) the EMA weights of the latest UNet checkpoint, e.g. while a long run is paused."""
+    config = _from_dict(UNetConfig, json.loads((run / "unet_config.json").read_text()))
+    latest = latest_checkpoint(run / "checkpoints" / "unet")
+    if latest is None:
+        raise SystemExit(f"no UNet checkpoint in {run}")
+    state, tensors, _ = load_checkpoint(latest)
+    unet, text = build_unet(config), build_text_encoder(config)
+    ema = EMA({"unet": unet, "text": text})
+    ema.load_state_dict({k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")})
+    return _export_and_judge(run, config, ema, Logger(run / "log.txt"), tag=f"snapshot{state.step}", judge=judge)
+
+
 def assemble_pipeline(vae_dir: Path, unet, text):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -505,7 +519,7 @@ def quick_judge(pipeline_dir: Path, world: str = "base", guidance: float = 4.0, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("stage", choices=("vae", "unet", "export", "sample"))
+    parser.add_argument("stage", choices=("vae", "unet", "snapshot", "export", "sample"))
     parser.add_argument("--run", required=True, help="run folder (checkpoints, caches, logs); keep it outside the repo")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--batch", type=int)
@@ -538,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.text_lr is not None:
             overrides["text_lr"] = args.text_lr
         train_unet(run, replace(UNetConfig(world=world), **overrides), settings)
+    elif args.stage == "snapshot":
+        snapshot(run)
     elif args.stage == "export":
         if not args.out:
             parser.error("export needs --out")

@@ -74,21 +74,26 @@ class Judge:
     sha256: str = ""
 
 
+def crop(image: ImageLike, box: Box | None = None) -> Image.Image:
+    """The RGB region of ``image`` inside a normalised box (the whole image without one)."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
+    pil = pil.convert("RGB")
+    if box is None:
+        return pil
+    w, h = pil.size
+    x0, y0, x1, y1 = box
+    left, top = int(np.floor(x0 * w)), int(np.floor(y0 * h))
+    right, bottom = max(left + 1, int(np.ceil(x1 * w))), max(top + 1, int(np.ceil(y1 * h)))
+    return pil.crop((left, top, right, bottom))
+
+
 def to_input(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None = None) -> torch.Tensor:
     """Crop each image to its normalised box (if any), resize to the judge's input and normalise."""
     if boxes is not None and len(boxes) != len(images):
         raise UserError(f"{len(boxes)} boxes for {len(images)} images")
     batch = np.empty((len(images), JUDGE_INPUT, JUDGE_INPUT, 3), dtype=np.float32)
     for index, image in enumerate(images):
-        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-        pil = pil.convert("RGB")
-        box = boxes[index] if boxes is not None else None
-        if box is not None:
-            w, h = pil.size
-            x0, y0, x1, y1 = box
-            left, top = int(np.floor(x0 * w)), int(np.floor(y0 * h))
-            right, bottom = max(left + 1, int(np.ceil(x1 * w))), max(top + 1, int(np.ceil(y1 * h)))
-            pil = pil.crop((left, top, right, bottom))
+        pil = crop(image, boxes[index] if boxes is not None else None)
         if pil.size != (JUDGE_INPUT, JUDGE_INPUT):
             pil = pil.resize((JUDGE_INPUT, JUDGE_INPUT), Image.BILINEAR)
         batch[index] = np.asarray(pil, dtype=np.float32)
@@ -154,12 +159,17 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
 
 def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None = None,
                  judge: Judge | None = None) -> list[dict]:
-    """Top-1 ``shape``, ``color``, ``fill`` with ``*_prob`` and the full distributions, one dict per image."""
+    """Top-1 ``shape``, ``color``, ``fill`` with ``*_prob`` and the full distributions, one dict per image.
+
+    ``objects_found`` counts blobs standing out from the region's border colour: 0 means the region looks empty,
+    and the labels are then a guess (the judge has no "nothing" class).
+    """
     judge = judge or load_judge()
     probs = judge_probabilities(judge, images, boxes)
     results = []
     for index in range(len(images)):
-        record: dict = {}
+        region = crop(images[index], boxes[index] if boxes is not None else None)
+        record: dict = {"objects_found": len(find_objects(region))}
         for head in HEADS:
             p = probs[head][index]
             best = int(p.argmax())
