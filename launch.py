@@ -94,8 +94,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from pipelines.errors import UserError
-    from pipelines.paths import safe_name
-    from pipelines.upscale import load_sr_model, upscale_image
+    from pipelines.upscale import load_sr_model, save_upscaled, upscale_image
 
     model = load_sr_model(args.model, device=args.device, allow_pth=args.official_pth)
     out_dir = Path(args.out)
@@ -105,7 +104,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
         try:
             with Image.open(name) as im:
                 im.load()
-                result = upscale_image(model, im, tile=args.tile)
+                result = upscale_image(model, im, tile=args.tile, outscale=args.scale)
         except UserError as exc:
             print(f"error: {name}: {exc}", file=sys.stderr)
             failures += 1
@@ -114,10 +113,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             print(f"error: {name}: not a readable image ({exc.__class__.__name__})", file=sys.stderr)
             failures += 1
             continue
-        target = out_dir / f"{Path(safe_name(Path(name).name, 'image')).stem}_x{model.scale}.png"
-        tmp = target.with_name(f".{target.name}.tmp")
-        result.save(tmp, format="PNG")
-        os.replace(tmp, target)
+        target = save_upscaled(result, out_dir, Path(name).name, args.scale or model.scale)
         print(f"{target} {result.width}x{result.height} model={model.name}")
     return 1 if failures else 0
 
@@ -159,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="SR model .safetensors (default: the shipped SPAN ×4)")
     up.add_argument("--official-pth", action="store_true", help="allow an official .pth release checkpoint")
     up.add_argument("--tile", type=int, default=256, help="tile size in input pixels (0: whole image)")
+    up.add_argument("--scale", type=float, help="output size as a multiple of the input (default: the model's ×4)")
     up.add_argument("--device", default="auto")
     up.set_defaults(func=cmd_upscale)
 

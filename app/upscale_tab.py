@@ -19,7 +19,10 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
             with gr.Accordion("Official checkpoint file", open=False):
                 official = gr.Textbox(label="Path to an official SPAN/DSCF .pth (tensors only, weights_only)",
                                       elem_id="up-official")
-            tile = gr.Slider(0, 1024, value=256, step=16, label="Tile size (0 = whole image)", elem_id="up-tile")
+            with gr.Row():
+                outscale = gr.Slider(1, 4, value=4, step=0.5, label="Output scale (× input size)",
+                                     elem_id="up-scale")
+                tile = gr.Slider(0, 1024, value=256, step=16, label="Tile size (0 = whole image)", elem_id="up-tile")
             run = gr.Button("Upscale", variant="primary", elem_id="up-run")
             status = gr.Markdown(elem_id="up-status")
         with gr.Column(scale=3):
@@ -27,13 +30,14 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
             gallery = gr.Gallery(label="Results (click to download)", columns=3, height=260, elem_id="up-gallery",
                                  format="png")
 
-    def on_run(files_v, model_v, official_v, tile_v, progress=gr.Progress()):
+    def on_run(files_v, model_v, official_v, tile_v, outscale_v, progress=gr.Progress()):
         if not files_v:
             raise gr.Error("Upload one or more images first.")
         paths = [Path(getattr(f, "name", f)) for f in files_v]
         progress(0, desc="Upscaling")
         try:
-            done, problems = upscale_files(cache, paths, folder, model_v, official_v or None, int(tile_v))
+            done, problems = upscale_files(cache, paths, folder, model_v, official_v or None, int(tile_v),
+                                           float(outscale_v))
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         before_after = None
@@ -46,5 +50,5 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
         lines = [f"Upscaled {len(done)} image(s) into `{folder}`."] + [f"⚠ {p}" for p in problems]
         return before_after, [(str(r), r.name) for _, r in done], "\n\n".join(lines)
 
-    run.click(on_run, [files, model, official, tile], [compare, gallery, status], concurrency_id="upscale")
+    run.click(on_run, [files, model, official, tile, outscale], [compare, gallery, status], concurrency_id="upscale")
     demo.load(lambda: gr.update(choices=sr_model_choices(home)), None, model, queue=False)

@@ -167,8 +167,11 @@ def max_input_pixels() -> int:
 
 
 def upscale_image(model: SRModel, image: Image.Image, *, tile: int = DEFAULT_TILE,
-                  overlap: int = DEFAULT_OVERLAP) -> Image.Image:
-    """Upscale an image ×scale; an alpha channel is resized with bicubic and put back."""
+                  overlap: int = DEFAULT_OVERLAP, outscale: float | None = None) -> Image.Image:
+    """Upscale an image ×scale (or to ``outscale`` × its size: the model's result resized with Lanczos, as A1111's
+    "resize" does); an alpha channel is resized with bicubic and put back."""
+    if outscale is not None and not 1.0 <= float(outscale) <= model.scale:
+        raise UserError(f"output scale must be between 1 and the model's ×{model.scale} (got {outscale})")
     w, h = image.size
     if w * h > max_input_pixels():
         raise UserError(f"{w}x{h} is larger than the upscale limit of {max_input_pixels()} pixels")
@@ -177,6 +180,8 @@ def upscale_image(model: SRModel, image: Image.Image, *, tile: int = DEFAULT_TIL
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     x = image_to_tensor(image).to(model.device)
     result = tensor_to_image(upscale_tensor(model.network, x, model.scale, tile, overlap))
+    if outscale is not None and float(outscale) != model.scale:
+        result = result.resize((round(w * float(outscale)), round(h * float(outscale))), Image.Resampling.LANCZOS)
     if alpha is not None:
         result.putalpha(alpha.resize(result.size, Image.Resampling.BICUBIC))
     return result
@@ -226,15 +231,15 @@ class SRModelCache:
         return self._model
 
 
-def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: int) -> Path:
+def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: float) -> Path:
     """``NAME_x4.png`` in ``folder`` (never over an existing file), written atomically."""
     from .paths import safe_name
 
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(safe_name(source_name, "image")).stem
-    target, n = folder / f"{stem}_x{scale}.png", 1
+    target, n = folder / f"{stem}_x{scale:g}.png", 1
     while target.exists():
-        target, n = folder / f"{stem}_x{scale}-{n}.png", n + 1
+        target, n = folder / f"{stem}_x{scale:g}-{n}.png", n + 1
     tmp = target.with_name(f".{target.name}.tmp")
     image.save(tmp, format="PNG")
     os.replace(tmp, target)
@@ -242,7 +247,7 @@ def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: int
 
 
 def upscale_files(cache: SRModelCache, paths: list[Path], folder: Path, choice: str | None, official: str | None,
-                  tile: int) -> tuple[list[tuple[Path, Path]], list[str]]:
+                  tile: int, outscale: float | None = None) -> tuple[list[tuple[Path, Path]], list[str]]:
     """(source, result) pairs and one readable line per file that could not be upscaled."""
     done, problems = [], []
     with cache.lock:
@@ -251,12 +256,12 @@ def upscale_files(cache: SRModelCache, paths: list[Path], folder: Path, choice: 
             try:
                 with Image.open(path) as im:
                     im.load()
-                    result = upscale_image(model, im, tile=tile)
+                    result = upscale_image(model, im, tile=tile, outscale=outscale)
             except UserError as exc:
                 problems.append(f"{Path(path).name}: {exc}")
                 continue
             except (OSError, ValueError, Image.DecompressionBombError) as exc:
                 problems.append(f"{Path(path).name}: not a readable image ({exc.__class__.__name__})")
                 continue
-            done.append((Path(path), save_upscaled(result, folder, Path(path).name, model.scale)))
+            done.append((Path(path), save_upscaled(result, folder, Path(path).name, outscale or model.scale)))
     return done, problems

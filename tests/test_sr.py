@@ -204,3 +204,28 @@ def test_dsclora_fine_tune_raises_psnr_on_its_domain(tmp_path):
     print(f"held-out PSNR before {before:.2f} dB, after {after:.2f} dB")
     assert result.status == "done"
     assert after > before + 0.3, (before, after)
+
+
+def test_output_scale(tmp_path):
+    net = SPAN(SpanConfig(channels=16)).reparameterize().eval()
+    model = load_sr_model(save_sr_model(net, tmp_path / "m.safetensors"))
+    assert upscale_image(model, Image.new("RGB", (20, 10)), outscale=2).size == (40, 20)
+    with pytest.raises(UserError, match="between 1 and"):
+        upscale_image(model, Image.new("RGB", (20, 10)), outscale=8)
+
+
+def test_upscale_cli(tmp_path):
+    from conftest import run_cli
+
+    net = SPAN(SpanConfig(channels=16)).reparameterize().eval()
+    model = save_sr_model(net, tmp_path / "m.safetensors")
+    Image.new("RGB", (24, 16), "teal").save(tmp_path / "a.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run_cli("upscale", str(tmp_path / "a.png"), str(tmp_path / "broken.png"), "--model", str(model),
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "broken.png: not a readable image" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert Image.open(tmp_path / "out" / "a_x4.png").size == (96, 64)
+    result = run_cli("upscale", str(tmp_path / "a.png"), "--out", str(tmp_path / "o2"),
+                     "--model", str(tmp_path / "missing.safetensors"))
+    assert result.returncode == 2 and "no such SR model file" in result.stderr
