@@ -50,6 +50,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0: off
+    # Encode images to the VAE posterior mean (as the micro base was trained) or draw a sample from it. For SD's VAE
+    # the posterior is so narrow that both agree; a wide one (the micro VAE: std ~0.3 of latent std 0.8) turns
+    # sampling into extra noise the UNet never saw, which a LoRA then learns as texture.
+    latent_sample: bool = False
     seed: int = 0
     resolution: int = 0  # 0: the model's native size
     repeats: int = 1
@@ -273,7 +277,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             px = torch.stack(pixels).to(accelerator.device, dtype=weight_dtype)
             with torch.no_grad():
                 dist = pipe.vae.encode(px).latent_dist
-                latents = (dist.mean + dist.std * eps_latent[sl].to(px)) * pipe.vae.config.scaling_factor
+                spread = dist.std * eps_latent[sl].to(px) if config.latent_sample else 0.0
+                latents = (dist.mean + spread) * pipe.vae.config.scaling_factor
             latents = latents.float()
             n = noise[sl].to(latents)
             if config.noise_offset:
