@@ -37,6 +37,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+MICRO_MODEL = REPO / "assets" / "micro-sd"
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tiny_model_dir) -> Path:
+    """What integration tests run on: the shipped micro-world model, as a user gets it (the tiny random model only
+    in a checkout without it)."""
+    return MICRO_MODEL if (MICRO_MODEL / "model_index.json").is_file() else tiny_model_dir
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from pipelines.loading import load_model

@@ -10,9 +10,9 @@ pytestmark = pytest.mark.browser
 
 
 @pytest.fixture
-def studio(tiny_model_dir, tmp_path):
+def studio(default_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(tiny_model_dir, outputs)
+    proc, url = start_studio(default_model_dir, outputs)
     yield url, outputs
     proc.terminate()
     proc.wait(timeout=30)
@@ -60,9 +60,9 @@ def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
     page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
 
 
-def test_login_required_when_auth_is_set(browser, tiny_model_dir, tmp_path):
+def test_login_required_when_auth_is_set(browser, default_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(tiny_model_dir, outputs, "--auth", "ada:s3cret")
+    proc, url = start_studio(default_model_dir, outputs, "--auth", "ada:s3cret")
     try:
         page = browser.new_page()
         page.goto(url)

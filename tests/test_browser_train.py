@@ -14,10 +14,10 @@ from training_data import draw_dataset
 pytestmark = pytest.mark.browser
 
 
-def test_train_stop_resume_and_use_from_the_page(browser, tiny_model_dir, tmp_path):
+def test_train_stop_resume_and_use_from_the_page(browser, default_model_dir, tmp_path):
     data = draw_dataset(tmp_path / "data", n=6, caption="a red circle")
     home = Path(os.environ["ATELIER_HOME"])
-    proc, url = start_studio(tiny_model_dir, tmp_path / "outputs")
+    proc, url = start_studio(default_model_dir, tmp_path / "outputs")
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(url)

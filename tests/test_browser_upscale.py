@@ -13,7 +13,7 @@ pytestmark = pytest.mark.browser
 DSCF = Path(__file__).resolve().parents[2] / "shared" / "models" / "dscf-x4" / "team23_DSCF.pth"
 
 
-def test_upscale_tab_and_generate_action(browser, tiny_model_dir, tmp_path):
+def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
     if not default_sr_model_path().is_file() and not DSCF.is_file():
         pytest.skip("no SR model: neither the shipped one nor the reference weights")
     images = []
@@ -23,7 +23,7 @@ def test_upscale_tab_and_generate_action(browser, tiny_model_dir, tmp_path):
         images.append(str(path))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(tiny_model_dir, outputs)
+    proc, url = start_studio(default_model_dir, outputs)
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)

@@ -54,7 +54,10 @@ def register(subparsers) -> None:
     add_common_options(lora)
     lora.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
-    lora.set_defaults(func=run_train, method_option_names=("rank", "alpha"))
+    lora.add_argument("--targets", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                      help="module names to wrap, comma-separated (default to_q,to_k,to_v,to_out.0; add "
+                           "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2 for a LoCon-style LoRA)")
+    lora.set_defaults(func=run_train, method_option_names=("rank", "alpha", "targets"))
 
     sr = methods.add_parser("sr", help="DSCLoRA: fine-tune an upscaler on your own images (ConvLoRA + distillation)",
                             description="Fine-tune a SPAN upscaler with ConvLoRA on a folder of high-resolution "
