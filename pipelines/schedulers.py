@@ -21,6 +21,16 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 SCHEDULER_NAMES = [MODEL_DEFAULT, *SCHEDULERS]
 
+# Samplers that start from the schedule's largest sigma: on a zero-terminal-SNR schedule (the micro model, zsnr
+# fine-tunes) that sigma is ~1e4, Karras spacing then repeats timesteps (diffusers fails) and Heun drifts in colour.
+NEEDS_FINITE_SIGMA = ("DPM++ 2M Karras", "Heun")
+ZERO_SNR_BELOW = 1e-6  # alphas_cumprod at the last timestep; SD 1.x: 4.7e-3
+
+
+def has_zero_terminal_snr(scheduler) -> bool:
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    return alphas is not None and float(alphas[-1]) < ZERO_SNR_BELOW
+
 
 def make_scheduler(name: str, base_scheduler):
     """A fresh scheduler of kind ``name`` sharing the model's noise schedule (betas, prediction type)."""
@@ -28,6 +38,9 @@ def make_scheduler(name: str, base_scheduler):
         return base_scheduler.__class__.from_config(base_scheduler.config)
     if name not in SCHEDULERS:
         raise UserError(f"unknown scheduler {name!r} (choose from {', '.join(SCHEDULER_NAMES)})")
+    if name in NEEDS_FINITE_SIGMA and has_zero_terminal_snr(base_scheduler):
+        usable = ", ".join(n for n in SCHEDULERS if n not in NEEDS_FINITE_SIGMA)
+        raise UserError(f"{name} does not work with this model's zero-terminal-SNR noise schedule; use {usable}")
     import diffusers
 
     cls_name, extra = SCHEDULERS[name]

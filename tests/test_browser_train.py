@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 
 from conftest import start_studio
-from training_data import draw_dataset
 
 pytestmark = pytest.mark.browser
 
 
 def test_train_stop_resume_and_use_from_the_page(browser, default_model_dir, tmp_path):
-    data = draw_dataset(tmp_path / "data", n=6, caption="a red circle")
+    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
+
+    data = tmp_path / "data"  # a micro-world dataset of a novel shape, as a new user would make
+    write_dataset(data, 6, seed=1, config=restrict(SceneConfig(), shape="star", objects=1))
     home = Path(os.environ["ATELIER_HOME"])
     proc, url = start_studio(default_model_dir, tmp_path / "outputs")
     try:

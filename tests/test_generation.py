@@ -81,3 +81,22 @@ def test_saved_files_carry_parameters(tiny_model, tmp_path):
     parsed = parse_parameters(read_png_parameters(first))
     assert parsed["prompt"] == "a blue square" and parsed["negative_prompt"] == "blur"
     assert parsed["settings"]["Seed"] == "3" and parsed["settings"]["Model hash"] == tiny_model.fingerprint[:10]
+
+
+def test_samplers_that_need_a_finite_sigma_are_refused_on_zero_snr_schedules():
+    from diffusers import DDIMScheduler
+
+    from pipelines.schedulers import NEEDS_FINITE_SIGMA, SCHEDULERS, make_scheduler
+
+    zero_snr = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                             timestep_spacing="trailing")
+    sd = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for name in SCHEDULERS:
+        assert make_scheduler(name, sd) is not None
+        if name in NEEDS_FINITE_SIGMA:
+            with pytest.raises(UserError, match="zero-terminal-SNR"):
+                make_scheduler(name, zero_snr)
+        else:
+            scheduler = make_scheduler(name, zero_snr)
+            scheduler.set_timesteps(20)
+            assert len(scheduler.timesteps) >= 20 and scheduler.config.prediction_type == "v_prediction"
