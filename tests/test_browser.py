@@ -48,7 +48,9 @@ def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
     page.locator("#gen-steps input[type=number]").fill("150")
     page.locator("#gen-batch input[type=number]").fill("16")
     page.locator("#gen-run").click()
-    page.wait_for_selector(".progress-text, .eta-bar, .progress-level", timeout=60_000)
+    # Wait for the generation itself (its progress says "Generating"), not just the queue's pending bar: a Cancel
+    # before the run starts has nothing to stop.
+    page.wait_for_function("document.body.innerText.includes('Generating')", timeout=60_000)
     page.locator("#gen-cancel").click()
     page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Cancelled')", timeout=60_000)
     page.screenshot(path=str(tmp_path / "cancel.png"), full_page=True)
