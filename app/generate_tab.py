@@ -141,9 +141,10 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
 
     refresh_loras.click(adapter_choices, None, lora_files, queue=False)
     demo.load(adapter_choices, None, lora_files, queue=False)
-    def on_cancel(request: gr.Request) -> str:
-        return "Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel."
+    def on_cancel(request: gr.Request) -> None:
+        # A toast, not the status line: the generation's own "Cancelled after …" may land first and must stay.
+        gr.Info("Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel.")
 
-    cancel.click(on_cancel, None, status, queue=False)
+    cancel.click(on_cancel, None, None, queue=False)
     randomize.click(lambda: -1, None, seed, queue=False)
     reuse.click(lambda s: s, last_seed, seed, queue=False)
