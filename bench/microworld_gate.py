@@ -95,6 +95,22 @@ def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024,
     return result
 
 
+def markdown(result: dict) -> str:
+    single, pairs, settings = result["single_object"], result["two_objects"], result["settings"]
+    verdict = "passed" if result["passed"] else "**missed**"
+    return "\n".join([
+        f"# Micro base model quality gate: {verdict}", "",
+        f"`{result['model']}`, judged by the shipped judge on fresh seeds (seed {settings['seed']}); "
+        f"{settings['scheduler']} {settings['steps']} steps, guidance {settings['guidance']}, "
+        f"{settings['size']} px; {result['seconds']} s.", "",
+        "| prompts | n | measure | rate | gate |", "|---|---:|---|---:|---:|",
+        f"| one object | {single['n']} | shape and colour right | {single['both_right']:.1%} | ≥ {single['gate']:.0%} |",
+        f"| | | colour right | {single['color_right']:.1%} | |",
+        f"| | | shape right | {single['shape_right']:.1%} | |",
+        f"| two objects | {pairs['n']} | both named objects present | {pairs['both_present']:.1%} | ≥ {pairs['gate']:.0%} |",
+        f"| | | a named object present | {pairs['named_object_found']:.1%} | |", ""])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=str(REPO / "assets" / "micro-sd"))
@@ -116,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
     print(json.dumps({k: result[k] for k in ("single_object", "two_objects", "passed", "seconds")}))
     return 0 if result["passed"] else 1
 
