@@ -127,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    result = {"model": str(args.model), **measure_gate(pipe, args.single, args.pairs, args.seed, args.steps,
+    model = Path(args.model).resolve()
+    shown = str(model.relative_to(REPO)) if model.is_relative_to(REPO) else str(model)
+    result = {"model": shown, **measure_gate(pipe, args.single, args.pairs, args.seed, args.steps,
                                                        args.guidance)}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
