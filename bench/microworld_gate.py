@@ -104,10 +104,12 @@ def markdown(result: dict) -> str:
         f"{settings['scheduler']} {settings['steps']} steps, guidance {settings['guidance']}, "
         f"{settings['size']} px; {result['seconds']} s.", "",
         "| prompts | n | measure | rate | gate |", "|---|---:|---|---:|---:|",
-        f"| one object | {single['n']} | shape and colour right | {single['both_right']:.1%} | ≥ {single['gate']:.0%} |",
+        f"| one object | {single['n']} | shape and colour right | {single['both_right']:.1%} "
+        f"| ≥ {single['gate']:.0%} |",
         f"| | | colour right | {single['color_right']:.1%} | |",
         f"| | | shape right | {single['shape_right']:.1%} | |",
-        f"| two objects | {pairs['n']} | both named objects present | {pairs['both_present']:.1%} | ≥ {pairs['gate']:.0%} |",
+        f"| two objects | {pairs['n']} | both named objects present | {pairs['both_present']:.1%} "
+        f"| ≥ {pairs['gate']:.0%} |",
         f"| | | a named object present | {pairs['named_object_found']:.1%} | |", ""])
 
 

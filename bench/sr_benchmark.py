@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,20 +33,13 @@ DSCF = SHARED / "models" / "dscf-x4" / "team23_DSCF.pth"
 SCALE = 4
 
 
-def modcrop(image: Image.Image) -> Image.Image:
-    return image.crop((0, 0, image.width - image.width % SCALE, image.height - image.height % SCALE))
-
-
-def low_res(hr: Image.Image) -> Image.Image:
-    return hr.resize((hr.width // SCALE, hr.height // SCALE), Image.Resampling.BICUBIC)
-
-
 def pixel_art_scenes(n: int, seed: int) -> list[Image.Image]:
     """The user-domain set: micro-world scenes blown up ×4 with hard pixel edges (what photo upscalers smooth)."""
     from pipelines.microworld.scenes import SceneConfig, generate_scenes
 
     config = SceneConfig(size=48, fills=("solid", "stripes", "checker"), min_objects=2, max_objects=3)
-    return [s.to_pil().resize((192, 192), Image.Resampling.NEAREST) for s in generate_scenes(n, seed=seed, config=config)]
+    scenes = generate_scenes(n, seed=seed, config=config)
+    return [scene.to_pil().resize((192, 192), Image.Resampling.NEAREST) for scene in scenes]
 
 
 def evaluation_sets(work: Path) -> dict[str, list[Image.Image]]:
@@ -53,29 +47,20 @@ def evaluation_sets(work: Path) -> dict[str, list[Image.Image]]:
 
     sets = {}
     if SET5.is_dir():
-        sets["Set5"] = [modcrop(Image.open(p).convert("RGB")) for p in sorted(SET5.glob("*.png"))]
-    sets["held-out photos"] = [modcrop(Image.open(p).convert("RGB"))
-                               for p in write_photos(work / "held-out", HELD_OUT_PHOTOS)]
+        sets["Set5"] = [Image.open(p).convert("RGB") for p in sorted(SET5.glob("*.png"))]
+    sets["held-out photos"] = [Image.open(p).convert("RGB") for p in write_photos(work / "held-out", HELD_OUT_PHOTOS)]
     sets["pixel-art domain"] = pixel_art_scenes(8, seed=999)
     return sets
-
-
-def score(upscale, images: list[Image.Image]) -> tuple[float, float]:
-    from pipelines.image_metrics import psnr_y, ssim_y
-
-    psnrs, ssims = [], []
-    for hr in images:
-        sr = upscale(low_res(hr))
-        psnrs.append(psnr_y(sr, hr, border=SCALE))
-        ssims.append(ssim_y(sr, hr, border=SCALE))
-    return float(np.mean(psnrs)), float(np.mean(ssims))
 
 
 def bicubic(lr: Image.Image) -> Image.Image:
     return lr.resize((lr.width * SCALE, lr.height * SCALE), Image.Resampling.BICUBIC)
 
 
-def time_per_megapixel(functions: dict[str, callable], lr: Image.Image, rounds: int) -> dict[str, float]:
+Upscaler = Callable[[Image.Image], Image.Image]
+
+
+def time_per_megapixel(functions: dict[str, Upscaler], lr: Image.Image, rounds: int) -> dict[str, float]:
     """Seconds per output megapixel, median over rounds that run every function once in turn (same load for all)."""
     times: dict[str, list[float]] = {name: [] for name in functions}
     megapixels = lr.width * lr.height * SCALE * SCALE / 1e6
@@ -98,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from pipelines.image_metrics import sr_scores
     from pipelines.span import num_parameters
     from pipelines.upscale import default_sr_model_path, load_sr_model, upscale_image
     from trainers.dsclora import DscLoraConfig, attach_conv_lora, train_dsclora
@@ -129,26 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         fine_tunes[label] = {"seconds": round(time.time() - started, 1), "lambda_affinity": weight}
         models[label] = (out, False)
 
-    rows = [{"model": "bicubic", "parameters": 0,
-             **{name: dict(zip(("psnr", "ssim"), map(lambda v: round(v, 3), score(bicubic, images))))
-                for name, images in sets.items()}}]
-    loaded = {}
-    for label, (path, pth) in models.items():
-        model = load_sr_model(path, allow_pth=pth)
-        loaded[label] = model
-        row = {"model": label, "parameters": num_parameters(model.network)}
+    def row(label: str, upscale, parameters: int) -> dict:
+        cells = {}
         for name, images in sets.items():
-            psnr, ssim = score(lambda lr, m=model: upscale_image(m, lr, tile=0), images)
-            row[name] = {"psnr": round(psnr, 3), "ssim": round(ssim, 4)}
+            psnr, ssim = sr_scores(upscale, images, SCALE)
+            cells[name] = {"psnr": round(psnr, 3), "ssim": round(ssim, 4)}
+        return {"model": label, "parameters": parameters, **cells}
+
+    rows, loaded = [row("bicubic", bicubic, 0)], {}
+    for label, (path, pth) in models.items():
+        model = loaded[label] = load_sr_model(path, allow_pth=pth)
+        rows.append(row(label, lambda lr, m=model: upscale_image(m, lr, tile=0), num_parameters(model.network)))
         if label in fine_tunes:
-            row["fine_tune"] = {**fine_tunes[label], "start": start_name, "steps": args.steps}
-        rows.append(row)
+            rows[-1]["fine_tune"] = {**fine_tunes[label], "start": start_name, "steps": args.steps}
 
     # Speed: merged (what ships) vs the same network with its ConvLoRA branches still attached, vs bicubic.
     reference = loaded[start_name]
     unmerged = copy.deepcopy(reference)
     attach_conv_lora(unmerged.network, DscLoraConfig(hr_folder="", out="x.safetensors"))
-    lr = low_res(sets["held-out photos"][0]).crop((0, 0, 128, 128))
+    photo = sets["held-out photos"][0]
+    lr = photo.resize((photo.width // SCALE, photo.height // SCALE), Image.Resampling.BICUBIC).crop((0, 0, 128, 128))
     functions = {"bicubic": bicubic,
                  "SPAN (merged)": lambda x: upscale_image(reference, x, tile=0),
                  "SPAN + ConvLoRA (unmerged)": lambda x: upscale_image(unmerged, x, tile=0)}

@@ -5,6 +5,8 @@ pixels shaved off before comparing.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,3 +57,17 @@ def ssim(a: np.ndarray, b: np.ndarray, peak: float = 255.0) -> float:
 
 def ssim_y(sr, hr, border: int = 0) -> float:
     return ssim(_shave(rgb_to_y(to_uint8_array(sr)), border), _shave(rgb_to_y(to_uint8_array(hr)), border))
+
+
+def sr_scores(upscale: Callable[[Image.Image], Image.Image], images: Sequence[Image.Image],
+              scale: int = 4) -> tuple[float, float]:
+    """Mean Y-PSNR and Y-SSIM of ``upscale`` over HR ``images`` under the protocol above: each HR image cropped to a
+    multiple of ``scale``, its LR input made with Pillow's bicubic resize, ``scale`` border pixels shaved."""
+    psnrs, ssims = [], []
+    for hr in images:
+        hr = hr.convert("RGB")
+        hr = hr.crop((0, 0, hr.width - hr.width % scale, hr.height - hr.height % scale))
+        sr = upscale(hr.resize((hr.width // scale, hr.height // scale), Image.Resampling.BICUBIC))
+        psnrs.append(psnr_y(sr, hr, border=scale))
+        ssims.append(ssim_y(sr, hr, border=scale))
+    return float(np.mean(psnrs)), float(np.mean(ssims))

@@ -1,11 +1,10 @@
 import argparse
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import MICRO_MODEL, run_cli
 from pipelines.png_metadata import parse_parameters, read_png_parameters
 
 
@@ -54,10 +53,7 @@ def test_generate_uses_the_embedded_default_model(tmp_path):
     assert Image.open(tmp_path / "d-1.png").size == (40, 24) and (tmp_path / "d-2.png").is_file()
 
 
-MICRO = Path(__file__).resolve().parents[1] / "assets" / "micro-sd"
-
-
-@pytest.mark.skipif(not (MICRO / "model_index.json").is_file(), reason="micro base model not shipped")
+@pytest.mark.skipif(not (MICRO_MODEL / "model_index.json").is_file(), reason="micro base model not shipped")
 def test_default_model_draws_what_the_prompt_asks(tmp_path):
     """The micro world's promise, end to end through the CLI a user types: the judge finds the red circle."""
     out = tmp_path / "x.png"

@@ -1,22 +1,22 @@
 """The plain LoRA trainer's effect on the micro base model: a novel shape the base never saw becomes drawable."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-MICRO = REPO / "assets" / "micro-sd"
+from conftest import MICRO_MODEL
+
 NOVEL = "star"
 PROMPT = f"sks a red {NOVEL} in the center, gray background"
 SEEDS = list(range(100, 112))
 # A new shape is a change of layout, not only of attention: the LoRA also wraps the transformer's projections and
 # feed-forward and the ResNet convs (LoCon-style), all of which our adapter files and diffusers' loader handle.
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+           "conv1", "conv2"]
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (MICRO / "model_index.json").is_file(), reason="micro base model not shipped")]
+              pytest.mark.skipif(not (MICRO_MODEL / "model_index.json").is_file(),
+                                 reason="micro base model not shipped")]
 
 
 def _star_rate(pipe) -> tuple[float, list[str]]:
@@ -37,21 +37,22 @@ def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
     from trainers.loop import TrainConfig, train
 
     data = tmp_path / "stars"
-    config = restrict(SceneConfig(min_radius=0.2, max_radius=0.3), shape=NOVEL, objects=1)
-    write_dataset(data, 24, seed=3, config=config)
+    shapes = restrict(SceneConfig(min_radius=0.2, max_radius=0.3), shape=NOVEL, objects=1)
+    write_dataset(data, 24, seed=3, config=shapes)
     out = tmp_path / "star.safetensors"
-    result = train(TrainConfig(data=str(data), out=str(out), model=str(MICRO), steps=800, batch_size=4, lr=2e-3,
-                               method_options={"rank": 16, "targets": TARGETS}, trigger="sks", checkpoint_every=1000, seed=0),
-                   LoraMethod(), tmp_path / "run")
+    config = TrainConfig(data=str(data), out=str(out), model=str(MICRO_MODEL), steps=800, batch_size=4, lr=2e-3,
+                         method_options={"rank": 16, "targets": TARGETS}, trigger="sks", checkpoint_every=1000, seed=0)
+    result = train(config, LoraMethod(), tmp_path / "run")
     assert result.status == "done" and out.is_file()
     early, late = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
     assert late < early, f"the denoising loss did not fall ({early:.4f} -> {late:.4f})"
 
-    model = load_model(MICRO)
+    model = load_model(MICRO_MODEL)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
     base_rate, base_shapes = _star_rate(pipe)
     with adapters_applied(model, ((str(out), 1.0),)):
         lora_rate, lora_shapes = _star_rate(pipe)
+    print(f"judge sees a {NOVEL}: base {base_rate:.0%}, with the LoRA {lora_rate:.0%}")
     assert base_rate <= 0.25, f"the base model already draws {NOVEL}s: {base_shapes}"
     assert lora_rate >= 0.5 and lora_rate >= base_rate + 0.4, f"base {base_shapes} vs LoRA {lora_shapes}"

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import MICRO_MODEL
 from trainers import microworld_base as mb
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = REPO / "assets" / "micro-sd"
+SHIPPED = MICRO_MODEL
 
 TINY_VAE = mb.VAEConfig(steps=3, batch=2, channels=(16, 16, 16), warmup=1)
 TINY_UNET = mb.UNetConfig(steps=4, batch=2, channels=(32, 32, 32), text_hidden=32, text_layers=1, warmup=1,

@@ -4,13 +4,12 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pipelines.errors import ModelLoadError, UserError
-from pipelines.image_metrics import psnr_y
+from pipelines.image_metrics import sr_scores
 from pipelines.span import SPAN, Conv3XC, SpanConfig, num_parameters
 from pipelines.upscale import default_sr_model_path, load_sr_model, save_sr_model, upscale_image, upscale_tensor
 from trainers.conv_lora import ConvLoRA
@@ -157,14 +156,9 @@ def test_official_weights_reproduce_the_reference_psnr():
 
 def _set5_psnr(model) -> tuple[float, float]:
     """Mean Y-PSNR of ``model`` and of bicubic on Set5 ×4 (the reference README's protocol)."""
-    ours, bicubic = [], []
-    for path in sorted(SET5.glob("*.png")):
-        hr = Image.open(path).convert("RGB")
-        hr = hr.crop((0, 0, hr.width - hr.width % 4, hr.height - hr.height % 4))
-        lr = hr.resize((hr.width // 4, hr.height // 4), Image.Resampling.BICUBIC)
-        ours.append(psnr_y(upscale_image(model, lr, tile=0), hr, border=4))
-        bicubic.append(psnr_y(lr.resize(hr.size, Image.Resampling.BICUBIC), hr, border=4))
-    return float(np.mean(ours)), float(np.mean(bicubic))
+    images = [Image.open(p) for p in sorted(SET5.glob("*.png"))]
+    ours = sr_scores(lambda lr: upscale_image(model, lr, tile=0), images)[0]
+    return ours, sr_scores(lambda lr: lr.resize((lr.width * 4, lr.height * 4), Image.Resampling.BICUBIC), images)[0]
 
 
 @pytest.mark.skipif(not SET5.is_dir(), reason="Set5 in ../shared is absent")
@@ -189,27 +183,18 @@ def _start_model() -> tuple[Path, bool]:
 def test_dsclora_fine_tune_raises_psnr_on_its_domain(tmp_path):
     """A user's own domain — pixel art (micro-world scenes blown up ×4 with hard pixel edges), which a photo-trained
     upscaler smooths: a short fine-tune on a few such images beats the start model on other images of it."""
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from bench.sr_benchmark import pixel_art_scenes
 
     start, official = _start_model()
-    config = SceneConfig(size=48, fills=("solid", "stripes", "checker"), min_objects=2, max_objects=3)
-
-    def pixel_art(scene) -> Image.Image:
-        return scene.to_pil().resize((192, 192), Image.Resampling.NEAREST)
-
     train_dir = tmp_path / "hr"
     train_dir.mkdir()
-    for i, scene in enumerate(generate_scenes(8, seed=11, config=config)):
-        pixel_art(scene).save(train_dir / f"{i}.png")
-    held_out = [pixel_art(scene) for scene in generate_scenes(4, seed=999, config=config)]
+    for i, image in enumerate(pixel_art_scenes(8, seed=11)):
+        image.save(train_dir / f"{i}.png")
+    held_out = pixel_art_scenes(4, seed=999)
 
     def mean_psnr(model_path: Path, pth: bool) -> float:
         model = load_sr_model(model_path, allow_pth=pth)
-        scores = []
-        for hr in held_out:
-            lr = hr.resize((hr.width // 4, hr.height // 4), Image.Resampling.BICUBIC)
-            scores.append(psnr_y(upscale_image(model, lr, tile=0), hr, border=4))
-        return float(np.mean(scores))
+        return sr_scores(lambda lr: upscale_image(model, lr, tile=0), held_out)[0]
 
     before = mean_psnr(start, official)
     torch.manual_seed(0)

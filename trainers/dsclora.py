@@ -7,22 +7,19 @@ and the result is saved as a plain SPAN file, as fast and as small as the model 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from pipelines.errors import UserError
 from pipelines.span import SPAN
 
 from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
 from .conv_lora import ConvLoRA
-from .dataset import IMAGE_SUFFIXES, DatasetReport, check_image
+from .hr_crops import HRCrops
 from .events import EventLog
 from .loop import StopFlag, TrainResult
 
@@ -94,59 +91,6 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         return f.transpose(1, 2) @ f
 
     return (affinity(student) - affinity(teacher)).abs().mean()
-
-
-class HRCrops:
-    """Random HR crops (flips, 90° turns) and their bicubic LR, drawn from a folder with a seeded generator."""
-
-    def __init__(self, folder: str, scale: int, patch: int, seed: int) -> None:
-        root = Path(folder).expanduser()
-        if not root.is_dir():
-            raise UserError(f"HR folder {folder} does not exist")
-        self.scale, self.patch = scale, patch
-        self.report = DatasetReport()
-        self.images: list[np.ndarray] = []
-        hr = patch * scale
-        for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-            try:
-                w, h = check_image(path)
-            except (ValueError, OSError) as exc:
-                self.report.skipped.append((path.name, str(exc)))
-                continue
-            if w < hr or h < hr:
-                self.report.skipped.append((path.name, f"smaller than one {hr}×{hr} crop"))
-                continue
-            with Image.open(path) as im:
-                self.images.append(np.asarray(im.convert("RGB")))
-            self.report.used.append(path.name)
-        if not self.images:
-            raise UserError(f"no usable HR images in {folder}")
-        self.rng = random.Random(seed)
-
-    def state(self) -> dict:
-        return {"rng": repr(self.rng.getstate())}
-
-    def restore(self, state: dict) -> None:
-        import ast
-
-        self.rng.setstate(ast.literal_eval(state["rng"]))
-
-    def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hr_size = self.patch * self.scale
-        lrs, hrs = [], []
-        for _ in range(n):
-            img = self.images[self.rng.randrange(len(self.images))]
-            top = self.rng.randrange(img.shape[0] - hr_size + 1)
-            left = self.rng.randrange(img.shape[1] - hr_size + 1)
-            crop = img[top:top + hr_size, left:left + hr_size]
-            if self.rng.random() < 0.5:
-                crop = crop[:, ::-1]
-            crop = np.rot90(crop, self.rng.randrange(4)).copy()
-            hr = Image.fromarray(crop)
-            lr = hr.resize((self.patch, self.patch), Image.Resampling.BICUBIC)
-            hrs.append(torch.from_numpy(np.asarray(hr, dtype=np.float32) / 255.0).permute(2, 0, 1))
-            lrs.append(torch.from_numpy(np.asarray(lr, dtype=np.float32) / 255.0).permute(2, 0, 1))
-        return torch.stack(lrs), torch.stack(hrs)
 
 
 def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:

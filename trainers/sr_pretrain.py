@@ -24,7 +24,7 @@ from PIL import Image
 from pipelines.span import SPAN, SpanConfig, num_parameters
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .dsclora import HRCrops
+from .hr_crops import HRCrops
 
 # scikit-image's bundled photos (no download needed). Grey ones are used as grey RGB.
 TRAIN_PHOTOS = ("astronaut", "brick", "camera", "clock", "coins", "grass", "gravel", "hubble_deep_field",
