@@ -105,25 +105,34 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 @contextmanager
 def adapters_applied(model: LoadedModel, loras: tuple[tuple[str, float], ...]) -> Iterator[list[str]]:
-    """Apply the request's LoRAs for the duration of one request; yields warnings (e.g. another base model)."""
+    """Apply the request's adapters for one request; yields warnings (e.g. a LoRA made on another base model).
+
+    LoRA files go through diffusers' loader; SaRA sparse deltas are added to the weights in place and the exact
+    base values written back afterwards (a delta for another base model is refused, not warned about).
+    """
     if not loras:
         yield []
         return
     from .adapter_files import check_base, load_lora
     from .lora import apply_loras, remove_loras
+    from .sparse_delta import is_sparse_delta_file, load_sparse_delta, sparse_deltas_applied
 
-    warnings, pairs = [], []
+    warnings, pairs, deltas = [], [], []
     for path, strength in loras:
+        if is_sparse_delta_file(Path(path)):
+            deltas.append((load_sparse_delta(Path(path)), float(strength)))
+            continue
         adapter = load_lora(Path(path), model.pipe)
         note = check_base(adapter, model.fingerprint)
         if note:
             warnings.append(note)
         pairs.append((adapter, float(strength)))
-    apply_loras(model.pipe, pairs)
-    try:
-        yield warnings
-    finally:
-        remove_loras(model.pipe)
+    with sparse_deltas_applied(model.pipe, deltas, fingerprint=model.fingerprint):
+        apply_loras(model.pipe, pairs)
+        try:
+            yield warnings
+        finally:
+            remove_loras(model.pipe)
 
 
 def generate(model: LoadedModel, request: GenerationRequest, *,

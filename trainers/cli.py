@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
-METHODS = ("lora", "sr")
+METHODS = ("lora", "sara", "sr")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -16,7 +16,7 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="the trained adapter, a .safetensors file")
     p.add_argument("--model", help="base model (default: the embedded model)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 500)")
-    p.add_argument("--lr", type=float, help="learning rate (default 1e-4)")
+    p.add_argument("--lr", type=float, help="learning rate (default: LoRA 1e-4; SaRA 1e-3·exp(−350·θ))")
     p.add_argument("--trigger", help="trigger word, prepended to every caption that lacks it")
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
     p.add_argument("--repeats", type=int, help="times each image is seen per epoch (default 1)")
@@ -58,6 +58,23 @@ def register(subparsers) -> None:
                       help="module names to wrap, comma-separated (default to_q,to_k,to_v,to_out.0; add "
                            "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2 for a LoCon-style LoRA)")
     lora.set_defaults(func=run_train, method_option_names=("rank", "alpha", "targets"))
+
+    sara = methods.add_parser("sara", help="SaRA: train the UNet's smallest weights (sparse, low-rank regularised)",
+                              description="Fine-tune the UNet through its smallest-magnitude weights. Choose the "
+                                          "trainable set by a budget (5%% or 50M) or a threshold θ; the count, θ and "
+                                          "the default learning rate are printed before training starts. The result "
+                                          "is a sparse delta file (apply it like a LoRA, merge it, or extract a LoRA "
+                                          "with `launch.py sara extract`).")
+    add_common_options(sara)
+    choice = sara.add_mutually_exclusive_group()
+    choice.add_argument("--budget", help="trainable weights: a share (5%%) or a count (50M, 120k); default 5%%")
+    choice.add_argument("--threshold", type=float, help="train every weight with |w| < θ")
+    sara.add_argument("--lambda-rank", type=float, help="nuclear-norm weight λ (default 5e-3; 0 = off)")
+    sara.add_argument("--progressive", type=float,
+                      help="fraction of training after which grown weights freeze (default 0.5; 0 = off)")
+    sara.add_argument("--rank-layers-per-step", type=int, help="layers rank-regularised per step (default 1)")
+    sara.set_defaults(func=run_train, method_option_names=("budget", "threshold", "lambda_rank", "progressive",
+                                                           "rank_layers_per_step"))
 
     sr = methods.add_parser("sr", help="DSCLoRA: fine-tune an upscaler on your own images (ConvLoRA + distillation)",
                             description="Fine-tune a SPAN upscaler with ConvLoRA on a folder of high-resolution "
@@ -116,6 +133,10 @@ def make_method(name: str):
         from trainers.lora import LoraMethod
 
         return LoraMethod()
+    if name == "sara":
+        from trainers.sara import SaraMethod
+
+        return SaraMethod()
     raise UserError(f"unknown training method {name!r}")
 
 

@@ -42,7 +42,7 @@ class TrainConfig:
     steps: int = 500
     batch_size: int = 1  # global batch, split across processes
     grad_accum: int = 1
-    lr: float = 1e-4
+    lr: float | None = None  # None: the method's default (LoRA 1e-4; SaRA derives it from its threshold)
     lr_scheduler: str = "constant"
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -72,7 +72,7 @@ class TrainConfig:
             (self.steps >= 1, "steps must be at least 1"),
             (self.batch_size >= 1, "batch size must be at least 1"),
             (self.grad_accum >= 1, "gradient accumulation must be at least 1"),
-            (self.lr > 0, "learning rate must be positive"),
+            (self.lr is None or self.lr > 0, "learning rate must be positive"),
             (self.lr_scheduler in LR_SCHEDULERS, f"lr scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.mixed_precision in MIXED_PRECISION, f"mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
             (self.noise_offset >= 0, "noise offset must be ≥ 0"),
@@ -112,6 +112,11 @@ class TrainingMethod(Protocol):
 
     def extra_loss(self) -> torch.Tensor | None:
         """A regulariser added to the denoising loss (or None)."""
+
+    # Optional: ``default_lr() -> float`` (used when the config gives none), ``summary() -> dict`` (logged before
+    # the first step), ``after_step(step, optimizer) -> dict | None`` (a method that changes its parameter set
+    # mid-run updates the optimizer and returns {"params": [...], ...}), and ``load_trainable_state`` may return
+    # the parameter list when restoring changes it.
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None: ...
 
@@ -201,6 +206,12 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         if weight_dtype != torch.float32:  # frozen weights in half precision save memory; trainables stay fp32
             frozen.to(accelerator.device, dtype=weight_dtype)
     params = method.attach(pipe, config)
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and ckpt is None:
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
+    if ckpt is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
+        state, trainable, opt_state = load_checkpoint(ckpt)
+        params = method.load_trainable_state(trainable) or params
     for p in params:  # trainable values stay fp32 under mixed precision
         p.data = p.data.float()
     if config.gradient_checkpointing:
@@ -216,19 +227,15 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
 
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-2)
+    lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda: 1e-4)()
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                  num_training_steps=config.steps)
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     noise_gen = torch.Generator("cpu").manual_seed(config.seed + 1)
 
     step, pos = 0, DataPosition()
-    if resume:
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise UserError(f"{run_dir}: no complete checkpoint to resume from")
-        state, trainable, opt_state = load_checkpoint(ckpt)
-        method.load_trainable_state(trainable)
+    if ckpt is not None:
         optimizer.load_state_dict(opt_state)
         lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state.scheduler})
         rng_restore(state.rng, {"noise": noise_gen})
@@ -237,10 +244,15 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     else:
         for line in dataset.report.lines():
             log.write("dataset", message=line)
+    if hasattr(method, "summary"):
+        summary = method.summary()
+        log.write("method", method=method.name, lr=lr, **summary)
+        if main and summary.get("selection"):
+            print(f"{method.name}: {summary['selection']}; training with learning rate {lr:.3g}", flush=True)
     arithmetic = step_arithmetic(len(dataset.samples), config.repeats, config.batch_size, config.grad_accum,
                                  config.steps)
     log.write("start", step=step, total=config.steps, arithmetic=arithmetic, device=str(accelerator.device),
-              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params))
+              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr)
 
     def encode_prompts(captions: list[str]) -> torch.Tensor:
         ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
@@ -308,6 +320,12 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        changed = method.after_step(step, optimizer) if hasattr(method, "after_step") else None
+        if changed:
+            params = changed.pop("params")
+            if world > 1:  # DDP's gradient buckets were built for the old parameters
+                unet = accelerator.prepare_model(accelerator.unwrap_model(unet))
+            log.write("parameters_changed", step=step, **changed)
         mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
         losses.append(mean_loss)
         recent = (recent + [time.perf_counter() - started])[-20:]

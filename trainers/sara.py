@@ -1,0 +1,367 @@
+"""SaRA: fine-tune a diffusion UNet through its smallest weights (sparse, low-rank regularised, progressive).
+
+Spec: ``shared/specs/sara.md``. The trainable set is M = |P₀| < θ over the Linear/Conv weights of the UNet, with θ
+given or derived from a budget (a count such as ``50M`` or a share such as ``5%``). Each selected layer becomes a
+:class:`~trainers.sparse_delta_layer.SparseDeltaLayer` (the memory-saving backward lives there). Two fixes to the
+authors' release: the nuclear-norm term is built from the trainable values themselves, so its gradient reaches
+them; and progressive adjustment keeps the Adam moments of the entries that stay trainable.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipelines.errors import UserError
+
+from .loop import TrainConfig
+from .sparse_delta_layer import SUPPORTED, SparseDeltaLayer, unwrap_layers, wrap_layers
+
+HISTOGRAM_BINS = 1 << 16
+
+
+@dataclass(frozen=True)
+class SaraOptions:
+    budget: str | None = None  # "5%", "50M", "120000"; default 5 % when no threshold is given
+    threshold: float | None = None
+    lambda_rank: float = 5e-3  # the paper's λ; 0 turns the nuclear-norm term off
+    rank_layers_per_step: int = 1
+    min_rank_side: int = 64  # matrices whose smaller side is at most this are not rank-regularised
+    progressive: float = 0.5  # fraction of training at which grown entries freeze; 0 = off
+    sparse_backward: bool = True  # False: plain autograd through a full-size weight (benchmark baseline)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig) -> "SaraOptions":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(config.method_options) - known)
+        if unknown:
+            raise UserError(f"unknown SaRA option(s): {', '.join(unknown)}")
+        return cls(**config.method_options).validate()
+
+    def validate(self) -> "SaraOptions":
+        if self.budget is not None and self.threshold is not None:
+            raise UserError("give either a budget or a threshold, not both")
+        if self.threshold is not None and not self.threshold > 0:
+            raise UserError("the threshold must be positive")
+        if self.budget is not None:
+            parse_budget(self.budget, 10**12)  # raises on nonsense
+        if self.lambda_rank < 0:
+            raise UserError("λ (lambda-rank) must be ≥ 0")
+        if not 0.0 <= self.progressive < 1.0:
+            raise UserError("the progressive fraction must be in [0, 1)")
+        if self.rank_layers_per_step < 0:
+            raise UserError("rank layers per step must be ≥ 0")
+        return self
+
+
+# ------------------------------------------------------------------------------------------- trainable set
+
+
+def parse_budget(text: str, total: int) -> int:
+    """``"5%"`` → 5 % of ``total``; ``"50M"``/``"1.5k"``/``"120000"`` → that count (at most ``total``)."""
+    raw = str(text).strip().replace(" ", "").replace("_", "")
+    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%|[kKmMgGbB]?)", raw)
+    if not match:
+        raise UserError(f"budget {text!r}: write a share such as 5% or a count such as 50M")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if not 0 < number <= 100:
+            raise UserError(f"budget {text!r}: a share must be in (0, 100] %")
+        count = number / 100.0 * total
+    else:
+        count = number * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}[unit.lower()]
+    if count < 1:
+        raise UserError(f"budget {text!r} selects no weights")
+    return min(int(round(count)), total)
+
+
+def selectable_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """Module name → weight of every Linear/Conv2d (the trainable set is drawn from these)."""
+    return {name: module.weight for name, module in unet.named_modules()
+            if isinstance(module, SUPPORTED) and not isinstance(module, SparseDeltaLayer)
+            and not name.endswith(".base_layer")
+            and not (isinstance(module, nn.Conv2d) and module.padding_mode != "zeros")}
+
+
+@torch.no_grad()
+def threshold_for_count(weights: dict[str, torch.Tensor], count: int) -> float:
+    """θ such that about ``count`` entries have |w| < θ: an exact global quantile without concatenating weights.
+
+    A histogram of log|w| finds the bin holding the count-th smallest magnitude; only that bin's values are then
+    sorted. Memory stays at one tensor's size, so SD's 860M (or SDXL's 2.6B) weights are fine.
+    """
+    total = sum(w.numel() for w in weights.values())
+    if count >= total:
+        return float(max(w.detach().abs().max() for w in weights.values())) * 1.000001 + 1e-30
+    lo, hi, zeros = math.inf, -math.inf, 0
+    for w in weights.values():
+        a = w.detach().abs().float().reshape(-1)
+        positive = a[a > 0]
+        zeros += a.numel() - positive.numel()
+        if positive.numel():
+            lo, hi = min(lo, float(positive.min().log())), max(hi, float(positive.max().log()))
+    if count < zeros or not math.isfinite(lo):
+        return float(torch.finfo(torch.float32).tiny)
+    hist = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64)
+    width = (hi - lo) / HISTOGRAM_BINS or 1.0
+    for w in weights.values():
+        a = w.detach().abs().float().reshape(-1)
+        logs = a[a > 0].log()
+        bins = ((logs - lo) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
+        hist += torch.bincount(bins, minlength=HISTOGRAM_BINS).double()
+    cumulative = hist.cumsum(0) + zeros
+    b = int(torch.searchsorted(cumulative, torch.tensor(float(count) + 0.5, dtype=torch.float64)))
+    below = int(cumulative[b - 1]) if b > 0 else zeros
+    inside = []
+    for w in weights.values():
+        a = w.detach().abs().float().reshape(-1)
+        a = a[a > 0]
+        bins = ((a.log() - lo) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
+        inside.append(a[bins == b])
+    values = torch.sort(torch.cat(inside)).values
+    k = count - below  # the (k+1)-th value of this bin is the smallest magnitude left out
+    return float(values[k]) if k < values.numel() else float(values[-1]) * 1.000001
+
+
+def default_lr(threshold: float) -> float:
+    """The authors' rule: lr = 1e-3·exp(−350·θ) (≈ 5e-4 at θ = 2e-3)."""
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
+@dataclass(frozen=True)
+class SelectionPlan:
+    threshold: float
+    count: int
+    total: int
+    lr: float
+    budget: str | None
+
+    @property
+    def share(self) -> float:
+        return self.count / max(1, self.total)
+
+    def describe(self) -> str:
+        return (f"{self.count:,} of {self.total:,} UNet weights ({self.share:.2%}) with |w| < θ = {self.threshold:.4g}; "
+                f"default learning rate {self.lr:.3g}")
+
+
+def plan_selection(unet: nn.Module, options: SaraOptions) -> SelectionPlan:
+    """θ and the trainable count for ``options`` on this UNet, before anything is trained (shown in the UI)."""
+    weights = selectable_weights(unet)
+    total = sum(w.numel() for w in weights.values())
+    if not total:
+        raise UserError("the model has no Linear/Conv weights to train")
+    budget = options.budget if options.threshold is None else None
+    if options.threshold is not None:
+        threshold = float(options.threshold)
+    else:
+        threshold = threshold_for_count(weights, parse_budget(budget or "5%", total))
+        budget = budget or "5%"
+    count = sum(int((w.detach().abs() < threshold).sum()) for w in weights.values())
+    if count == 0:
+        raise UserError(f"θ = {threshold:g} selects no weights (the smallest |w| is larger)")
+    return SelectionPlan(threshold=threshold, count=count, total=total, lr=default_lr(threshold), budget=budget)
+
+
+def preview_selection(model: str | None, budget: str | None = None, threshold: float | None = None) -> SelectionPlan:
+    """What a SaRA run on ``model`` would train (count, θ, default lr), without training: the Train tab's check."""
+    from pipelines.loading import load_model
+
+    options = SaraOptions(budget=budget or None, threshold=threshold or None).validate()
+    return plan_selection(load_model(model, device="cpu", dtype="fp32").pipe.unet, options)
+
+
+def masks_for(unet: nn.Module, threshold: float) -> dict[str, torch.Tensor]:
+    """Module name → flat positions with |P₀| < θ (layers without any are left out)."""
+    out = {}
+    for name, weight in selectable_weights(unet).items():
+        index = torch.nonzero(weight.detach().abs().reshape(-1) < threshold).reshape(-1)
+        if index.numel():
+            out[name] = index
+    return out
+
+
+# ------------------------------------------------------------------------------------------- regulariser
+
+
+def nuclear_norm(layer: SparseDeltaLayer) -> torch.Tensor:
+    """‖S‖* of the sparse trainable matrix: current masked values at their positions, zeros elsewhere.
+
+    Built from δ itself, so the gradient of the term reaches the trainable values (the authors' release computes
+    it on tensors the optimizer does not own). Entries already frozen by progressive adjustment enter as constants.
+    """
+    weight = layer.weight
+    flat = torch.zeros(weight.numel(), device=weight.device, dtype=torch.float32)
+    if layer.frozen_index.numel():
+        flat = flat.index_put((layer.frozen_index,), layer.frozen_base.float() + layer.frozen_delta)
+    flat = flat.index_put((layer.index,), layer.current_values())
+    return torch.linalg.svdvals(flat.view(weight.shape[0], -1)).sum()
+
+
+def rank_eligible(layers: dict[str, SparseDeltaLayer], min_side: int) -> list[str]:
+    eligible = []
+    for name, layer in layers.items():
+        rows = layer.weight.shape[0]
+        cols = layer.weight.numel() // rows
+        if min(rows, cols) > min_side:
+            eligible.append(name)
+    return eligible
+
+
+# ------------------------------------------------------------------------------------------- progressive
+
+
+@torch.no_grad()
+def progressive_freeze(layers: dict[str, SparseDeltaLayer], threshold: float, optimizer) -> tuple[int, list]:
+    """Freeze the entries whose |W| has grown to ≥ θ; survivors keep training with their Adam moments.
+
+    Returns the number frozen and the new parameter list (the optimizer is updated in place).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    frozen = 0
+    for layer in layers.values():
+        keep = layer.current_values().abs() < threshold
+        leaving = int((~keep).sum())
+        if not leaving:
+            continue
+        old = layer.delta
+        new = layer.freeze_entries(keep)
+        frozen += leaving
+        for group in inner.param_groups:
+            group["params"] = [new if p is old else p for p in group["params"]]
+        state = inner.state.pop(old, None)
+        if state:
+            inner.state[new] = {k: (v[keep].clone() if torch.is_tensor(v) and v.shape == keep.shape else v)
+                                for k, v in state.items()}
+    params = [p for group in inner.param_groups for p in group["params"]]
+    return frozen, params
+
+
+# ------------------------------------------------------------------------------------------- the method
+
+
+def _copy_by_position(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Tensor, src_index: torch.Tensor) -> None:
+    """dst[i] = src[j] where dst_index[i] == src_index[j] (the two index sets are equal, orders may differ)."""
+    dst[torch.argsort(dst_index.long())] = src[torch.argsort(src_index.long().to(dst_index.device))].to(dst)
+
+
+class SaraMethod:
+    """The :class:`~trainers.loop.TrainingMethod` for SaRA."""
+
+    name = "sara"
+
+    def __init__(self) -> None:
+        self.options = SaraOptions()
+        self.unet: nn.Module | None = None
+        self.layers: dict[str, SparseDeltaLayer] = {}
+        self.plan: SelectionPlan | None = None
+        self.total_steps = 0
+        self.seed = 0
+        self.calls = 0  # extra_loss calls: picks the regularised layer reproducibly across resumes
+        self.frozen_total = 0
+        self._eligible: list[str] = []
+
+    def attach(self, pipe, config: TrainConfig) -> list[nn.Parameter]:
+        self.options = SaraOptions.from_config(config)
+        self.unet = pipe.unet
+        self.plan = plan_selection(self.unet, self.options)
+        self.layers = wrap_layers(self.unet, masks_for(self.unet, self.plan.threshold),
+                                  sparse_backward=self.options.sparse_backward)
+        self._eligible = rank_eligible(self.layers, self.options.min_rank_side)
+        self.total_steps, self.seed = config.steps, config.seed
+        return self.parameters()
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [layer.delta for layer in self.layers.values()]
+
+    def default_lr(self) -> float:
+        return self.plan.lr if self.plan else 1e-4
+
+    def summary(self) -> dict:
+        plan = self.plan
+        return {"threshold": plan.threshold, "trainable": plan.count, "of": plan.total, "share": round(plan.share, 6),
+                "budget": plan.budget, "layers": len(self.layers), "rank_regularised_layers": len(self._eligible),
+                "selection": plan.describe()}
+
+    # state ------------------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = {"sara.calls": torch.tensor(self.calls), "sara.frozen_total": torch.tensor(self.frozen_total)}
+        for name, layer in self.layers.items():
+            state[f"{name}.index"] = layer.index.detach().clone()
+            state[f"{name}.delta"] = layer.delta.detach().clone()
+            state[f"{name}.frozen_index"] = layer.frozen_index.detach().clone()
+            state[f"{name}.frozen_delta"] = layer.frozen_delta.detach().clone()
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
+        """Restore δ (and a progressive freeze that had happened); returns the parameters now trainable."""
+        self.calls = int(state.get("sara.calls", torch.tensor(0)))
+        self.frozen_total = int(state.get("sara.frozen_total", torch.tensor(0)))
+        for name, layer in self.layers.items():
+            try:
+                index, delta = state[f"{name}.index"], state[f"{name}.delta"]
+                frozen_index, frozen_delta = state[f"{name}.frozen_index"], state[f"{name}.frozen_delta"]
+            except KeyError as exc:
+                raise RuntimeError(f"checkpoint does not match this SaRA run (no {exc.args[0]})") from exc
+            original = torch.cat([layer.index.long(), layer.frozen_index.long()]).sort().values
+            saved = torch.cat([index.long(), frozen_index.long()]).sort().values
+            if not torch.equal(original.cpu(), saved.cpu()):
+                raise RuntimeError(f"checkpoint does not match this SaRA run (other positions in {name})")
+            with torch.no_grad():
+                if frozen_index.numel():
+                    layer.freeze_entries(torch.isin(layer.index.long(), index.long().to(layer.index.device)))
+                    _copy_by_position(layer.frozen_delta, layer.frozen_index, frozen_delta, frozen_index)
+                    flat = layer.weight.view(-1)  # frozen values live in the weight only: write them back
+                    flat[layer.frozen_index] = (layer.frozen_base.float() + layer.frozen_delta).to(flat.dtype)
+                _copy_by_position(layer.delta.data, layer.index, delta, index)
+                layer._synced = None
+        return self.parameters()
+
+    # hooks of the loop ---------------------------------------------------------------------------------------
+    def extra_loss(self) -> torch.Tensor | None:
+        if not self.options.lambda_rank or not self._eligible or not self.options.rank_layers_per_step:
+            return None
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.calls)
+        self.calls += 1
+        n = min(self.options.rank_layers_per_step, len(self._eligible))
+        picks = torch.randperm(len(self._eligible), generator=gen)[:n].tolist()
+        return self.options.lambda_rank * sum(nuclear_norm(self.layers[self._eligible[i]]) for i in picks)
+
+    def after_step(self, step: int, optimizer) -> dict | None:
+        """At the progressive fraction of training, freeze grown entries; tells the loop the new parameters."""
+        if not self.options.progressive or step != max(1, round(self.options.progressive * self.total_steps)):
+            return None
+        frozen, params = progressive_freeze(self.layers, self.plan.threshold, optimizer)
+        self.frozen_total += frozen
+        return {"params": params, "frozen": frozen, "trainable": sum(p.numel() for p in params)}
+
+    # artefact ------------------------------------------------------------------------------------------------
+    def delta(self, model, config: TrainConfig):
+        from pipelines.sparse_delta import SparseDelta, SparseTensorDelta, sara_metadata
+
+        tensors = {}
+        for name, layer in self.layers.items():
+            index, values = layer.all_entries()
+            tensors[f"unet.{name}.weight"] = SparseTensorDelta(shape=tuple(layer.weight.shape), index=index.cpu(),
+                                                               values=values.cpu())
+        settings = {k: v for k, v in asdict(config).items() if k != "sample_prompts"}
+        metadata = sara_metadata(base_fingerprint=model.fingerprint, threshold=self.plan.threshold,
+                                 budget=self.plan.budget, count=self.plan.count,
+                                 trigger_words=[config.trigger] if config.trigger else [], settings=settings,
+                                 base_model_name=model.name, title=Path(config.out).stem)
+        return SparseDelta(tensors=tensors, metadata=metadata)
+
+    def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
+        from pipelines.sparse_delta import save_sparse_delta
+
+        save_sparse_delta(self.delta(model, config), path, dtype=torch.float16)
+
+    def detach(self, keep_changes: bool = False) -> None:
+        """Put the UNet's original layers back (P₀, or with the trained change merged in)."""
+        if self.unet is not None and self.layers:
+            unwrap_layers(self.unet, self.layers, keep_changes=keep_changes)
+            self.layers = {}
