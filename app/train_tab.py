@@ -15,6 +15,11 @@ from trainers.dataset import DatasetConfig, dataset_summary, import_files
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 
+METHODS = {"LoRA": "lora", "SaRA": "sara"}
+LORA_LR = 1e-4
+DEFAULT_NAMES = {"LoRA": "my-lora", "SaRA": "my-sara"}
+LR_LABELS = {"LoRA": "Learning rate", "SaRA": "Learning rate (0 or empty = derived from θ)"}
+
 
 def _progress_html(info) -> str:
     pct = 100.0 * info.step / info.total if info.total else 0.0
@@ -58,7 +63,10 @@ def _log_tail(run_dir: Path, n: int = 12) -> str:
 def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
     with gr.Row():
         with gr.Column(scale=3):
-            gr.Markdown("### New LoRA run")
+            gr.Markdown("### New run")
+            method = gr.Radio(list(METHODS), value="LoRA", label="Method", elem_id="train-method",
+                              info="LoRA: low-rank adapters on the attention layers · SaRA: fine-tune the UNet's "
+                                   "smallest weights (a sparse delta file)")
             folder = gr.Textbox(label="Dataset folder (images + same-name .txt captions)", elem_id="train-folder")
             uploads = gr.File(label="…or upload images and captions", file_count="multiple", elem_id="train-upload")
             with gr.Row():
@@ -71,12 +79,27 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 steps = gr.Number(value=300, precision=0, label="Steps", elem_id="train-steps")
             with gr.Row():
                 rank = gr.Number(value=8, precision=0, label="Rank", elem_id="train-rank")
-                lr = gr.Number(value=1e-4, label="Learning rate", elem_id="train-lr")
+                lr = gr.Number(value=LORA_LR, label=LR_LABELS["LoRA"], elem_id="train-lr")
                 sample_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: end)",
                                          elem_id="train-sample-every")
                 ckpt_every = gr.Number(value=100, precision=0, label="Checkpoint every", elem_id="train-ckpt-every")
+            # A Column carries the id and visibility (a Group given both renders twice in Gradio 6.31).
+            with gr.Column(visible=False, elem_id="train-sara") as sara_group, gr.Group():
+                with gr.Row():
+                    sara_budget = gr.Textbox(value="5%", label="Budget (share 5% or count 50M)",
+                                             elem_id="train-sara-budget")
+                    sara_threshold = gr.Number(value=0, minimum=0, step=1e-4, label="Threshold θ (0 = use the budget)",
+                                               elem_id="train-sara-threshold")
+                with gr.Row():
+                    sara_lambda = gr.Number(value=5e-3, minimum=0, step=1e-3, label="λ rank (0 = off)",
+                                            elem_id="train-sara-lambda")
+                    sara_progressive = gr.Number(value=0.5, minimum=0, maximum=0.99, step=0.05,
+                                                 label="Progressive fraction (0 = off)",
+                                                 elem_id="train-sara-progressive")
+                sara_plan = gr.Textbox(label="SaRA selection (before training)", interactive=False, lines=1,
+                                       elem_id="train-sara-plan")
             prompts = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts")
-            name = gr.Textbox(label="Output name", value="my-lora", elem_id="train-name")
+            name = gr.Textbox(label="Output name", value=DEFAULT_NAMES["LoRA"], elem_id="train-name")
             arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             with gr.Accordion("Upscaler fine-tuning (DSCLoRA)", open=False, elem_id="train-sr"):
@@ -128,11 +151,56 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         widget.change(on_preview, inputs, [folder, arithmetic], queue=False)
     uploads.upload(on_preview, inputs, [folder, arithmetic])
 
+    def sara_choice(budget_v, threshold_v) -> tuple[str | None, float | None]:
+        """(budget, threshold) as the CLI takes them: a positive θ wins over the budget; an empty budget is 5 %."""
+        threshold = float(threshold_v or 0)
+        if threshold > 0:
+            return None, threshold
+        return (str(budget_v or "").strip() or "5%"), None
+
+    plans: dict[tuple, str] = {}  # each preview loads the model on CPU: remember the answers
+
+    def on_plan(method_v, budget_v, threshold_v):
+        if method_v != "SaRA":
+            return gr.skip()
+        from trainers.sara import preview_selection
+
+        budget, threshold = sara_choice(budget_v, threshold_v)
+        key = (budget, threshold)
+        if key not in plans:
+            try:
+                plans[key] = preview_selection(model_source, budget, threshold).describe()
+            except UserError as exc:
+                return f"⚠ {exc}"  # not remembered: cheap (checked before the model loads) or worth a retry
+            except Exception as exc:  # the preview must never put a traceback on the page
+                return f"⚠ could not plan the selection: {exc.__class__.__name__}: {exc}"
+            if len(plans) > 32:
+                plans.pop(next(iter(plans)))
+        return plans[key]
+
+    def on_method(method_v, lr_v, name_v):
+        sara = method_v == "SaRA"
+        if sara and lr_v == LORA_LR:
+            lr_value = 0  # untouched LoRA default → SaRA's derived learning rate
+        elif not sara and not lr_v:
+            lr_value = LORA_LR
+        else:
+            lr_value = lr_v
+        new_name = DEFAULT_NAMES[method_v] if name_v in DEFAULT_NAMES.values() or not name_v else name_v
+        return (gr.update(visible=not sara), gr.update(visible=sara),
+                gr.update(value=lr_value, label=LR_LABELS[method_v]), new_name)
+
+    method.change(on_method, [method, lr, name], [rank, sara_group, lr, name], queue=False).then(
+        on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
+    for widget in (sara_budget, sara_threshold):
+        widget.change(on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
+
     def choices():
         return [j.name for j in list_jobs(queue.runs_root)]
 
     def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, rank_v, lr_v,
-                 sample_v, ckpt_v, prompts_v):
+                 sample_v, ckpt_v, prompts_v, method_v, budget_v, threshold_v, lambda_v, progressive_v):
+        kind = METHODS.get(method_v, "lora")
         path = resolve_folder(folder_v, files_v, name_v)
         try:
             summary = dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
@@ -140,11 +208,28 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                                       int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
-        stem = safe_name(name_v or "my-lora")
+        stem = safe_name(name_v or DEFAULT_NAMES.get(method_v, "my-lora"))
         out = adapters_folder(data_root) / f"{stem}.safetensors"
-        args = ["--data", path, "--out", str(out), "--steps", str(int(steps_v)), "--rank", str(int(rank_v)),
-                "--lr", str(float(lr_v)), "--repeats", str(int(repeats_v)), "--batch-size", str(int(batch_v)),
-                "--grad-accum", str(int(accum_v)), "--checkpoint-every", str(int(ckpt_v))]
+        args = ["--data", path, "--out", str(out), "--steps", str(int(steps_v)), "--repeats", str(int(repeats_v)),
+                "--batch-size", str(int(batch_v)), "--grad-accum", str(int(accum_v)),
+                "--checkpoint-every", str(int(ckpt_v))]
+        if lr_v:  # empty/0: the method's default (LoRA 1e-4; SaRA derived from θ)
+            args += ["--lr", str(float(lr_v))]
+        if kind == "lora":
+            args += ["--rank", str(int(rank_v))]
+        else:
+            from trainers.sara import SaraOptions
+
+            budget, threshold = sara_choice(budget_v, threshold_v)
+            lambda_rank = 5e-3 if lambda_v is None else float(lambda_v)
+            progressive = 0.5 if progressive_v is None else float(progressive_v)
+            try:  # the same checks the job makes, so a typo fails here and not in a subprocess
+                SaraOptions(budget=budget, threshold=threshold, lambda_rank=lambda_rank,
+                            progressive=progressive).validate()
+            except UserError as exc:
+                raise gr.Error(str(exc)) from exc
+            args += ["--threshold", repr(threshold)] if threshold is not None else ["--budget", budget]
+            args += ["--lambda-rank", repr(lambda_rank), "--progressive", repr(progressive)]
         if int(sample_v or 0):
             args += ["--sample-every", str(int(sample_v))]
         for prompt in (prompts_v or "").splitlines():
@@ -156,11 +241,15 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             args += ["--caption", caption_v]
         if model_source:
             args += ["--model", model_source]
-        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-lora-{stem}"
-        queue.submit(run_name, "lora", args)
+        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{stem}"
+        try:
+            queue.submit(run_name, kind, args)
+        except FileExistsError as exc:
+            raise gr.Error(str(exc)) from exc
         return gr.update(choices=choices(), value=run_name), summary
 
-    start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts], [runs, arithmetic])
+    start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts, method, sara_budget, sara_threshold,
+                                    sara_lambda, sara_progressive], [runs, arithmetic])
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         if not folder_v:

@@ -1,7 +1,7 @@
-"""A frozen Linear/Conv2d layer whose weight changes only at fixed positions: W = P₀ + scale·scatter(δ at M).
+"""A frozen Linear/Conv2d layer whose weight changes only at fixed positions: W = P₀ + scatter(δ at M).
 
 The layer wraps the original module (as peft wraps a layer for LoRA) and owns one trainable vector ``delta`` of
-length |M|. Its weight tensor is the original one, kept up to date in place (P₀[M] + scale·δ) whenever δ has
+length |M|. Its weight tensor is the original one, kept up to date in place (P₀[M] + δ) whenever δ has
 changed, so no second copy of the weights exists.
 
 The backward is the memory-saving one SaRA calls *unstructured backprop*: the full-size gradient of W exists only
@@ -94,8 +94,7 @@ class SparseDeltaLayer(nn.Module):
     delta, in ``frozen_index``/``frozen_delta``; the weight keeps their values.
     """
 
-    def __init__(self, base_layer: nn.Module, index: torch.Tensor, *, sparse_backward: bool = True,
-                 scale: float = 1.0) -> None:
+    def __init__(self, base_layer: nn.Module, index: torch.Tensor, *, sparse_backward: bool = True) -> None:
         super().__init__()
         if not isinstance(base_layer, SUPPORTED):
             raise TypeError(f"SparseDeltaLayer wraps Linear or Conv2d, not {type(base_layer).__name__}")
@@ -103,7 +102,6 @@ class SparseDeltaLayer(nn.Module):
             raise TypeError("SparseDeltaLayer needs a Conv2d with zero padding")
         self.base_layer = base_layer
         self.sparse_backward = sparse_backward
-        self.scale = float(scale)
         weight = base_layer.weight
         index = index.to(device=weight.device, dtype=_index_dtype(weight.numel()))
         self.register_buffer("index", index, persistent=False)
@@ -123,12 +121,12 @@ class SparseDeltaLayer(nn.Module):
         return self.base_layer.bias
 
     def current_values(self) -> torch.Tensor:
-        """P₀[M] + scale·δ for the trainable entries (differentiable in δ)."""
-        return self.base_values.float() + self.scale * self.delta
+        """P₀[M] + δ for the trainable entries (differentiable in δ)."""
+        return self.base_values.float() + self.delta
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Write P₀[M] + scale·δ into the weight if δ changed since the last write (the optimizer steps in place)."""
+        """Write P₀[M] + δ into the weight if δ changed since the last write (the optimizer steps in place)."""
         stamp = (id(self.delta), self.delta._version)
         if stamp == self._synced:
             return
@@ -159,7 +157,7 @@ class SparseDeltaLayer(nn.Module):
     def all_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every position this layer changed and its delta (trainable and frozen), sorted by position."""
         index = torch.cat([self.index.long(), self.frozen_index.long()])
-        delta = torch.cat([self.delta.detach().float() * self.scale, self.frozen_delta.float()])
+        delta = torch.cat([self.delta.detach().float(), self.frozen_delta.float()])
         order = torch.argsort(index)
         return index[order], delta[order]
 
@@ -169,7 +167,7 @@ class SparseDeltaLayer(nn.Module):
         self.sync()  # the weight must hold the final values of the entries that leave
         leaving = ~keep
         self.frozen_index = torch.cat([self.frozen_index, self.index[leaving]])
-        self.frozen_delta = torch.cat([self.frozen_delta, (self.scale * self.delta[leaving]).float()])
+        self.frozen_delta = torch.cat([self.frozen_delta, self.delta[leaving].detach().float()])
         self.frozen_base = torch.cat([self.frozen_base, self.base_values[leaving]])
         self.index = self.index[keep].clone()
         self.base_values = self.base_values[keep].clone()

@@ -1,0 +1,119 @@
+"""A user trains SaRA from the page: picks the method, sees the planned selection (count, θ, lr), fixes a bad budget,
+starts a short run, watches it finish and gets a sparse delta file in the adapters folder."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import start_studio
+
+pytest.importorskip("playwright")
+pytestmark = pytest.mark.browser
+
+PLAN = "document.querySelector('#train-sara-plan textarea').value"
+PLAN_RE = re.compile(r"^([\d,]+) of ([\d,]+) UNet weights \(([\d.]+)%\) with \|w\| < θ = ([\d.e+-]+); "
+                     r"default learning rate ([\d.e+-]+)$")
+
+
+def _plan(page) -> str:
+    return page.locator("#train-sara-plan textarea").input_value()
+
+
+def _type_budget(page, text: str) -> None:
+    box = page.locator("#train-sara-budget textarea, #train-sara-budget input").first
+    box.fill(text)
+    box.press("Tab")
+
+
+def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
+    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
+    from pipelines.sparse_delta import is_sparse_delta_file
+
+    data = tmp_path / "data"
+    write_dataset(data, 4, seed=3, config=restrict(SceneConfig(), shape="star", objects=1))
+    home = Path(os.environ["ATELIER_HOME"])
+    proc, url = start_studio(default_model_dir, tmp_path / "outputs")
+    try:
+        page = browser.new_page(viewport={"width": 1500, "height": 1400})
+        page.goto(url)
+        page.get_by_role("tab", name="Train").click()
+        assert page.locator("#train-rank").is_visible()
+        assert not page.locator("#train-sara").is_visible()
+
+        # Choosing SaRA swaps rank for the SaRA group and plans the default 5 % selection at once.
+        page.locator("#train-method label", has_text="SaRA").click()
+        page.locator("#train-sara").wait_for(state="visible", timeout=10_000)
+        page.locator("#train-rank").wait_for(state="hidden", timeout=10_000)
+        assert "derived" in page.locator("#train-lr").inner_text()
+        assert float(page.locator("#train-lr input").input_value() or 0) == 0
+        page.wait_for_function(f"{PLAN}.includes('θ =')", timeout=60_000)
+        assert "(5.00%)" in _plan(page), _plan(page)
+
+        _type_budget(page, "2%")
+        page.wait_for_function(f"{PLAN}.includes('(2.00%)')", timeout=60_000)
+        two = PLAN_RE.match(_plan(page))
+        assert two, _plan(page)
+        assert int(two[1].replace(",", "")) > 0 and float(two[4]) > 0
+
+        _type_budget(page, "lots")
+        page.wait_for_function(f"{PLAN}.startsWith('⚠ ')", timeout=30_000)
+        assert "lots" in _plan(page) and "Traceback" not in _plan(page)
+
+        _type_budget(page, "1%")
+        page.wait_for_function(f"{PLAN}.includes('(1.00%)')", timeout=60_000)
+        one = PLAN_RE.match(_plan(page))
+        assert one, _plan(page)
+        assert int(one[1].replace(",", "")) < int(two[1].replace(",", ""))
+        assert float(one[4]) < float(two[4])  # a smaller budget means a smaller θ …
+        assert float(one[5]) > float(two[5])  # … and a larger derived learning rate
+
+        # A short run on the shared fields.
+        page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))
+        page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
+        page.locator("#train-batch input").fill("1")
+        steps = page.locator("#train-steps input")
+        steps.fill("6")
+        steps.press("Tab")
+        page.locator("#train-ckpt-every input").fill("1000")
+        name = f"sparse-{int(time.time())}"
+        page.locator("#train-name textarea, #train-name input").first.fill(name)
+        page.wait_for_function(
+            "document.querySelector('#train-arithmetic textarea').value.includes('4 images × 1 repeats ÷ batch 1')",
+            timeout=30_000)
+        page.screenshot(path=str(tmp_path / "sara-form.png"), full_page=True)
+        started = time.perf_counter()
+        page.locator("#train-start").click()
+        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('done')",
+                               timeout=300_000)
+        print(f"SaRA run of 6 steps: {time.perf_counter() - started:.1f} s from click to done")
+        page.wait_for_function("document.querySelector('#train-log textarea').value.length > 0", timeout=10_000)
+        shot = tmp_path / "sara-done.png"
+        page.screenshot(path=str(shot), full_page=True)
+        shutil.copy(shot, "/tmp/sara_ui.png")
+
+        progress = page.locator("#train-progress-box").inner_text()
+        assert "step 6/6" in progress, progress
+        adapter = home / "adapters" / f"{name}.safetensors"
+        assert adapter.is_file()
+        assert is_sparse_delta_file(adapter)
+        assert adapter.name in progress
+
+        # The job ran `launch.py train sara` with the page's choices, and trained what the plan showed.
+        run_dir = next((home / "runs").glob(f"*-sara-{name}"))
+        job = json.loads((run_dir / "job.json").read_text())
+        assert job["method"] == "sara"
+        args = job["args"]
+        assert args[args.index("--budget") + 1] == "1%"
+        assert "--lr" not in args and "--rank" not in args and "--threshold" not in args
+        events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
+        planned = next(e for e in events if e.get("event") == "method")
+        assert planned["selection"] == _plan(page)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
