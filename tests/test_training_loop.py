@@ -54,17 +54,21 @@ def data(tmp_path_factory) -> Path:
     return draw_dataset(tmp_path_factory.mktemp("data") / "circles", n=5)
 
 
-def test_resume_is_exact(data, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("with_prior", [False, True])
+def test_resume_is_exact(data, tiny_model_dir, tmp_path, with_prior):
+    extra = {}
+    if with_prior:  # prior-preservation images add their own loss; a resume must still be exact
+        extra = {"prior_data": str(draw_dataset(tmp_path / "prior", n=3, caption="a red square", shape="square"))}
     straight = StateOnly()
-    result = train(_config(data, tiny_model_dir, tmp_path, steps=6), straight, tmp_path / "a")
+    result = train(_config(data, tiny_model_dir, tmp_path, steps=6, **extra), straight, tmp_path / "a")
     assert result.status == "done" and result.step == 6
 
     first = StopAt(tmp_path / "b", at=3)
-    stopped = train(_config(data, tiny_model_dir, tmp_path, steps=6), first, tmp_path / "b")
+    stopped = train(_config(data, tiny_model_dir, tmp_path, steps=6, **extra), first, tmp_path / "b")
     assert stopped.status == "stopped" and stopped.step == 3
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-0000003"
     resumed = StateOnly()
-    result = train(_config(data, tiny_model_dir, tmp_path, steps=6), resumed, tmp_path / "b", resume=True)
+    result = train(_config(data, tiny_model_dir, tmp_path, steps=6, **extra), resumed, tmp_path / "b", resume=True)
     assert result.status == "done" and result.step == 6
     a, b = straight.trainable_state(), resumed.trainable_state()
     assert a.keys() == b.keys()
@@ -73,6 +77,12 @@ def test_resume_is_exact(data, tiny_model_dir, tmp_path):
     assert straight.trainable_state() != {} and any(v.abs().sum() > 0 for v in a.values())
     kinds = [e["event"] for e in read_events(tmp_path / "b")]
     assert kinds.count("stopped") == 1 and "resumed" in kinds and kinds[-1] == "done"
+    if with_prior:
+        plain = StateOnly()
+        train(_config(data, tiny_model_dir, tmp_path, steps=6), plain, tmp_path / "c")
+        assert any(not torch.allclose(plain.trainable_state()[k], a[k]) for k in a), "the prior loss had no effect"
+        logged = [e["message"] for e in read_events(tmp_path / "a") if e["event"] == "dataset"]
+        assert "prior: 3 image(s) used" in logged, logged
 
 
 def test_checkpoints_are_complete_and_pruned(data, tiny_model_dir, tmp_path):

@@ -32,6 +32,9 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting γ (e.g. 5; default off)")
     p.add_argument("--latent-sample", action="store_true", default=None,
                    help="train on samples of the VAE posterior instead of its mean")
+    p.add_argument("--prior-data", help="prior-preservation folder: images + captions of what the model should keep "
+                                        "drawing (captions used as written; DreamBooth-style)")
+    p.add_argument("--prior-weight", type=float, help="weight of the prior-preservation loss (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
     p.add_argument("--sample-every", type=int, help="steps between preview samples (default: only at the end)")

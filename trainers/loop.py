@@ -55,6 +55,8 @@ class TrainConfig:
     # sampling into extra noise the UNet never saw, which a LoRA then learns as texture.
     latent_sample: bool = False
     seed: int = 0
+    prior_data: str | None = None  # a folder of prior-preservation images with captions (used as written)
+    prior_weight: float = 1.0
     resolution: int = 0  # 0: the model's native size
     repeats: int = 1
     caption: str | None = None
@@ -76,6 +78,7 @@ class TrainConfig:
             (self.lr_scheduler in LR_SCHEDULERS, f"lr scheduler must be one of {', '.join(LR_SCHEDULERS)}"),
             (self.mixed_precision in MIXED_PRECISION, f"mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
             (self.noise_offset >= 0, "noise offset must be ≥ 0"),
+            (self.prior_weight >= 0, "prior weight must be ≥ 0"),
             (self.min_snr_gamma >= 0, "min-SNR gamma must be ≥ 0"),
             (self.checkpoint_every >= 1, "checkpoint interval must be at least 1"),
             (self.sample_every >= 0, "sample interval must be ≥ 0"),
@@ -224,6 +227,10 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                                                caption=config.caption, trigger=config.trigger,
                                                buckets=config.buckets), size_multiple=multiple)
     plan = BatchPlan(dataset, config.batch_size, config.seed)
+    # Prior preservation (DreamBooth): images of what the model should keep drawing, captions as written (no
+    # trigger), their loss added with ``prior_weight`` at every step.
+    prior = ImageFolderDataset(DatasetConfig(config.prior_data, resolution=resolution, buckets=config.buckets),
+                               size_multiple=multiple) if config.prior_data else None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
 
@@ -244,6 +251,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     else:
         for line in dataset.report.lines():
             log.write("dataset", message=line)
+        for line in prior.report.lines() if prior is not None else ():
+            log.write("dataset", message=f"prior: {line}")
     if hasattr(method, "summary"):
         summary = method.summary()
         log.write("method", method=method.name, lr=lr, **summary)
@@ -268,6 +277,37 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             log.write("checkpoint", step=at, path=str(path.relative_to(run_dir)))
         accelerator.wait_for_everyone()
 
+    def denoising_loss(samples, size: tuple[int, int], global_batch: int, gen: torch.Generator, sl: slice):
+        """The (min-SNR weighted) denoising loss of this process's slice of a global batch; noise comes from ``gen``
+        for the whole global batch, so any number of processes sees the same noise."""
+        pixels, captions = zip(*samples)
+        w, h = size
+        lat_shape = (global_batch, pipe.vae.config.latent_channels, h // pipe.vae_scale_factor,
+                     w // pipe.vae_scale_factor)
+        eps_latent = torch.randn(lat_shape, generator=gen)
+        noise = torch.randn(lat_shape, generator=gen)
+        offset = torch.randn(lat_shape[:2] + (1, 1), generator=gen)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen)
+        px = torch.stack(pixels).to(accelerator.device, dtype=weight_dtype)
+        with torch.no_grad():
+            dist = pipe.vae.encode(px).latent_dist
+            spread = dist.std * eps_latent[sl].to(px) if config.latent_sample else 0.0
+            latents = ((dist.mean + spread) * pipe.vae.config.scaling_factor).float()
+        n = noise[sl].to(latents)
+        if config.noise_offset:
+            n = n + config.noise_offset * offset[sl].to(latents)
+        t = timesteps[sl].to(accelerator.device)
+        noisy = noise_scheduler.add_noise(latents, n, t)
+        target = noise_scheduler.get_velocity(latents, n, t) if prediction_type == "v_prediction" else n
+        text = encode_prompts(list(captions))
+        with accelerator.autocast():
+            pred = unet(noisy.to(weight_dtype), t, text).sample
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if config.min_snr_gamma:
+            per_sample = per_sample * snr_weights(noise_scheduler.alphas_cumprod, t, config.min_snr_gamma,
+                                                  prediction_type)
+        return per_sample.mean()
+
     losses: list[float] = []
     recent: list[float] = []
     local = config.batch_size // world
@@ -277,38 +317,17 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         for micro in range(config.grad_accum):
             indices, pos = plan.next(pos)
             sl = slice(rank * local, (rank + 1) * local)
-            pixels, captions = zip(*(dataset.load(i) for i in indices[sl]))
-            w, h = dataset.bucket_of(indices[0])
-            lat_shape = (len(indices), pipe.vae.config.latent_channels, h // pipe.vae_scale_factor,
-                         w // pipe.vae_scale_factor)
-            eps_latent = torch.randn(lat_shape, generator=noise_gen)
-            noise = torch.randn(lat_shape, generator=noise_gen)
-            offset = torch.randn(lat_shape[:2] + (1, 1), generator=noise_gen)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(indices),),
-                                      generator=noise_gen)
-            px = torch.stack(pixels).to(accelerator.device, dtype=weight_dtype)
-            with torch.no_grad():
-                dist = pipe.vae.encode(px).latent_dist
-                spread = dist.std * eps_latent[sl].to(px) if config.latent_sample else 0.0
-                latents = (dist.mean + spread) * pipe.vae.config.scaling_factor
-            latents = latents.float()
-            n = noise[sl].to(latents)
-            if config.noise_offset:
-                n = n + config.noise_offset * offset[sl].to(latents)
-            t = timesteps[sl].to(accelerator.device)
-            noisy = noise_scheduler.add_noise(latents, n, t)
-            target = noise_scheduler.get_velocity(latents, n, t) if prediction_type == "v_prediction" else n
-            text = encode_prompts(list(captions))
+            samples = [dataset.load(i) for i in indices[sl]]
             sync = micro == config.grad_accum - 1
             context = accelerator.no_sync(unet) if not sync and world > 1 else _null()
             with context:
-                with accelerator.autocast():
-                    pred = unet(noisy.to(weight_dtype), t, text).sample
-                per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if config.min_snr_gamma:
-                    per_sample = per_sample * snr_weights(noise_scheduler.alphas_cumprod, t, config.min_snr_gamma,
-                                                          prediction_type)
-                loss = per_sample.mean()
+                loss = denoising_loss(samples, dataset.bucket_of(indices[0]), len(indices), noise_gen, sl)
+                if prior is not None:
+                    # Drawn from a generator seeded by the step, so a resume needs no extra state.
+                    prior_gen = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + step * 64 + micro)
+                    picks = torch.randint(0, len(prior.samples), (config.batch_size,), generator=prior_gen).tolist()
+                    loss = loss + config.prior_weight * denoising_loss(
+                        [prior.load(i) for i in picks[sl]], prior.bucket_of(picks[0]), len(picks), prior_gen, sl)
                 extra = method.extra_loss()
                 if extra is not None:
                     loss = loss + extra
