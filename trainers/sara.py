@@ -21,8 +21,6 @@ from pipelines.errors import UserError
 from .loop import TrainConfig
 from .sparse_delta_layer import SUPPORTED, SparseDeltaLayer, unwrap_layers, wrap_layers
 
-HISTOGRAM_BINS = 1 << 16
-
 
 @dataclass(frozen=True)
 class SaraOptions:
@@ -88,43 +86,41 @@ def selectable_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def threshold_for_count(weights: dict[str, torch.Tensor], count: int) -> float:
-    """θ such that about ``count`` entries have |w| < θ: an exact global quantile without concatenating weights.
+def threshold_for_count(weights: dict[str, torch.Tensor], count: int, sample_size: int = 1 << 20) -> float:
+    """θ such that exactly ``count`` entries have |w| < θ (barring ties): a global quantile over all tensors.
 
-    A histogram of log|w| finds the bin holding the count-th smallest magnitude; only that bin's values are then
-    sorted. Memory stays at one tensor's size, so SD's 860M (or SDXL's 2.6B) weights are fine.
+    A random sample brackets the quantile; one pass then counts the entries below the bracket and sorts only those
+    inside it. Memory stays at one tensor's size and the work at two cheap passes, so SD's 860M (or SDXL's 2.6B)
+    weights are fine; should the bracket miss (it is wide enough that it practically never does), it widens.
     """
-    total = sum(w.numel() for w in weights.values())
+    tensors = [w.detach() for w in weights.values()]
+    total = sum(w.numel() for w in tensors)
     if count >= total:
-        return float(max(w.detach().abs().max() for w in weights.values())) * 1.000001 + 1e-30
-    lo, hi, zeros = math.inf, -math.inf, 0
-    for w in weights.values():
-        a = w.detach().abs().float().reshape(-1)
-        positive = a[a > 0]
-        zeros += a.numel() - positive.numel()
-        if positive.numel():
-            lo, hi = min(lo, float(positive.min().log())), max(hi, float(positive.max().log()))
-    if count < zeros or not math.isfinite(lo):
-        return float(torch.finfo(torch.float32).tiny)
-    hist = torch.zeros(HISTOGRAM_BINS, dtype=torch.float64)
-    width = (hi - lo) / HISTOGRAM_BINS or 1.0
-    for w in weights.values():
-        a = w.detach().abs().float().reshape(-1)
-        logs = a[a > 0].log()
-        bins = ((logs - lo) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
-        hist += torch.bincount(bins, minlength=HISTOGRAM_BINS).double()
-    cumulative = hist.cumsum(0) + zeros
-    b = int(torch.searchsorted(cumulative, torch.tensor(float(count) + 0.5, dtype=torch.float64)))
-    below = int(cumulative[b - 1]) if b > 0 else zeros
-    inside = []
-    for w in weights.values():
-        a = w.detach().abs().float().reshape(-1)
-        a = a[a > 0]
-        bins = ((a.log() - lo) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
-        inside.append(a[bins == b])
-    values = torch.sort(torch.cat(inside)).values
-    k = count - below  # the (k+1)-th value of this bin is the smallest magnitude left out
-    return float(values[k]) if k < values.numel() else float(values[-1]) * 1.000001
+        return float(max(w.abs().max() for w in tensors)) * 1.000001 + 1e-30
+    gen = torch.Generator().manual_seed(0)
+    sample = []
+    for w in tensors:
+        flat = w.reshape(-1)
+        take = max(1, round(flat.numel() * sample_size / total))
+        sample.append(flat[torch.randint(flat.numel(), (take,), generator=gen).to(flat.device)].abs().float().cpu())
+    sample = torch.sort(torch.cat(sample)).values
+    n, q = sample.numel(), count / total
+    margin = 0.001 + 4.0 * math.sqrt(q * (1 - q) / n)
+    for _ in range(6):
+        lo_at, hi_at = math.floor((q - margin) * n), math.ceil((q + margin) * n)
+        lo = float(sample[lo_at]) if lo_at > 0 else 0.0
+        hi = float(sample[hi_at]) if hi_at < n else math.inf
+        below, band = 0, []
+        for w in tensors:
+            a = w.abs().reshape(-1)
+            below += int((a < lo).sum())
+            band.append(a[(a >= lo) & (a < hi)].float().cpu())
+        band = torch.sort(torch.cat(band)).values
+        k = count - below
+        if 0 <= k < band.numel():
+            return float(band[k])
+        margin *= 4
+    raise RuntimeError("could not bracket the budget's threshold")  # unreachable: the last bracket is everything
 
 
 def default_lr(threshold: float) -> float:
@@ -168,11 +164,21 @@ def plan_selection(unet: nn.Module, options: SaraOptions) -> SelectionPlan:
 
 
 def preview_selection(model: str | None, budget: str | None = None, threshold: float | None = None) -> SelectionPlan:
-    """What a SaRA run on ``model`` would train (count, θ, default lr), without training: the Train tab's check."""
-    from pipelines.loading import load_model
+    """What a SaRA run on ``model`` would train (count, θ, default lr), without training: the Train tab's check.
+
+    A diffusers folder loads only its UNet (SD 1.5's in a few seconds); a single file loads the whole pipeline.
+    """
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.loading import default_model_source, load_model
 
     options = SaraOptions(budget=budget or None, threshold=threshold or None).validate()
-    return plan_selection(load_model(model, device="cpu", dtype="fp32").pipe.unet, options)
+    source = Path(model).expanduser() if model else default_model_source()
+    if (source / "unet" / "config.json").is_file():
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    else:
+        unet = load_model(str(source), device="cpu", dtype="fp32").pipe.unet
+    return plan_selection(unet, options)
 
 
 def masks_for(unet: nn.Module, threshold: float) -> dict[str, torch.Tensor]:
