@@ -65,7 +65,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
             with gr.Row():
                 scheduler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
                 batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="gen-batch")
-            with gr.Accordion("LoRA / adapters", open=False, elem_id="gen-loras"):
+            with gr.Accordion("Adapters (LoRA, SaRA)", open=False, elem_id="gen-loras"):
                 lora_files, lora_strengths = [], []
                 for slot in range(LORA_SLOTS):
                     with gr.Row():

@@ -345,3 +345,26 @@ def test_two_processes_give_the_delta_of_one(data, tiny_model_dir, tmp_path):
     assert differing <= 1e-3 * one_delta.count, f"{differing} of {one_delta.count} entries differ"
     starts = [next(e for e in read_events(tmp_path / r) if e["event"] == "start") for r in ("r1", "r2")]
     assert [s["processes"] for s in starts] == [1, 2]
+
+
+def test_generation_applies_a_delta_with_its_strength_and_restores_the_base(data, tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from pipelines.generation import GenerationRequest, generate
+    from pipelines.loading import load_model
+    from trainers.loop import train
+
+    result = train(_config(data, tiny_model_dir, tmp_path, steps=3, lr=5e-2), SaraMethod(), tmp_path / "run")
+    model = load_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.pipe.unet.state_dict().items()}
+
+    def image(strength: float | None):
+        loras = () if strength is None else ((result.artifact, strength),)
+        request = GenerationRequest(prompt="sks a red circle", steps=2, seed=5, loras=loras)
+        return np.asarray(next(generate(model, request)).image, dtype=np.int16)
+
+    plain, zero, full = image(None), image(0.0), image(1.0)
+    assert np.array_equal(plain, zero)  # strength 0 is the base model
+    assert np.abs(full - plain).max() > 0  # the delta changes the picture
+    after = model.pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # and is taken off bit-exactly
