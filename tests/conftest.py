@@ -98,6 +98,40 @@ def browser():
         b.close()
 
 
+def fill_train_form(page, data: Path, *, steps: int, images: int, name: str, batch: int | None = None) -> None:
+    """Fill the Train tab's shared fields and wait for the arithmetic line that confirms the dataset was read."""
+    page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))
+    page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
+    if batch is not None:
+        page.locator("#train-batch input").fill(str(batch))
+    steps_box = page.locator("#train-steps input")
+    steps_box.fill(str(steps))
+    steps_box.press("Tab")
+    page.locator("#train-ckpt-every input").fill("1000")
+    page.locator("#train-name textarea, #train-name input").first.fill(name)
+    expected = f"{images} images × 1 repeats ÷ batch {batch or 1}"
+    page.wait_for_function(f"document.querySelector('#train-arithmetic textarea').value.includes('{expected}')",
+                           timeout=30_000)
+
+
+def run_torchrun(*args: str, timeout: float = 300):
+    """``torchrun --nproc_per_node 2 launch.py ARGS`` (CPU, gloo), or None when torchrun is not installed."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    if torchrun is None:
+        return None
+    return subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", str(REPO / "launch.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=os.environ.copy())
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Jobs run one training per process; in-process tests reset accelerate's per-process singleton instead."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    yield
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: float = 180):
     """Run ``launch.py`` as a user would and return the completed process."""
     full_env = {**os.environ, **(env or {})}

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_studio
+from conftest import fill_train_form, start_studio
 
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
@@ -74,18 +74,8 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         assert float(one[5]) > float(two[5])  # … and a larger derived learning rate
 
         # A short run on the shared fields.
-        page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))
-        page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
-        page.locator("#train-batch input").fill("1")
-        steps = page.locator("#train-steps input")
-        steps.fill("6")
-        steps.press("Tab")
-        page.locator("#train-ckpt-every input").fill("1000")
         name = f"sparse-{int(time.time())}"
-        page.locator("#train-name textarea, #train-name input").first.fill(name)
-        page.wait_for_function(
-            "document.querySelector('#train-arithmetic textarea').value.includes('4 images × 1 repeats ÷ batch 1')",
-            timeout=30_000)
+        fill_train_form(page, data, steps=6, images=4, name=name, batch=1)
         page.screenshot(path=str(tmp_path / "sara-form.png"), full_page=True)
         started = time.perf_counter()
         page.locator("#train-start").click()

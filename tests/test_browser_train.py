@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_studio
+from conftest import fill_train_form, start_studio
 
 pytestmark = pytest.mark.browser
 
@@ -24,17 +24,8 @@ def test_train_stop_resume_and_use_from_the_page(browser, default_model_dir, tmp
         page = browser.new_page(viewport={"width": 1500, "height": 1400})
         page.goto(url)
         page.get_by_role("tab", name="Train").click()
-        page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))
-        page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
-        steps = page.locator("#train-steps input")
-        steps.fill("400")
-        steps.press("Tab")
-        page.locator("#train-ckpt-every input").fill("1000")
         name = f"browser-{int(time.time())}"
-        page.locator("#train-name textarea, #train-name input").first.fill(name)
-        page.wait_for_function(
-            "document.querySelector('#train-arithmetic textarea').value.includes('6 images × 1 repeats ÷ batch 1')",
-            timeout=30_000)
+        fill_train_form(page, data, steps=400, images=6, name=name)
         page.locator("#train-start").click()
         page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('running')",
                                timeout=60_000)

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import run_cli, run_torchrun
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
@@ -103,16 +100,13 @@ def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_di
 
 def test_two_processes_give_the_weights_of_one(data, tiny_model_dir, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo) with the same global batch gives the same LoRA as one process."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
     common = ["train", "lora", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "3",
               "--batch-size", "2", "--seed", "1", "--lr", "1e-3", "--rank", "4"]
     one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", str(REPO / "launch.py"), *common,
-                          "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2")],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy())
+    two = run_torchrun(*common, "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2"))
+    if two is None:
+        pytest.skip("torchrun not found")
     assert two.returncode == 0, two.stderr[-2000:]
     start = next(e for e in read_events(tmp_path / "r2") if e["event"] == "start")
     assert start["processes"] == 2

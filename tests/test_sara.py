@@ -2,17 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, run_torchrun
 from pipelines.errors import UserError
 from trainers.sara import (SaraMethod, SaraOptions, masks_for, nuclear_norm, parse_budget, plan_selection,
                            progressive_freeze, threshold_for_count)
@@ -21,10 +17,7 @@ from training_data import draw_dataset
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
+def _fresh_accelerator(fresh_accelerator_state):
     yield
 
 
@@ -322,16 +315,13 @@ def test_two_processes_give_the_delta_of_one(data, tiny_model_dir, tmp_path):
     from pipelines.sparse_delta import load_sparse_delta
     from trainers.events import read_events
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    if torchrun is None:
-        pytest.skip("torchrun not found")
     common = ["train", "sara", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "4",
               "--batch-size", "2", "--seed", "1", "--lr", "1e-2", "--budget", "5%", "--progressive", "0.5"]
     one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", str(REPO / "launch.py"), *common,
-                          "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2")],
-                         capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ.copy())
+    two = run_torchrun(*common, "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2"))
+    if two is None:
+        pytest.skip("torchrun not found")
     assert two.returncode == 0, two.stderr[-2000:]
     # Same positions, same values within float tolerance. (Which entries freeze may differ for the odd entry at
     # |w| ≈ θ: one process and two sum the gradients in another order. Within one two-process run all ranks agree,

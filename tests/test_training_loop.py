@@ -41,11 +41,7 @@ def _config(data: Path, model: Path, tmp: Path, **kw) -> TrainConfig:
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerator_state():
-    """Jobs run one training per process; in-process tests reset accelerate's per-process singleton instead."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
+def _fresh_accelerator(fresh_accelerator_state):
     yield
 
 

@@ -27,6 +27,13 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _remember(ctx, xc, weight, index, x, delta, bias) -> None:
+    """What both backwards need: the (cast) input, the weight by reference, the positions and the dtypes."""
+    ctx.save_for_backward(xc, weight, index)
+    ctx.has_bias, ctx.x_dtype, ctx.delta_dtype = bias is not None, x.dtype, delta.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
 class _SparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, index):
@@ -34,9 +41,7 @@ class _SparseLinear(torch.autograd.Function):
         xc = x.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(xc, weight.to(dtype), None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(xc, weight, index)
-        ctx.has_bias, ctx.x_dtype, ctx.delta_dtype = bias is not None, x.dtype, delta.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        _remember(ctx, xc, weight, index, x, delta, bias)
         return out
 
     @staticmethod
@@ -63,10 +68,8 @@ class _SparseConv2d(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(xc, weight.to(dtype), None if bias is None else bias.to(dtype), stride, padding,
                            dilation, groups)
-        ctx.save_for_backward(xc, weight, index)
+        _remember(ctx, xc, weight, index, x, delta, bias)
         ctx.conv = (stride, padding, dilation, groups)
-        ctx.has_bias, ctx.x_dtype, ctx.delta_dtype = bias is not None, x.dtype, delta.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
