@@ -238,6 +238,21 @@ def test_resume_across_the_progressive_freeze_is_exact(data, tiny_model_dir, tmp
     assert method["trainable"] > 0 and method["threshold"] > 0
 
 
+def test_runs_with_bf16_autocast_checkpointing_and_accumulation(data, tiny_model_dir, tmp_path):
+    from trainers.events import read_events
+    from trainers.loop import train
+
+    method = SaraMethod()
+    result = train(_config(data, tiny_model_dir, tmp_path, steps=2, grad_accum=2, mixed_precision="bf16",
+                           gradient_checkpointing=True), method, tmp_path / "run")
+    start = next(e for e in read_events(tmp_path / "run") if e["event"] == "start")
+    assert result.status == "done" and start["mixed_precision"] == "bf16"
+    assert all(l == l for l in result.losses)
+    assert any(layer.delta.detach().abs().sum() > 0 for layer in method.layers.values())
+    assert all(p.grad is None for p in method.unet.parameters() if p.dim() > 1 and p.numel() > 1
+               and not any(p is layer.delta for layer in method.layers.values()))
+
+
 def test_delta_file_round_trip_strength_merge_and_base_check(data, tiny_model_dir, tmp_path):
     from pipelines.loading import load_model
     from pipelines.sparse_delta import (check_same_base, load_sparse_delta, merge_sparse_deltas,
