@@ -80,10 +80,9 @@ def _gate_module():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="micro base model not shipped yet")
-def test_shipped_base_model_holds_its_measured_level():
-    """A broken or swapped model fails here. The floors sit below what the shipped model measured on these seeds
-    (one object 75 %, two objects 33 %); they are NOT the spec's gate (80 % / 50 %), which this model misses — see
-    bench/results/microworld.md. Raise them to the gate when a model that passes it ships."""
+def test_shipped_base_model_passes_a_small_gate():
+    """The spec's gate (one object: shape and colour right in ≥ 80 %; two objects: both present in ≥ 50 %) on a few
+    fixed seeds, so a broken or swapped model fails CI. The full gate on fresh seeds is bench/microworld_gate.py."""
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(1)
@@ -91,7 +90,8 @@ def test_shipped_base_model_holds_its_measured_level():
     assert sizes <= 30 * 1024 * 1024
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    result = _gate_module().measure_gate(pipe, n_single=24, n_pairs=12, seed=7)
-    assert result["single_object"]["both_right"] >= 0.6, json.dumps(result["single_object"])
-    assert result["single_object"]["color_right"] >= 0.9, json.dumps(result["single_object"])
-    assert result["two_objects"]["both_present"] >= 0.2, json.dumps(result["two_objects"])
+    gate = _gate_module()
+    result = gate.measure_gate(pipe, n_single=24, n_pairs=12, seed=7)
+    print(json.dumps({k: result[k] for k in ("single_object", "two_objects")}))
+    assert result["single_object"]["both_right"] >= gate.SINGLE_GATE, json.dumps(result["single_object"])
+    assert result["two_objects"]["both_present"] >= gate.PAIR_GATE, json.dumps(result["two_objects"])
