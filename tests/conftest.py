@@ -123,6 +123,24 @@ def run_torchrun(*args: str, timeout: float = 300):
                           capture_output=True, text=True, timeout=timeout, cwd=REPO, env=os.environ.copy())
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Five drawn red circles with captions: the in-process training tests' dataset."""
+    from training_data import draw_dataset
+
+    return draw_dataset(tmp_path_factory.mktemp("data") / "circles", n=5)
+
+
+def one_and_two_processes(common: list[str], tmp_path: Path):
+    """The same ``launch.py`` training in one process and under torchrun with two (run folders r1, r2)."""
+    one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
+    assert one.returncode == 0, one.stderr
+    two = run_torchrun(*common, "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2"))
+    if two is None:
+        pytest.skip("torchrun not found")
+    assert two.returncode == 0, two.stderr[-2000:]
+
+
 @pytest.fixture
 def fresh_accelerator_state():
     """Jobs run one training per process; in-process tests reset accelerate's per-process singleton instead."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import run_cli, run_torchrun
+from conftest import one_and_two_processes, run_cli
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
@@ -102,12 +102,7 @@ def test_two_processes_give_the_weights_of_one(data, tiny_model_dir, tmp_path):
     """torchrun --nproc_per_node 2 on CPU (gloo) with the same global batch gives the same LoRA as one process."""
     common = ["train", "lora", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "3",
               "--batch-size", "2", "--seed", "1", "--lr", "1e-3", "--rank", "4"]
-    one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
-    assert one.returncode == 0, one.stderr
-    two = run_torchrun(*common, "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2"))
-    if two is None:
-        pytest.skip("torchrun not found")
-    assert two.returncode == 0, two.stderr[-2000:]
+    one_and_two_processes(common, tmp_path)
     start = next(e for e in read_events(tmp_path / "r2") if e["event"] == "start")
     assert start["processes"] == 2
     a = load_file(str(tmp_path / "r1" / "checkpoints" / "step-0000003" / "trainable.safetensors"))

@@ -8,22 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, run_cli, run_torchrun
+from conftest import REPO, one_and_two_processes, run_cli
 from pipelines.errors import UserError
 from trainers.sara import (SaraMethod, SaraOptions, masks_for, nuclear_norm, parse_budget, plan_selection,
                            progressive_freeze, threshold_for_count)
 from trainers.sparse_delta_layer import SparseDeltaLayer, unwrap_layers, wrap_layers
-from training_data import draw_dataset
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerator(fresh_accelerator_state):
-    yield
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return draw_dataset(tmp_path_factory.mktemp("data") / "circles", n=5)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 class Tiny(nn.Module):
@@ -332,12 +324,7 @@ def test_two_processes_give_the_delta_of_one(data, tiny_model_dir, tmp_path):
 
     common = ["train", "sara", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "4",
               "--batch-size", "2", "--seed", "1", "--lr", "1e-2", "--budget", "5%", "--progressive", "0.5"]
-    one = run_cli(*common, "--out", str(tmp_path / "one.safetensors"), "--run-dir", str(tmp_path / "r1"))
-    assert one.returncode == 0, one.stderr
-    two = run_torchrun(*common, "--out", str(tmp_path / "two.safetensors"), "--run-dir", str(tmp_path / "r2"))
-    if two is None:
-        pytest.skip("torchrun not found")
-    assert two.returncode == 0, two.stderr[-2000:]
+    one_and_two_processes(common, tmp_path)
     # Same positions, same values within float tolerance. (Which entries freeze may differ for the odd entry at
     # |w| ≈ θ: one process and two sum the gradients in another order. Within one two-process run all ranks agree,
     # since they share the all-reduced gradients.)

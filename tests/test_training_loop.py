@@ -40,14 +40,7 @@ def _config(data: Path, model: Path, tmp: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerator(fresh_accelerator_state):
-    yield
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return draw_dataset(tmp_path_factory.mktemp("data") / "circles", n=5)
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.mark.parametrize("with_prior", [False, True])
