@@ -164,6 +164,17 @@ def _plan(pipe, delta: SparseDelta, label: str) -> list[tuple[torch.Tensor, Spar
     return plan
 
 
+def _checked_plans(pipe, deltas: Sequence[tuple[SparseDelta, float]], fingerprint: str | None) -> list:
+    """(weight, tensor delta) pairs and the strength of every delta, after every check has passed."""
+    plans = []
+    for i, (delta, strength) in enumerate(deltas, start=1):
+        label = delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
+        if fingerprint is not None:
+            check_same_base(delta, fingerprint, label)
+        plans.append((_plan(pipe, delta, label), float(strength)))
+    return plans
+
+
 @contextmanager
 def sparse_deltas_applied(pipe, deltas: Sequence[tuple[SparseDelta, float]], *, fingerprint: str | None = None
                           ) -> Iterator[None]:
@@ -171,12 +182,7 @@ def sparse_deltas_applied(pipe, deltas: Sequence[tuple[SparseDelta, float]], *, 
 
     Everything is checked before any weight changes, so a bad delta never half-applies.
     """
-    plans = []
-    for i, (delta, strength) in enumerate(deltas, start=1):
-        label = delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
-        if fingerprint is not None:
-            check_same_base(delta, fingerprint, label)
-        plans.append((_plan(pipe, delta, label), float(strength)))
+    plans = _checked_plans(pipe, deltas, fingerprint)
     touched: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
     for plan, _ in plans:
         for weight, t in plan:
@@ -207,14 +213,11 @@ def _add(weight: torch.Tensor, t: SparseTensorDelta, strength: float) -> None:
 
 
 def merge_sparse_deltas(pipe, deltas: Sequence[tuple[SparseDelta, float]], *, fingerprint: str | None = None) -> None:
-    """Apply the deltas for good (used to write a merged pipeline folder)."""
+    """Apply the deltas for good (used to write a merged pipeline folder); all are checked before any is added."""
     with torch.no_grad():
-        for i, (delta, strength) in enumerate(deltas, start=1):
-            label = delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
-            if fingerprint is not None:
-                check_same_base(delta, fingerprint, label)
-            for weight, t in _plan(pipe, delta, label):
-                _add(weight, t, float(strength))
+        for plan, strength in _checked_plans(pipe, deltas, fingerprint):
+            for weight, t in plan:
+                _add(weight, t, strength)
 
 
 def merge_into_folder(model: str | Path | None, deltas: Sequence[tuple[Path, float]], out: Path) -> Path:

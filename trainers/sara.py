@@ -19,7 +19,7 @@ from torch import nn
 from pipelines.errors import UserError
 
 from .loop import TrainConfig
-from .sparse_delta_layer import SUPPORTED, SparseDeltaLayer, unwrap_layers, wrap_layers
+from .sparse_delta_layer import SUPPORTED, SparseDeltaLayer, wrap_layers
 
 
 @dataclass(frozen=True)
@@ -268,7 +268,6 @@ class SaraMethod:
         self.total_steps = 0
         self.seed = 0
         self.calls = 0  # extra_loss calls: picks the regularised layer reproducibly across resumes
-        self.frozen_total = 0
         self._eligible: list[str] = []
 
     def attach(self, pipe, config: TrainConfig) -> list[nn.Parameter]:
@@ -295,7 +294,7 @@ class SaraMethod:
 
     # state ------------------------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = {"sara.calls": torch.tensor(self.calls), "sara.frozen_total": torch.tensor(self.frozen_total)}
+        state = {"sara.calls": torch.tensor(self.calls)}
         for name, layer in self.layers.items():
             state[f"{name}.index"] = layer.index.detach().clone()
             state[f"{name}.delta"] = layer.delta.detach().clone()
@@ -306,7 +305,6 @@ class SaraMethod:
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> list[nn.Parameter]:
         """Restore δ (and a progressive freeze that had happened); returns the parameters now trainable."""
         self.calls = int(state.get("sara.calls", torch.tensor(0)))
-        self.frozen_total = int(state.get("sara.frozen_total", torch.tensor(0)))
         for name, layer in self.layers.items():
             try:
                 index, delta = state[f"{name}.index"], state[f"{name}.delta"]
@@ -342,7 +340,6 @@ class SaraMethod:
         if not self.options.progressive or step != max(1, round(self.options.progressive * self.total_steps)):
             return None
         frozen, params = progressive_freeze(self.layers, self.plan.threshold, optimizer)
-        self.frozen_total += frozen
         return {"params": params, "frozen": frozen, "trainable": sum(p.numel() for p in params)}
 
     # artefact ------------------------------------------------------------------------------------------------
@@ -365,9 +362,3 @@ class SaraMethod:
         from pipelines.sparse_delta import save_sparse_delta
 
         save_sparse_delta(self.delta(model, config), path, dtype=torch.float16)
-
-    def detach(self, keep_changes: bool = False) -> None:
-        """Put the UNet's original layers back (P₀, or with the trained change merged in)."""
-        if self.unet is not None and self.layers:
-            unwrap_layers(self.unet, self.layers, keep_changes=keep_changes)
-            self.layers = {}

@@ -178,14 +178,6 @@ class SparseDeltaLayer(nn.Module):
         self._synced = None
         return self.delta
 
-    @torch.no_grad()
-    def restore_base(self) -> None:
-        """Put P₀ back into every changed position (the unmerge of this layer)."""
-        flat = self.base_layer.weight.view(-1)
-        flat[self.index] = self.base_values
-        flat[self.frozen_index] = self.frozen_base
-        self._synced = None
-
 
 def _index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
@@ -202,15 +194,3 @@ def wrap_layers(root: nn.Module, indices: dict[str, torch.Tensor], *, sparse_bac
         setattr(parent, child, layer)
         wrapped[name] = layer
     return wrapped
-
-
-def unwrap_layers(root: nn.Module, layers: dict[str, SparseDeltaLayer], *, keep_changes: bool) -> None:
-    """Put the original modules back, with the trained changes merged in (``keep_changes``) or P₀ restored."""
-    for name, layer in layers.items():
-        if keep_changes:
-            layer.sync()
-        else:
-            layer.restore_base()
-        parent_name, _, child = name.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, child, layer.base_layer)
