@@ -112,3 +112,19 @@ def test_two_processes_give_the_weights_of_one(data, tiny_model_dir, tmp_path):
     scale = max(a[k].abs().max().item() for k in a)
     assert moved < 1e-4 * max(scale, 1.0), moved
     assert (tmp_path / "two.safetensors").is_file()
+
+
+def test_a_chained_job_waits_until_the_runs_it_needs_are_done(data, tiny_model_dir, tmp_path):
+    queue = JobQueue(tmp_path / "runs", max_running=2)
+    args = ["--data", str(data), "--model", str(tiny_model_dir), "--steps", "2", "--rank", "2"]
+    first = queue.submit("first", "lora", [*args, "--out", str(tmp_path / "a.safetensors")])
+    second = queue.submit("second", "lora", [*args, "--out", str(tmp_path / "b.safetensors")], after=("first",))
+    # Two may run at once, yet the second waits for the first.
+    assert job_info(first).status == "running"
+    info = job_info(second)
+    assert info.status == "queued" and info.message == "waits for first"
+    _wait(lambda: job_info(first).status == "done")
+    assert job_info(second).status == "queued"  # nothing starts it until the queue looks again
+    queue.tick()
+    _wait(lambda: job_info(second).status == "done")
+    assert (tmp_path / "b.safetensors").is_file()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
-METHODS = ("lora", "sara", "sr")
+METHODS = ("lora", "sara", "b4m-content", "b4m-style", "b4m-combine", "sr")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -79,6 +79,42 @@ def register(subparsers) -> None:
     sara.set_defaults(func=run_train, method_option_names=("budget", "threshold", "lambda_rank", "progressive",
                                                            "rank_layers_per_step"))
 
+    for stage, own, other in (("content", "a content (an object) from its images", "styles"),
+                              ("style", "a style (texture, fill, art style) from its images", "contents")):
+        b4m = methods.add_parser(
+            f"b4m-{stage}", help=f"Break-for-Make stage 1: learn {own}",
+            description=f"Break-for-Make stage 1: learn {own} in the PLP adapter's "
+                        f"{'down' if stage == 'content' else 'up'} half; auxiliary {other} (--aux folder, "
+                        f"--aux-prompt class images drawn by the base model, or --aux-microworld) train the other "
+                        f"half at a lower learning rate. Combine a content file and a style file made with the same "
+                        f"--plp-seed with `train b4m-combine`.")
+        add_common_options(b4m)
+        add_b4m_options(b4m)
+        b4m.add_argument("--aux", dest="prior_data", help=f"folder of auxiliary {other} (images + captions)")
+        b4m.add_argument("--aux-prompt", action="append", dest="aux_prompts",
+                         help="class prompt for auxiliary images drawn by the base model (repeatable)")
+        b4m.add_argument("--aux-count", type=int, default=8, help="images per --aux-prompt (default 8)")
+        b4m.add_argument("--aux-microworld", type=int, metavar="N",
+                         help=f"N micro-world auxiliary {other} from the scene generator (micro model only)")
+        b4m.add_argument("--aux-lr-ratio", type=float, dest="other_lr_ratio",
+                         help="learning rate of the auxiliary half relative to --lr (default 0.1)")
+        b4m.set_defaults(func=run_train_b4m, aux_role=other,
+                         method_option_names=B4M_OPTION_NAMES + ("other_lr_ratio",))
+    combine = methods.add_parser(
+        "b4m-combine", help="Break-for-Make stage 2: content down half + style up half, then a short joint tune",
+        description="Break-for-Make stage 2: build one adapter from a content file's down half and a style file's up "
+                    "half (refused when their frozen halves differ), then fine-tune it on the content images plus "
+                    "the style images. Triggers default to those stored in the files.")
+    add_common_options(combine)
+    add_b4m_options(combine)
+    combine.add_argument("--content", help="the b4m-content run's file")
+    combine.add_argument("--style", help="the b4m-style run's file")
+    combine.add_argument("--content-data", help="the content images (default: --data)")
+    combine.add_argument("--style-data", help="the style images")
+    combine.add_argument("--content-trigger", help="default: the content file's trigger")
+    combine.add_argument("--style-trigger", help="default: the style file's trigger")
+    combine.set_defaults(func=run_train_b4m, method_option_names=B4M_OPTION_NAMES + ("content", "style"))
+
     sr = methods.add_parser("sr", help="DSCLoRA: fine-tune an upscaler on your own images (ConvLoRA + distillation)",
                             description="Fine-tune a SPAN upscaler with ConvLoRA on a folder of high-resolution "
                                         "images, supervised by the images, a frozen teacher and spatial affinity; "
@@ -104,6 +140,20 @@ def register(subparsers) -> None:
     sr.set_defaults(func=run_train_sr)
 
 
+B4M_OPTION_NAMES = ("rank", "alpha", "plp_seed", "targets", "preconditioned", "format")
+
+
+def add_b4m_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rank", type=int, help="PLP rank r (files hold rank 2r; default 4)")
+    p.add_argument("--alpha", type=float, help="alpha (default: = rank)")
+    p.add_argument("--plp-seed", type=int, help="seed of the frozen halves; runs to be combined share it (default 0)")
+    p.add_argument("--targets", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+                   help="Linear layers to adapt, comma-separated (default to_q,to_k,to_v,to_out.0)")
+    p.add_argument("--preconditioned", action="store_true", default=None,
+                   help="Riemannian-preconditioned AdamW (gradients of each half scaled by the other's Gram inverse)")
+    p.add_argument("--format", choices=("diffusers", "kohya"), help="file layout (default diffusers)")
+
+
 def config_from_args(args: argparse.Namespace):
     from trainers.loop import TrainConfig
 
@@ -119,6 +169,8 @@ def config_from_args(args: argparse.Namespace):
     values = {k: v for k, v in vars(args).items() if k in names and v is not None and k != "method"}
     options = dict(base.method_options)
     options.update({k: getattr(args, k) for k in args.method_option_names if getattr(args, k, None) is not None})
+    if "plp_seed" in options:
+        options["seed"] = options.pop("plp_seed")
     config = TrainConfig(**{**base.__dict__, **values, "method": args.method, "method_options": options})
     if config.method != args.method:
         raise UserError(f"this run is a {config.method} run, not {args.method}")
@@ -140,7 +192,54 @@ def make_method(name: str):
         from trainers.sara import SaraMethod
 
         return SaraMethod()
+    if name.startswith("b4m-"):
+        from trainers.break_for_make import B4MMethod
+
+        return B4MMethod(name.removeprefix("b4m-"))
     raise UserError(f"unknown training method {name!r}")
+
+
+def run_train_b4m(args: argparse.Namespace) -> int:
+    """Break-for-Make's extras before the shared path: auxiliary images to draw, stage 2's folders and triggers."""
+    if args.resume:
+        return run_train(args)
+    if args.method == "b4m-combine":
+        from trainers.break_for_make import check_combinable, read_plp_file
+
+        if not args.content or not args.style:
+            raise UserError("--content and --style (the two stage-1 files) are required")
+        content, style = read_plp_file(args.content), read_plp_file(args.style)
+        check_combinable(content, style)
+        args.data = args.content_data or args.data
+        args.prior_data = args.style_data
+        if not args.prior_data:
+            raise UserError("--style-data (the style images) is required")
+        args.trigger = args.content_trigger or args.trigger or content.content_trigger or None
+        args.prior_trigger = args.style_trigger or style.style_trigger or None
+        return run_train(args)
+    sources = [bool(args.prior_data), bool(args.aux_prompts), args.aux_microworld is not None]
+    if sum(sources) > 1:
+        raise UserError("choose one source of auxiliary images: --aux, --aux-prompt or --aux-microworld")
+    if not args.data or not args.out:
+        raise UserError("--data and --out are required (or --resume RUN_DIR, or --preset CONFIG)")
+    args.run_dir = str(Path(args.run_dir or default_run_dir_for(args.method, args.out)).expanduser().resolve())
+    aux_dir = Path(args.run_dir) / "aux"
+    if args.aux_microworld is not None:
+        from trainers.aux_sets import microworld_aux
+
+        args.prior_data = str(microworld_aux(aux_dir, args.aux_role, args.aux_microworld, seed=args.seed or 0))
+        print(f"auxiliary {args.aux_role}: {args.aux_microworld} micro-world images in {aux_dir}", flush=True)
+    elif args.aux_prompts:
+        from pipelines.loading import load_model
+        from trainers.aux_sets import generate_class_images
+
+        model = load_model(args.model, device=args.device or "auto")
+        model.pipe.set_progress_bar_config(disable=True)
+        print(f"drawing {len(args.aux_prompts) * args.aux_count} auxiliary images with the base model ...", flush=True)
+        args.prior_data = str(generate_class_images(model, args.aux_prompts, args.aux_count, aux_dir,
+                                                    seed=args.seed or 0))
+        del model
+    return run_train(args)
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -95,6 +95,8 @@ def job_info(run_dir: Path) -> JobInfo:
             message = event.get("message")
     if job.get("state") == "queued":
         status = "queued"
+        if job.get("after"):
+            message = f"waits for {', '.join(job['after'])}"
     elif pid_alive(job.get("pid"), run_dir) and status not in FINAL:
         status = "running"
     elif status is None:
@@ -146,12 +148,14 @@ class JobQueue:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
-    def submit(self, name: str, method: str, args: list[str]) -> Path:
+    def submit(self, name: str, method: str, args: list[str], after: tuple[str, ...] = ()) -> Path:
+        """Queue a job; with ``after`` (run names) it starts only once all of those runs are done."""
         run_dir = self.runs_root / name
         if (run_dir / JOB_FILE).exists():
             raise FileExistsError(f"a run named {name} exists already")
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "state": "queued", "queued": time.time()})
+        _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "state": "queued", "queued": time.time(),
+                                         "after": list(after)})
         self.tick()
         return run_dir
 
@@ -169,7 +173,9 @@ class JobQueue:
         with self._lock:
             jobs = list_jobs(self.runs_root)
             running = sum(1 for j in jobs if j.status == "running")
-            queued = sorted((j for j in jobs if j.status == "queued"),
+            status = {j.name: j.status for j in jobs}
+            queued = sorted((j for j in jobs if j.status == "queued" and all(
+                                status.get(dep) == "done" for dep in _read_json(j.run_dir / JOB_FILE).get("after", []))),
                             key=lambda j: _read_json(j.run_dir / JOB_FILE).get("queued", 0))
             for job in queued[: max(0, self.max_running - running)]:
                 meta = _read_json(job.run_dir / JOB_FILE)

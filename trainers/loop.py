@@ -55,8 +55,9 @@ class TrainConfig:
     # sampling into extra noise the UNet never saw, which a LoRA then learns as texture.
     latent_sample: bool = False
     seed: int = 0
-    prior_data: str | None = None  # a folder of prior-preservation images with captions (used as written)
+    prior_data: str | None = None  # a second folder (prior-preservation or auxiliary images) with captions
     prior_weight: float = 1.0
+    prior_trigger: str | None = None  # prepended to the second folder's captions (None: used as written)
     resolution: int = 0  # 0: the model's native size
     repeats: int = 1
     caption: str | None = None
@@ -119,7 +120,10 @@ class TrainingMethod(Protocol):
     # Optional: ``default_lr() -> float`` (used when the config gives none), ``summary() -> dict`` (logged before
     # the first step), ``after_step(step, optimizer) -> dict | None`` (a method that changes its parameter set
     # mid-run updates the optimizer and returns {"params": [...], ...}), and ``load_trainable_state`` may return
-    # the parameter list when restoring changes it.
+    # the parameter list when restoring changes it. Methods that treat the second folder differently may also give
+    # ``param_groups(params, lr) -> list[dict]`` (per-group learning rates), ``loss_role(role)`` (a context
+    # manager around the forward of "data" and of "prior"), ``prior_shares_noise`` (the second folder's batch gets the
+    # same noise and timesteps as the main batch) and ``before_optimizer_step()`` (e.g. to precondition gradients).
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None: ...
 
@@ -229,13 +233,17 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     plan = BatchPlan(dataset, config.batch_size, config.seed)
     # Prior preservation (DreamBooth): images of what the model should keep drawing, captions as written (no
     # trigger), their loss added with ``prior_weight`` at every step.
-    prior = ImageFolderDataset(DatasetConfig(config.prior_data, resolution=resolution, buckets=config.buckets),
+    prior = ImageFolderDataset(DatasetConfig(config.prior_data, resolution=resolution, buckets=config.buckets,
+                                             trigger=config.prior_trigger),
                                size_multiple=multiple) if config.prior_data else None
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
 
     lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda: 1e-4)()
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    groups = method.param_groups(params, lr) if hasattr(method, "param_groups") else params
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
+    role = getattr(method, "loss_role", lambda name: _null())
+    shared_noise = bool(getattr(method, "prior_shares_noise", False))
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                  num_training_steps=config.steps)
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
@@ -321,18 +329,26 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             sync = micro == config.grad_accum - 1
             context = accelerator.no_sync(unet) if not sync and world > 1 else _null()
             with context:
-                loss = denoising_loss(samples, dataset.bucket_of(indices[0]), len(indices), noise_gen, sl)
+                noise_state = noise_gen.get_state()
+                with role("data"):
+                    loss = denoising_loss(samples, dataset.bucket_of(indices[0]), len(indices), noise_gen, sl)
                 if prior is not None:
                     # Drawn from a generator seeded by the step, so a resume needs no extra state.
                     prior_gen = torch.Generator("cpu").manual_seed(config.seed * 1_000_003 + step * 64 + micro)
                     picks = torch.randint(0, len(prior.samples), (config.batch_size,), generator=prior_gen).tolist()
-                    loss = loss + config.prior_weight * denoising_loss(
-                        [prior.load(i) for i in picks[sl]], prior.bucket_of(picks[0]), len(picks), prior_gen, sl)
+                    if shared_noise:
+                        prior_gen = torch.Generator("cpu")
+                        prior_gen.set_state(noise_state)
+                    with role("prior"):
+                        loss = loss + config.prior_weight * denoising_loss(
+                            [prior.load(i) for i in picks[sl]], prior.bucket_of(picks[0]), len(picks), prior_gen, sl)
                 extra = method.extra_loss()
                 if extra is not None:
                     loss = loss + extra
                 accelerator.backward(loss / config.grad_accum)
             step_loss += loss.detach().float().item() / config.grad_accum
+        if hasattr(method, "before_optimizer_step"):
+            method.before_optimizer_step()
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()

@@ -1,0 +1,55 @@
+"""Auxiliary image sets for Break-for-Make's stage 1 (and prior preservation): where a studio gets them.
+
+A user may point at folders of their own; otherwise the base model draws class images from class prompts (as
+DreamBooth's prior images), or — on the micro model — the scene generator writes base-set objects: in other fills
+for a content run (auxiliary *styles*), plain for a style run (auxiliary *contents*).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pipelines.errors import UserError
+
+AUX_ROLES = ("styles", "contents")
+
+
+def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Path, *, seed: int = 0,
+                          steps: int = 20, guidance: float = 4.0,
+                          progress: Callable[[int, int], None] | None = None) -> Path:
+    """``per_prompt`` images of each prompt from ``model`` (a loaded studio model), with the prompt as caption."""
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts or per_prompt < 1:
+        raise UserError("class images need at least one prompt and a count of at least 1")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipe = model.pipe
+    size = model.native_size
+    total, done = len(prompts) * per_prompt, 0
+    for p_index, prompt in enumerate(prompts):
+        for i in range(per_prompt):
+            generator = torch.Generator("cpu").manual_seed(seed * 100_003 + p_index * 1009 + i)
+            image = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=generator,
+                         height=size, width=size).images[0]
+            stem = f"class-{p_index:02d}-{i:04d}"
+            image.save(folder / f"{stem}.png")
+            (folder / f"{stem}.txt").write_text(prompt + "\n", encoding="utf-8")
+            done += 1
+            if progress:
+                progress(done, total)
+    return folder
+
+
+def microworld_aux(folder: Path, role: str, count: int, *, seed: int = 0, exclude_fill: str = "stripes") -> Path:
+    """Micro-world auxiliary set: ``styles`` = base shapes in the novel fills other than ``exclude_fill`` (captions
+    name the fill); ``contents`` = base shapes, solid, as the base model was trained on."""
+    from pipelines.microworld.scenes import BASE_SHAPES, NOVEL_FILLS, SceneConfig, write_dataset
+
+    if role not in AUX_ROLES:
+        raise UserError(f"auxiliary role must be one of {', '.join(AUX_ROLES)}")
+    fills = tuple(f for f in NOVEL_FILLS if f != exclude_fill) if role == "styles" else ("solid",)
+    config = SceneConfig(min_radius=0.2, max_radius=0.3, max_objects=1, shapes=BASE_SHAPES, fills=fills).validate()
+    write_dataset(Path(folder), count, seed=seed, config=config)
+    return Path(folder)
