@@ -15,6 +15,8 @@ from trainers.dataset import DatasetConfig, dataset_summary, import_files
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 
+from .b4m_wizard import build_b4m_wizard
+
 METHODS = {"LoRA": "lora", "SaRA": "sara"}
 LORA_LR = 1e-4
 DEFAULT_NAMES = {"LoRA": "my-lora", "SaRA": "my-sara"}
@@ -102,6 +104,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             name = gr.Textbox(label="Output name", value=DEFAULT_NAMES["LoRA"], elem_id="train-name")
             arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
+            connect_b4m = build_b4m_wizard(queue, data_root, model_source)
             with gr.Accordion("Upscaler fine-tuning (DSCLoRA)", open=False, elem_id="train-sr"):
                 gr.Markdown("Adapt the ×4 upscaler to your own images: ConvLoRA on every block, distilled from the "
                             "starting model; the result is a plain SPAN file in the Upscale tab's model list.")
@@ -127,6 +130,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             samples = gr.Gallery(label="Preview samples", columns=4, height=200, elem_id="train-samples")
             tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
     timer = gr.Timer(2.0)
+    connect_b4m(runs)
 
     def resolve_folder(folder_v, files_v, name_v) -> str:
         if files_v:

@@ -79,8 +79,9 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         page.screenshot(path=str(tmp_path / "sara-form.png"), full_page=True)
         started = time.perf_counter()
         page.locator("#train-start").click()
-        page.wait_for_function("document.querySelector('#train-progress-box').innerText.includes('done')",
-                               timeout=300_000)
+        # The panel first shows the newest earlier run (maybe another test's, done already): wait for this one.
+        page.wait_for_function(f"(t => t.includes('{name}') && t.includes('done'))"
+                               "(document.querySelector('#train-progress-box').innerText)", timeout=300_000)
         print(f"SaRA run of 6 steps: {time.perf_counter() - started:.1f} s from click to done")
         page.wait_for_function("document.querySelector('#train-log textarea').value.length > 0", timeout=10_000)
         shot = tmp_path / "sara-done.png"

@@ -127,7 +127,8 @@ def spawn(run_dir: Path, method: str, args: list[str]) -> int:
     with open(run_dir / "process.log", "ab") as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=LAUNCH.parent, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "command": command, "pid": proc.pid,
+    previous = _read_json(run_dir / JOB_FILE)  # keeps what submit wrote ("after", "queued")
+    _write_json(run_dir / JOB_FILE, {**previous, "method": method, "args": args, "command": command, "pid": proc.pid,
                                      "state": "started", "started": time.time()})
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it, so it never lingers as a zombie
     return proc.pid

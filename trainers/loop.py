@@ -397,7 +397,8 @@ class _null:
 
 
 def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator) -> None:
-    """Sample the preview prompts with fixed seeds, so previews are comparable across steps."""
+    """Sample the preview prompts, all from the same seed, so previews compare across steps and across prompts (a
+    content × style grid differs only by its prompts)."""
     if not accelerator.is_main_process or not config.sample_prompts:
         accelerator.wait_for_everyone()
         return
@@ -407,12 +408,12 @@ def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog,
     folder = run_dir / "samples"
     paths = []
     for i, prompt in enumerate(config.sample_prompts):
-        generator = torch.Generator("cpu").manual_seed(config.seed + i)
+        generator = torch.Generator("cpu").manual_seed(config.seed)
         with torch.no_grad(), accelerator.autocast():
             image = pipe(prompt, num_inference_steps=config.sample_steps, generator=generator).images[0]
-        path = folder / f"step-{step:07d}-{i}.png"
+        path = folder / f"step-{step:07d}-{i:03d}.png"  # names sort in prompt order in the gallery
         save_png_with_parameters(image, path, format_parameters(prompt, "", {"Steps": config.sample_steps,
-                                                                             "Seed": config.seed + i,
+                                                                             "Seed": config.seed,
                                                                              "Training step": step}))
         paths.append(str(path.relative_to(run_dir)))
     pipe.unet.train()
