@@ -43,6 +43,28 @@ def test_delta_leaves_out_the_frozen_block_and_the_forward_matches_it():
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta.T, rtol=1e-5, atol=1e-5)
 
 
+def test_conv_layers_split_input_channels_and_match_their_delta():
+    import torch.nn.functional as F
+
+    from trainers.plp_adapter import plp_halves
+
+    torch.manual_seed(2)
+    conv = nn.Conv2d(6, 8, 3, padding=1, stride=2)
+    layer = PLPLinear(conv, "res.conv1", rank=2, alpha=2, seed=4)
+    x = torch.randn(2, 6, 9, 9)
+    torch.testing.assert_close(layer(x), conv(x), rtol=0, atol=0)
+    _randomise(layer)
+    delta = layer.delta_weight()
+    assert delta.shape == conv.weight.shape
+    assert torch.count_nonzero(delta[:4, :3]) == 0  # frozen rows × frozen input channels
+    expected = conv(x) + F.conv2d(x, delta, stride=2, padding=1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    down, up = layer.export_pair()
+    halves = plp_halves(down, up)
+    assert torch.equal(halves.e, layer.down_trainable.detach()) and torch.equal(halves.b, layer.up_trainable.detach())
+    assert torch.equal(halves.c, layer.down_frozen) and torch.equal(halves.a, layer.up_frozen)
+
+
 def test_frozen_halves_are_orthonormal_reproducible_and_seed_dependent():
     a, c = frozen_parts("x.to_k", 64, 32, 4, seed=7)
     a2, c2 = frozen_parts("x.to_k", 64, 32, 4, seed=7)
@@ -143,10 +165,12 @@ def test_stage_files_combine_exactly_and_export_loads_in_diffusers(data, tiny_mo
     from trainers.loop import train
 
     content, style = tmp_path / "content.safetensors", tmp_path / "style.safetensors"
-    train(_config(data, tiny_model_dir, content, "content", trigger="sks", prior_data=str(data)),
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1"]  # Linear and Conv2d
+    train(_config(data, tiny_model_dir, content, "content", trigger="sks", prior_data=str(data), targets=targets),
           B4MMethod("content"), tmp_path / "c")
     AcceleratorState._reset_state(reset_partial_state=False)
-    train(_config(data, tiny_model_dir, style, "style", trigger="wz", prior_data=str(data), format="kohya"),
+    train(_config(data, tiny_model_dir, style, "style", trigger="wz", prior_data=str(data), format="kohya",
+                  targets=targets),
           B4MMethod("style"), tmp_path / "s")
     c, s = read_plp_file(content), read_plp_file(style)
     assert c.stage == "content" and s.stage == "style" and c.content_trigger == "sks" and s.style_trigger == "wz"

@@ -88,13 +88,13 @@ def read_plp_file(path: str | Path) -> PLPFile:
         raise UserError(f"{path.name}: its Break-for-Make metadata is incomplete ({exc})") from exc
     layers: dict[str, PLPHalves] = {}
     for name, layer in adapter.layers.items():
-        if not name.startswith("unet.") or layer.down.dim() != 2 or layer.rank != 2 * rank:
+        if not name.startswith("unet.") or layer.down.dim() not in (2, 4) or layer.rank != 2 * rank:
             raise UserError(f"{path.name}: layer {name} is not a rank-{2 * rank} PLP layer")
         # The file's scale is alpha'/(2r); the halves' own scale is alpha/r. Keep what multiplies up·down exact.
         halves = plp_halves(layer.down, layer.up * (layer.scale / (alpha / rank)))
         unet_name = name.removeprefix("unet.")
-        a, c = frozen_parts(unet_name, halves.a.shape[0] + halves.b.shape[0], halves.c.shape[1] + halves.e.shape[1],
-                            rank, seed)
+        a, c = frozen_parts(unet_name, layer.up.shape[0], layer.down.shape[1], rank, seed,
+                            kernel=layer.down[0, 0].numel())
         if not (torch.allclose(halves.a, a, atol=FROZEN_TOLERANCE) and torch.allclose(halves.c, c, atol=FROZEN_TOLERANCE)):
             raise UserError(f"{path.name}: the frozen halves of {unet_name} are not those of seed {seed}; "
                             "the file was altered or made by another tool")

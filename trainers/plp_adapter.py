@@ -9,6 +9,9 @@ step 0 and carries nothing learned):
 
 which is the rank ≤ 2r product up'·down' with up' = [U, [0; B]] and down' = [[0 | E]; [C | 0]] — the form files use.
 A and C are buffers, never parameters: no optimizer (or its weight decay) can move them.
+
+Conv2d layers (LoCon-style, for models where attention alone is too little) split their *input channels* the same
+way: D is an r-channel convolution with the layer's kernel, U a 1×1 convolution, so files hold ordinary conv LoRAs.
 """
 from __future__ import annotations
 
@@ -38,9 +41,11 @@ def orthonormal_columns(rows: int, cols: int, seed: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))).float()  # the sign fix makes the draw unique (Haar)
 
 
-def frozen_parts(name: str, out_features: int, in_features: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (⌊m/2⌋ × r, orthonormal columns) and C (r × ⌊n/2⌋, orthonormal rows) of layer ``name``."""
-    top, left = out_features // 2, in_features // 2
+def frozen_parts(name: str, out_features: int, in_features: int, rank: int, seed: int,
+                 kernel: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (⌊m/2⌋ × r, orthonormal columns) and C (r × ⌊n/2⌋·kernel, orthonormal rows) of layer ``name``
+    (``in_features``: input channels of a conv, whose ``kernel`` = kh·kw values per channel)."""
+    top, left = out_features // 2, (in_features // 2) * kernel
     if rank > min(top, left):
         raise ValueError(f"{name}: rank {rank} is more than half the layer's smaller side "
                          f"({out_features}×{in_features}); use rank ≤ {min(top, left)}")
@@ -50,22 +55,32 @@ def frozen_parts(name: str, out_features: int, in_features: int, rank: int, seed
 
 
 class PLPLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus the PLP update. ``up_trainable`` is B, ``down_trainable`` is E."""
+    """A frozen ``nn.Linear`` or ``nn.Conv2d`` plus the PLP update. ``up_trainable`` is B, ``down_trainable`` is E
+    (for a conv, E's columns are input channel × kernel position, channel-major as in the weight)."""
 
-    def __init__(self, base: nn.Linear, name: str, rank: int, alpha: float, seed: int) -> None:
+    def __init__(self, base: nn.Linear | nn.Conv2d, name: str, rank: int, alpha: float, seed: int) -> None:
         super().__init__()
         self.base_layer = base
         self.name = name
         self.rank = rank
         self.scale = float(alpha) / rank
-        m, n = base.out_features, base.in_features
-        self.top, self.left = m // 2, n // 2
-        a, c = frozen_parts(name, m, n, rank, seed)
+        self.is_conv = isinstance(base, nn.Conv2d)
+        if self.is_conv:
+            if base.groups != 1 or base.padding_mode != "zeros":
+                raise ValueError(f"{name}: grouped or non-zero-padded convolutions are not supported")
+            m, n = base.out_channels, base.in_channels
+            self.kernel = tuple(base.kernel_size)
+        else:
+            m, n = base.out_features, base.in_features
+            self.kernel = (1, 1)
+        k = self.kernel[0] * self.kernel[1]
+        self.top, self.left = m // 2, n // 2  # rows of A; input channels C reads
+        a, c = frozen_parts(name, m, n, rank, seed, kernel=k)
         device = base.weight.device
         self.register_buffer("up_frozen", a.to(device), persistent=False)
         self.register_buffer("down_frozen", c.to(device), persistent=False)
         self.up_trainable = nn.Parameter(torch.zeros(m - self.top, rank, device=device))
-        self.down_trainable = nn.Parameter(torch.zeros(rank, n - self.left, device=device))
+        self.down_trainable = nn.Parameter(torch.zeros(rank, (n - self.left) * k, device=device))
         # Which trainable half the current forward may send gradient to (Break-for-Make routes each loss to one).
         self.grad_to_up = True
         self.grad_to_down = True
@@ -83,21 +98,38 @@ class PLPLinear(nn.Module):
         b = self.up_trainable if self.grad_to_up else self.up_trainable.detach()
         e = self.down_trainable if self.grad_to_down else self.down_trainable.detach()
         h = x.to(e.dtype)
-        right = F.linear(h[..., self.left:], e)                       # E·x_right
-        left = F.linear(h[..., :self.left], self.down_frozen.to(e.dtype))  # C·x_left
-        top = F.linear(right, self.up_frozen.to(e.dtype))              # A·E·x_right
-        bottom = F.linear(left + right, b)                             # B·(C·x_left + E·x_right)
-        return out + (self.scale * torch.cat([top, bottom], dim=-1)).to(out.dtype)
+        c, a = self.down_frozen.to(e.dtype), self.up_frozen.to(e.dtype)
+        if self.is_conv:
+            conv = self.base_layer
+            kh, kw = self.kernel
+
+            def down(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(inp, weight.reshape(self.rank, -1, kh, kw), None, conv.stride, conv.padding,
+                                conv.dilation)
+
+            def up(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                return F.conv2d(inp, weight[:, :, None, None])
+
+            right, left = down(h[:, self.left:], e), down(h[:, :self.left], c)
+            delta = torch.cat([up(right, a), up(left + right, b)], dim=1)
+        else:
+            right = F.linear(h[..., self.left:], e)  # E·x_right
+            left = F.linear(h[..., :self.left], c)  # C·x_left
+            delta = torch.cat([F.linear(right, a), F.linear(left + right, b)], dim=-1)  # [A·E·x_r ; B·(C·x_l + E·x_r)]
+        return out + (self.scale * delta).to(out.dtype)
 
     def export_pair(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down', up') of the rank-2r form, fp32 on the CPU."""
+        """(down', up') of the rank-2r form, fp32 on the CPU, shaped as a LoRA file holds them (conv: 4-D)."""
         a, c = self.up_frozen.float().cpu(), self.down_frozen.float().cpu()
         b, e = self.up_trainable.detach().float().cpu(), self.down_trainable.detach().float().cpu()
-        return plp_export(a, b, c, e)
+        down, up = plp_export(a, b, c, e)
+        if self.is_conv:
+            return down.reshape(2 * self.rank, -1, *self.kernel), up[:, :, None, None]
+        return down, up
 
     def delta_weight(self) -> torch.Tensor:
         down, up = self.export_pair()
-        return self.scale * up @ down
+        return (self.scale * up.flatten(1) @ down.flatten(1)).reshape(self.base_layer.weight.shape)
 
 
 def plp_export(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,25 +159,28 @@ class PLPHalves:
 
 
 def plp_halves(down: torch.Tensor, up: torch.Tensor, scale_in_up: float = 1.0) -> PLPHalves:
-    """Invert :func:`plp_export` (``scale_in_up``: a factor some formats fold into ``up``; divided back out)."""
-    two_r, n = down.shape
+    """Invert :func:`plp_export` (``scale_in_up``: a factor some formats fold into ``up``; divided back out).
+    Conv layers (4-D ``down``) split at half their input channels."""
+    two_r, channels = down.shape[:2]
+    kernel = down[0, 0].numel()
     m = up.shape[0]
     if two_r % 2 or up.shape[1] != two_r:
         raise ValueError("not a PLP layer: the rank is not even or down/up disagree")
-    r, top, left = two_r // 2, m // 2, n // 2
-    up = up.float() / scale_in_up
-    down = down.float()
+    r, top, left = two_r // 2, m // 2, (channels // 2) * kernel
+    up = up.float().flatten(1) / scale_in_up
+    down = down.float().flatten(1)
     return PLPHalves(a=up[:top, :r], b=up[top:, r:], c=down[r:, :left], e=down[:r, left:], scale=1.0)
 
 
 def attach_plp(root: nn.Module, rank: int, alpha: float, seed: int,
                targets: tuple[str, ...] = DEFAULT_TARGETS) -> dict[str, PLPLinear]:
-    """Replace every ``nn.Linear`` whose name ends with a target by a :class:`PLPLinear`; freeze everything else."""
+    """Replace every ``nn.Linear``/``nn.Conv2d`` whose name ends with a target by a :class:`PLPLinear`; freeze
+    everything else."""
     root.requires_grad_(False)
     chosen = [(name, module) for name, module in root.named_modules()
-              if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)]
+              if isinstance(module, (nn.Linear, nn.Conv2d)) and any(name == t or name.endswith("." + t) for t in targets)]
     if not chosen:
-        raise ValueError(f"no Linear layer matches the targets {', '.join(targets)}")
+        raise ValueError(f"no Linear or Conv2d layer matches the targets {', '.join(targets)}")
     layers: dict[str, PLPLinear] = {}
     for name, module in chosen:
         parent_name, _, child = name.rpartition(".")
