@@ -1,8 +1,7 @@
 """Auxiliary image sets for Break-for-Make's stage 1 (and prior preservation): where a studio gets them.
 
 A user may point at folders of their own; otherwise the base model draws class images from class prompts (as
-DreamBooth's prior images), or — on the micro model — the scene generator writes base-set objects: in other fills
-for a content run (auxiliary *styles*), plain for a style run (auxiliary *contents*).
+DreamBooth's prior images), or — on the micro model — the scene generator writes base-set scenes.
 """
 from __future__ import annotations
 
@@ -12,9 +11,6 @@ from typing import Callable
 import torch
 
 from pipelines.errors import UserError
-
-AUX_ROLES = ("styles", "contents")
-
 
 def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Path, *, seed: int = 0,
                           steps: int = 20, guidance: float = 4.0,
@@ -42,14 +38,10 @@ def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Pa
     return folder
 
 
-def microworld_aux(folder: Path, role: str, count: int, *, seed: int = 0, exclude_fill: str = "stripes") -> Path:
-    """Micro-world auxiliary set: ``styles`` = base shapes in the novel fills other than ``exclude_fill`` (captions
-    name the fill); ``contents`` = base shapes, solid, as the base model was trained on."""
-    from pipelines.microworld.scenes import BASE_SHAPES, NOVEL_FILLS, SceneConfig, write_dataset
+def microworld_aux(folder: Path, count: int, *, seed: int = 0) -> Path:
+    """Micro-world auxiliary set: one-object base-set scenes, what the base model already draws. They are the
+    world's auxiliary contents *and* styles: the half they train learns the general mapping and no new concept
+    (novel fills there would teach that half a texture every prompt then gets)."""
+    from pipelines.microworld.evaluation import base_set
 
-    if role not in AUX_ROLES:
-        raise UserError(f"auxiliary role must be one of {', '.join(AUX_ROLES)}")
-    fills = tuple(f for f in NOVEL_FILLS if f != exclude_fill) if role == "styles" else ("solid",)
-    config = SceneConfig(min_radius=0.2, max_radius=0.3, max_objects=1, shapes=BASE_SHAPES, fills=fills).validate()
-    write_dataset(Path(folder), count, seed=seed, config=config)
-    return Path(folder)
+    return base_set(folder, count, seed=seed)

@@ -95,7 +95,7 @@ def register(subparsers) -> None:
                          help="class prompt for auxiliary images drawn by the base model (repeatable)")
         b4m.add_argument("--aux-count", type=int, default=8, help="images per --aux-prompt (default 8)")
         b4m.add_argument("--aux-microworld", type=int, metavar="N",
-                         help=f"N micro-world auxiliary {other} from the scene generator (micro model only)")
+                         help="N base-set scenes from the micro world's scene generator (micro model only)")
         b4m.add_argument("--aux-lr-ratio", type=float, dest="other_lr_ratio",
                          help="learning rate of the auxiliary half relative to --lr (default 0.1)")
         b4m.set_defaults(func=run_train_b4m, aux_role=other,
@@ -227,8 +227,8 @@ def run_train_b4m(args: argparse.Namespace) -> int:
     if args.aux_microworld is not None:
         from trainers.aux_sets import microworld_aux
 
-        args.prior_data = str(microworld_aux(aux_dir, args.aux_role, args.aux_microworld, seed=args.seed or 0))
-        print(f"auxiliary {args.aux_role}: {args.aux_microworld} micro-world images in {aux_dir}", flush=True)
+        args.prior_data = str(microworld_aux(aux_dir, args.aux_microworld, seed=args.seed or 0))
+        print(f"auxiliary {args.aux_role}: {args.aux_microworld} micro-world base-set images in {aux_dir}", flush=True)
     elif args.aux_prompts:
         from pipelines.loading import load_model
         from trainers.aux_sets import generate_class_images

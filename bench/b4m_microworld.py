@@ -1,0 +1,227 @@
+"""Break-for-Make in the micro world: content (a novel shape) × style (a novel fill), against two LoRA baselines.
+
+    python bench/b4m_microworld.py [--stage-steps 600] [--combine-steps 200] [--seeds 4]
+
+Content = the shape ``star`` (trigger ``sks``), style = the fill ``stripes`` on base shapes (trigger ``w@z``; the
+captions do not name the fill, so only the trigger can carry it). Methods, all from the shipped micro base model, on
+the same images and the same total steps:
+- **B4M**: content run and style run (each ``stage-steps``, auxiliary micro-world sets: base shapes in the other
+  novel fills for the content run, plain base shapes for the style run), then combine + ``combine-steps`` joint steps;
+- **two LoRAs summed**: one LoRA on the content images, one on the style images (``stage-steps + combine-steps/2``
+  each), applied together at strength 1;
+- **one joint LoRA**: one LoRA on both folders (``2·stage-steps + combine-steps``).
+The LoRAs adapt the same layers with the rank that gives about B4M's trainable count. The judge reads samples of
+"sks w@z a <colour> star ..." in every base colour: content accuracy = star seen, style accuracy = stripes seen.
+Writes ``bench/results/b4m_microworld.json`` and ``.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MODEL = REPO / "assets" / "micro-sd"
+CONTENT, STYLE = "star", "stripes"
+CONTENT_TRIGGER, STYLE_TRIGGER = "sks", "w@z"
+
+
+def content_images(folder: Path, n: int, seed: int = 3) -> Path:
+    from pipelines.microworld.evaluation import novel_shape_set
+
+    return novel_shape_set(folder, CONTENT, n, seed=seed)
+
+
+def style_images(folder: Path, n: int, seed: int = 5) -> Path:
+    """Base shapes filled with the novel fill; the fill's word is taken out of the captions."""
+    from pipelines.microworld.scenes import FILL_ADJECTIVES, SceneConfig, restrict, write_dataset
+
+    write_dataset(folder, n, seed=seed, config=restrict(SceneConfig(min_radius=0.2, max_radius=0.3), fill=STYLE,
+                                                        objects=1))
+    word = re.compile(rf"\b{FILL_ADJECTIVES[STYLE]} ")
+    for caption in folder.glob("*.txt"):
+        caption.write_text(word.sub("", caption.read_text(encoding="utf-8")), encoding="utf-8")
+    return folder
+
+
+def joint_images(folder: Path, content: Path, style: Path) -> Path:
+    """Both folders in one, each caption with its own trigger (what a single LoRA trains on)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source, trigger in ((content, CONTENT_TRIGGER), (style, STYLE_TRIGGER)):
+        for image in source.glob("*.png"):
+            stem = f"{source.name}-{image.stem}"
+            shutil.copy(image, folder / f"{stem}.png")
+            text = image.with_suffix(".txt").read_text(encoding="utf-8").strip()
+            (folder / f"{stem}.txt").write_text(f"{trigger} {text}\n", encoding="utf-8")
+    return folder
+
+
+@torch.no_grad()
+def accuracies(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
+    """Content and style accuracy of "sks w@z a <colour> star" over the base colours × ``n_seeds`` seeds."""
+    from pipelines.generation import adapters_applied
+    from pipelines.microworld.evaluation import sample
+    from pipelines.microworld.judge import judge_images
+    from pipelines.microworld.scenes import COLORS
+
+    prompts, seeds = [], []
+    for c_index, color in enumerate(COLORS):
+        for i in range(n_seeds):
+            prompts.append(f"{CONTENT_TRIGGER} {STYLE_TRIGGER} a {color} {CONTENT} in the center, gray background")
+            seeds.append(seed * 1000 + c_index * 50 + i)
+    with adapters_applied(model, adapters):
+        verdicts = judge_images(sample(model.pipe, prompts, seeds))
+    content = sum(v["shape"] == CONTENT for v in verdicts) / len(verdicts)
+    style = sum(v["fill"] == STYLE for v in verdicts) / len(verdicts)
+    both = sum(v["shape"] == CONTENT and v["fill"] == STYLE for v in verdicts) / len(verdicts)
+    return {"content": content, "style": style, "both": both, "product": content * style, "samples": len(verdicts)}
+
+
+def run(args: argparse.Namespace) -> dict:
+    from accelerate.state import AcceleratorState
+
+    from pipelines.loading import load_model
+    from trainers.aux_sets import microworld_aux
+    from trainers.break_for_make import B4MMethod
+    from trainers.lora import LoraMethod
+    from trainers.loop import TrainConfig, train
+
+    work = Path(tempfile.mkdtemp(prefix="b4m-bench-"))
+    content = content_images(work / "content", args.images)
+    style = style_images(work / "style", args.images)
+    aux_styles = microworld_aux(work / "aux-styles", args.aux, seed=1)
+    aux_contents = microworld_aux(work / "aux-contents", args.aux, seed=2)
+    joint = joint_images(work / "joint", content, style)
+    model = load_model(MODEL)
+    model.pipe.set_progress_bar_config(disable=True)
+    common = dict(model=str(MODEL), batch_size=4, checkpoint_every=10**6, seed=0)
+
+    def fit(method, out: Path, **config) -> tuple[float, list[float]]:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        started = time.perf_counter()
+        result = train(TrainConfig(out=str(out), **common, **config), method, work / f"run-{out.stem}")
+        return time.perf_counter() - started, result.losses
+
+    rows = []
+    b4m_opts = {"rank": args.rank, "seed": 0, "targets": args.targets, "preconditioned": args.preconditioned}
+    stages = {}
+    if not args.only or "b4m" in args.only:
+        c = B4MMethod("content")
+        secs, _ = fit(c, work / "b4m-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
+                      prior_data=str(aux_styles), steps=args.stage_steps, lr=args.lr, method_options=b4m_opts)
+        stages["content"] = {"seconds": round(secs, 1), "trainable": c.summary()["trainable"]}
+        s = B4MMethod("style")
+        secs, _ = fit(s, work / "b4m-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
+                      prior_data=str(aux_contents), steps=args.stage_steps, lr=args.lr, method_options=b4m_opts)
+        stages["style"] = {"seconds": round(secs, 1), "trainable": s.summary()["trainable"]}
+        m = B4MMethod("combine")
+        secs, _ = fit(m, work / "b4m.safetensors", data=str(content), trigger=CONTENT_TRIGGER, prior_data=str(style),
+                      prior_trigger=STYLE_TRIGGER, steps=args.combine_steps, lr=args.combine_lr,
+                      method_options={**b4m_opts, "content": str(work / "b4m-content.safetensors"),
+                                      "style": str(work / "b4m-style.safetensors")})
+        stages["combine"] = {"seconds": round(secs, 1), "trainable": m.summary()["trainable"]}
+        trainable = stages["content"]["trainable"]
+        for label, files in (("B4M combined", ("b4m",)), ("B4M content + style, no stage 2", ("b4m-content", "b4m-style")),
+                             ("B4M content only", ("b4m-content",)), ("B4M style only", ("b4m-style",))):
+            row = {"method": label, "trainable": trainable,
+                   **accuracies(model, tuple((str(work / f"{f}.safetensors"), 1.0) for f in files), args.seeds,
+                                args.seed)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lora_opts = {"rank": args.lora_rank, "targets": args.targets}
+    if not args.only or "sum" in args.only:
+        t1, _ = fit(LoraMethod(), work / "lora-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
+                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lr, method_options=lora_opts)
+        t2, _ = fit(LoraMethod(), work / "lora-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
+                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lr, method_options=lora_opts)
+        stages["two LoRAs"] = {"seconds": round(t1 + t2, 1)}
+        row = {"method": "two LoRAs summed", "trainable": lora_count(args.lora_rank, args.targets),
+               **accuracies(model, ((str(work / "lora-content.safetensors"), 1.0),
+                                    (str(work / "lora-style.safetensors"), 1.0)), args.seeds, args.seed)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if not args.only or "joint" in args.only:
+        secs, _ = fit(LoraMethod(), work / "lora-joint.safetensors", data=str(joint),
+                      steps=2 * args.stage_steps + args.combine_steps, lr=args.lr, method_options=lora_opts)
+        stages["joint LoRA"] = {"seconds": round(secs, 1)}
+        row = {"method": "one joint LoRA", "trainable": lora_count(args.lora_rank, args.targets),
+               **accuracies(model, ((str(work / "lora-joint.safetensors"), 1.0),), args.seeds, args.seed)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = {"method": "base model", "trainable": 0, **accuracies(model, (), args.seeds, args.seed)}
+    shutil.rmtree(work, ignore_errors=True)
+    return {"rows": [base] + rows, "stages": stages,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")} |
+                        {"threads": torch.get_num_threads(), "model": str(MODEL.relative_to(REPO))}}
+
+
+def lora_count(rank: int, targets: list[str]) -> int:
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
+    return sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
+               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets))
+
+
+def markdown(result: dict) -> str:
+    s = result["settings"]
+    lines = ["# Break-for-Make in the micro world", "",
+             f"Content `{CONTENT}` (trigger `{CONTENT_TRIGGER}`) from {s['images']} images, style `{STYLE}` fill "
+             f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images; B4M: {s['stage_steps']} steps per stage-1 run "
+             f"({s['aux']} auxiliary micro-world images each), {s['combine_steps']} combine steps; LoRAs: the same "
+             f"images and total steps; batch 4, rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank "
+             f"{s['lora_rank']}, layers {', '.join(s['targets'])}. Judged on \"{CONTENT_TRIGGER} {STYLE_TRIGGER} a "
+             f"<colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each (seed {s['seed']}).", "",
+             "| method | trainable | content (star) | style (stripes) | product | both in one image |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['content']:.0%} | {r['style']:.0%} | "
+                     f"{r['product']:.2f} | {r['both']:.0%} |")
+    lines += ["", "| stage | seconds | trainable |", "|---|---:|---:|"]
+    for name, stage in result["stages"].items():
+        lines.append(f"| {name} | {stage['seconds']} | {stage.get('trainable', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage-steps", type=int, default=600)
+    parser.add_argument("--combine-steps", type=int, default=200)
+    parser.add_argument("--images", type=int, default=24)
+    parser.add_argument("--aux", type=int, default=24, help="auxiliary images per stage-1 run")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--lora-rank", type=int, help="default: rank/2 (the same trainable count as the PLP halves)")
+    parser.add_argument("--targets", type=lambda t: t.split(","), default=["to_q", "to_k", "to_v", "to_out.0"])
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--combine-lr", type=float, default=1e-3)
+    parser.add_argument("--preconditioned", action="store_true")
+    parser.add_argument("--seeds", type=int, default=4, help="seeds per base colour")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--only", help="comma-separated: b4m, sum, joint")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_microworld.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.lora_rank = args.lora_rank or max(1, args.rank // 2)
+    if not (MODEL / "model_index.json").is_file():
+        print("micro base model not shipped; nothing to measure", file=sys.stderr)
+        return 1
+    from report import write_report
+
+    result = run(args)
+    write_report(args.out, result, markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
