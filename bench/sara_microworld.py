@@ -35,57 +35,11 @@ LOCON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.
                  "conv1", "conv2"]
 
 
-def concept_data(folder: Path, n: int, seed: int = 3) -> Path:
-    """``n`` one-object scenes of the novel shape, captioned by the scene generator (the trigger is added later)."""
-    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
+def judge_rates(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
+    from pipelines.microworld.evaluation import concept_and_prior
 
-    write_dataset(folder, n, seed=seed, config=restrict(SceneConfig(min_radius=0.2, max_radius=0.3), shape=NOVEL,
-                                                        objects=1))
-    return folder
-
-
-def prior_data(folder: Path, n: int, seed: int = 4) -> Path:
-    """``n`` one-object base-set scenes with their captions: what the model should keep drawing."""
-    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
-
-    write_dataset(folder, n, seed=seed, config=restrict(SceneConfig(min_radius=0.13, max_radius=0.3), objects=1))
-    return folder
-
-
-def prior_prompts(n: int, seed: int) -> list[dict]:
-    from pipelines.microworld.scenes import SceneConfig, generate_scene
-
-    out = []
-    for i in range(n):
-        scene = generate_scene([seed, 7, i], SceneConfig(max_objects=1))
-        obj = scene.objects[0]
-        out.append({"prompt": scene.caption, "color": obj.color, "shape": obj.shape, "seed": seed * 1000 + i})
-    return out
-
-
-@torch.no_grad()
-def judge_rates(model, adapters: tuple, n_seeds: int, seed: int, guidance: float = 4.0) -> dict:
-    """Learned and prior rates for ``model`` with ``adapters`` ((file, strength), ...) applied."""
-    from pipelines.generation import adapters_applied
-    from pipelines.microworld.judge import judge_images
-
-    pipe = model.pipe
-
-    def sample(prompts: list[str], seeds: list[int]) -> list[dict]:
-        images = []
-        for start in range(0, len(prompts), 12):
-            gens = [torch.Generator().manual_seed(s) for s in seeds[start:start + 12]]
-            images += pipe(prompts[start:start + 12], num_inference_steps=20, guidance_scale=guidance,
-                           generator=gens, height=64, width=64).images
-        return judge_images(images)
-
-    concept = [f"{TRIGGER} a red {NOVEL} in the center, gray background"] * n_seeds
-    prior = prior_prompts(n_seeds, seed)
-    with adapters_applied(model, adapters):
-        learned = sample(concept, [seed * 1000 + 500 + i for i in range(n_seeds)])
-        kept = sample([p["prompt"] for p in prior], [p["seed"] for p in prior])
-    return {"learned": sum(v["shape"] == NOVEL for v in learned) / n_seeds,
-            "prior": sum(v["shape"] == p["shape"] and v["color"] == p["color"] for v, p in zip(kept, prior)) / n_seeds}
+    return concept_and_prior(model, adapters, f"{TRIGGER} a red {NOVEL} in the center, gray background", NOVEL,
+                             n_seeds, seed)
 
 
 def lora_rank_for(count: int, model_dir: Path) -> tuple[int, int]:
@@ -117,9 +71,11 @@ def run(args: argparse.Namespace) -> dict:
     from trainers.loop import TrainConfig, train
     from trainers.sara import SaraMethod, SaraOptions, plan_selection
 
+    from pipelines.microworld.evaluation import base_set, novel_shape_set
+
     work = Path(tempfile.mkdtemp(prefix="sara-bench-"))
-    data = concept_data(work / "data", args.images)
-    prior = str(prior_data(work / "prior", args.prior)) if args.prior else None
+    data = novel_shape_set(work / "data", NOVEL, args.images)
+    prior = str(base_set(work / "prior", args.prior, min_radius=args.prior_min_radius)) if args.prior else None
     model = load_model(MODEL)
     model.pipe.set_progress_bar_config(disable=True)
     plan = plan_selection(model.pipe.unet, SaraOptions(budget=args.budget))
@@ -140,7 +96,8 @@ def run(args: argparse.Namespace) -> dict:
         out = work / f"{len(rows)}.safetensors"
         config = TrainConfig(data=str(data), out=str(out), model=str(MODEL), steps=args.steps, batch_size=4,
                              lr=lr, trigger=TRIGGER, checkpoint_every=args.steps + 1, seed=0,
-                             method_options=options, prior_data=prior)
+                             method_options=options, prior_data=prior,
+                             prior_weight=args.prior_weight)
         method = SaraMethod() if kind == "sara" else LoraMethod()
         started = time.perf_counter()
         result = train(config, method, work / f"run-{len(rows)}")
@@ -154,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
     shutil.rmtree(work, ignore_errors=True)
     return {"rows": rows, "settings": {"steps": args.steps, "images": args.images, "prior": args.prior, "batch": 4,
+                                       "prior_weight": args.prior_weight, "prior_min_radius": args.prior_min_radius,
                                        "seeds": args.seeds,
                                        "seed": args.seed, "budget": args.budget, "threshold": plan.threshold,
                                        "sara_count": plan.count, "threads": torch.get_num_threads(),
@@ -163,8 +121,9 @@ def run(args: argparse.Namespace) -> dict:
 def markdown(result: dict) -> str:
     s = result["settings"]
     lines = ["# SaRA in the micro world", "",
-             f"Novel shape `{NOVEL}` from {s['images']} images (+ {s['prior']} prior-preservation images), "
-             f"{s['steps']} steps, batch {s['batch']}, micro base "
+             f"Novel shape `{NOVEL}` from {s['images']} images (+ {s['prior']} prior-preservation images"
+             + (f" of object size {s.get('prior_min_radius', 0.13):g}–0.3 at weight {s.get('prior_weight', 1.0):g}"
+                if s['prior'] else "") + f"), {s['steps']} steps, batch {s['batch']}, micro base "
              f"model; judged on {s['seeds']} samples per measure (seed {s['seed']}). SaRA budget {s['budget']} "
              f"(θ = {s['threshold']:.4g}, {s['sara_count']:,} weights).", "",
              "| method | trainable | lr | learned (star seen) | prior (base prompts right) | loss first→last | train s |",
@@ -182,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--prior", type=int, default=24, help="prior-preservation images (0: none)")
+    parser.add_argument("--prior-weight", type=float, default=1.0, help="weight of the prior-preservation loss")
+    parser.add_argument("--prior-min-radius", type=float, default=0.13,
+                        help="smallest object in the prior images (relative; the star images use 0.2-0.3)")
     parser.add_argument("--seeds", type=int, default=24)
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--budget", default="5%")
@@ -196,12 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     if not (MODEL / "model_index.json").is_file():
         print("micro base model not shipped; nothing to measure", file=sys.stderr)
         return 1
+    from report import write_report
+
     result = run(args)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    out.with_suffix(".md").write_text(markdown(result), encoding="utf-8")
-    print(markdown(result))
+    write_report(args.out, result, markdown(result))
     return 0
 
 
