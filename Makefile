@@ -9,6 +9,8 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 EXTRAS ?= test
 ARGS ?=
+# pytest-xdist workers: one per core on these 2-core machines; each worker uses one thread (tests/conftest.py)
+TEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.atelier-installed
 
@@ -27,7 +29,7 @@ run: $(STAMP)
 	$(PY) launch.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 clean-venv:
 	rm -rf $(VENV)
