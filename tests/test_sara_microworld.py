@@ -1,0 +1,46 @@
+"""SaRA's effect on the micro base model: a novel shape is learned while base-set prompts still come out right.
+
+Recipe and thresholds come from ``bench/sara_microworld.py`` (bench/results/sara_microworld_prior.md, the same data,
+steps and judged seeds): budget 5 %, λ 5e-4, lr 4e-3, 800 steps, 24 prior-preservation images at weight 0.3.
+"""
+from __future__ import annotations
+
+import pytest
+
+from conftest import MICRO_MODEL
+
+NOVEL = "star"
+PROMPT = f"sks a red {NOVEL} in the center, gray background"
+SAMPLES = 16
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerator_state"),
+              pytest.mark.skipif(not (MICRO_MODEL / "model_index.json").is_file(),
+                                 reason="micro base model not shipped")]
+
+
+def test_sara_learns_a_novel_shape_and_keeps_the_base_prompts(tmp_path):
+    from pipelines.loading import load_model
+    from pipelines.microworld.evaluation import base_set, concept_and_prior, novel_shape_set
+    from trainers.loop import TrainConfig, train
+    from trainers.sara import SaraMethod
+
+    data = novel_shape_set(tmp_path / "stars", NOVEL, 24)
+    prior = base_set(tmp_path / "prior", 24)
+    out = tmp_path / "star-sara.safetensors"
+    config = TrainConfig(data=str(data), out=str(out), model=str(MICRO_MODEL), steps=800, batch_size=4, lr=4e-3,
+                         trigger="sks", prior_data=str(prior), prior_weight=0.3, checkpoint_every=10_000, seed=0,
+                         method_options={"budget": "5%", "lambda_rank": 5e-4})
+    result = train(config, SaraMethod(), tmp_path / "run")
+    assert result.status == "done" and out.is_file()
+    early, late = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
+    assert late < early, f"the loss did not fall ({early:.4f} -> {late:.4f})"
+
+    model = load_model(MICRO_MODEL)
+    model.pipe.set_progress_bar_config(disable=True)
+    base = concept_and_prior(model, (), PROMPT, NOVEL, SAMPLES, seed=11)
+    sara = concept_and_prior(model, ((str(out), 1.0),), PROMPT, NOVEL, SAMPLES, seed=11)
+    print(f"star seen: base {base['learned']:.0%} -> SaRA {sara['learned']:.0%}; "
+          f"base prompts right: base {base['prior']:.0%} -> SaRA {sara['prior']:.0%}")
+    assert base["learned"] == 0 and base["prior"] >= 0.9
+    assert sara["learned"] >= 0.25, f"the judge hardly sees the new shape ({sara['learned']:.0%})"
+    assert sara["prior"] >= 0.75, f"base-set prompts broke ({sara['prior']:.0%} right)"
