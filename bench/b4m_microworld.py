@@ -1,6 +1,9 @@
 """Break-for-Make in the micro world: content (a novel shape) × style (a novel fill), against two LoRA baselines.
 
     python bench/b4m_microworld.py [--stage-steps 600] [--combine-steps 200] [--seeds 4]
+    # or side by side on two cores, then joined:
+    python bench/b4m_microworld.py --only b4m --out b4m.json ...  &  python bench/b4m_microworld.py --only sum,joint --out loras.json ...
+    python bench/b4m_microworld.py --merge b4m.json loras.json
 
 Content = the shape ``star`` (trigger ``sks``), style = the fill ``stripes`` on base shapes (trigger ``w@z``; the
 captions do not name the fill, so only the trigger can carry it). Methods, all from the shipped micro base model, on
@@ -141,9 +144,9 @@ def run(args: argparse.Namespace) -> dict:
     lora_opts = {"rank": args.lora_rank, "targets": args.targets}
     if not args.only or "sum" in args.only:
         t1, _ = fit(LoraMethod(), work / "lora-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
-                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lr, method_options=lora_opts)
+                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         t2, _ = fit(LoraMethod(), work / "lora-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
-                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lr, method_options=lora_opts)
+                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         stages["two LoRAs"] = {"seconds": round(t1 + t2, 1)}
         row = {"method": "two LoRAs summed", "trainable": lora_count(args.lora_rank, args.targets),
                **accuracies(model, ((str(work / "lora-content.safetensors"), 1.0),
@@ -152,7 +155,7 @@ def run(args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
     if not args.only or "joint" in args.only:
         secs, _ = fit(LoraMethod(), work / "lora-joint.safetensors", data=str(joint),
-                      steps=2 * args.stage_steps + args.combine_steps, lr=args.lr, method_options=lora_opts)
+                      steps=2 * args.stage_steps + args.combine_steps, lr=args.lora_lr, method_options=lora_opts)
         stages["joint LoRA"] = {"seconds": round(secs, 1)}
         row = {"method": "one joint LoRA", "trainable": lora_count(args.lora_rank, args.targets),
                **accuracies(model, ((str(work / "lora-joint.safetensors"), 1.0),), args.seeds, args.seed)}
@@ -163,6 +166,15 @@ def run(args: argparse.Namespace) -> dict:
     return {"rows": [base] + rows, "stages": stages,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "only")} |
                         {"threads": torch.get_num_threads(), "model": str(MODEL.relative_to(REPO))}}
+
+
+def merge(parts: list[dict]) -> dict:
+    """Partial runs of the same settings as one result: the base row once, every method row, every stage."""
+    settings = [{k: v for k, v in p["settings"].items() if k != "only"} for p in parts]
+    if any(s != settings[0] for s in settings[1:]):
+        raise SystemExit("the partial results were measured with different settings; not merging")
+    rows = [parts[0]["rows"][0]] + [r for p in parts for r in p["rows"][1:]]
+    return {"rows": rows, "stages": {k: v for p in parts for k, v in p["stages"].items()}, "settings": settings[0]}
 
 
 def lora_count(rank: int, targets: list[str]) -> int:
@@ -178,8 +190,8 @@ def markdown(result: dict) -> str:
     lines = ["# Break-for-Make in the micro world", "",
              f"Content `{CONTENT}` (trigger `{CONTENT_TRIGGER}`) from {s['images']} images, style `{STYLE}` fill "
              f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images; B4M: {s['stage_steps']} steps per stage-1 run "
-             f"({s['aux']} auxiliary micro-world images each), {s['combine_steps']} combine steps; LoRAs: the same "
-             f"images and total steps; batch 4, rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank "
+             f"({s['aux']} auxiliary micro-world images each) at lr {s['lr']:g}, {s['combine_steps']} combine steps at lr "
+             f"{s['combine_lr']:g}; LoRAs: the same images and total steps at lr {s['lora_lr']:g}; batch 4, rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank "
              f"{s['lora_rank']}, layers {', '.join(s['targets'])}. Judged on \"{CONTENT_TRIGGER} {STYLE_TRIGGER} a "
              f"<colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each (seed {s['seed']}).", "",
              "| method | trainable | content (star) | style (stripes) | product | both in one image |",
@@ -204,23 +216,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", type=lambda t: t.split(","), default=["to_q", "to_k", "to_v", "to_out.0"])
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--combine-lr", type=float, default=1e-3)
+    parser.add_argument("--lora-lr", type=float, help="learning rate of the LoRA baselines (default: --lr)")
     parser.add_argument("--preconditioned", action="store_true")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per base colour")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--only", help="comma-separated: b4m, sum, joint")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "b4m_microworld.json"))
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="no training: join the results of partial runs (--only, run side by side) into --out")
     args = parser.parse_args(argv)
+    from report import measure_micro, write_report
+
+    if args.merge:
+        result = merge([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge])
+        write_report(args.out, result, markdown(result))
+        return 0
     torch.set_num_threads(args.threads)
     args.lora_rank = args.lora_rank or max(1, args.rank // 2)
-    if not (MODEL / "model_index.json").is_file():
-        print("micro base model not shipped; nothing to measure", file=sys.stderr)
-        return 1
-    from report import write_report
-
-    result = run(args)
-    write_report(args.out, result, markdown(result))
-    return 0
+    args.lora_lr = args.lora_lr or args.lr
+    return measure_micro(MODEL, args.out, lambda: run(args), markdown)
 
 
 if __name__ == "__main__":

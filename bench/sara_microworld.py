@@ -155,14 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sara_microworld.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    if not (MODEL / "model_index.json").is_file():
-        print("micro base model not shipped; nothing to measure", file=sys.stderr)
-        return 1
-    from report import write_report
+    from report import measure_micro
 
-    result = run(args)
-    write_report(args.out, result, markdown(result))
-    return 0
+    return measure_micro(MODEL, args.out, lambda: run(args), markdown)
 
 
 if __name__ == "__main__":
