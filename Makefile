@@ -29,7 +29,7 @@ run: $(STAMP)
 	$(PY) launch.py $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 clean-venv:
 	rm -rf $(VENV)

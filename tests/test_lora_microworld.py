@@ -40,7 +40,7 @@ def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
     shapes = restrict(SceneConfig(min_radius=0.2, max_radius=0.3), shape=NOVEL, objects=1)
     write_dataset(data, 24, seed=3, config=shapes)
     out = tmp_path / "star.safetensors"
-    config = TrainConfig(data=str(data), out=str(out), model=str(MICRO_MODEL), steps=800, batch_size=4, lr=2e-3,
+    config = TrainConfig(data=str(data), out=str(out), model=str(MICRO_MODEL), steps=400, batch_size=4, lr=2e-3,
                          method_options={"rank": 16, "targets": TARGETS}, trigger="sks", checkpoint_every=1000, seed=0)
     result = train(config, LoraMethod(), tmp_path / "run")
     assert result.status == "done" and out.is_file()
