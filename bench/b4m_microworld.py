@@ -174,6 +174,8 @@ def merge(parts: list[dict]) -> dict:
     if any(s != settings[0] for s in settings[1:]):
         raise SystemExit("the partial results were measured with different settings; not merging")
     rows = [parts[0]["rows"][0]] + [r for p in parts for r in p["rows"][1:]]
+    lora = lora_count(settings[0]["lora_rank"], settings[0]["targets"])  # arithmetic, so always from the settings
+    rows = [{**r, "trainable": lora} if "LoRA" in r["method"] else r for r in rows]
     return {"rows": rows, "stages": {k: v for p in parts for k, v in p["stages"].items()}, "settings": settings[0]}
 
 
@@ -181,8 +183,15 @@ def lora_count(rank: int, targets: list[str]) -> int:
     from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.from_pretrained(MODEL, subfolder="unet")
-    return sum(rank * (m.in_features + m.out_features) for n, m in unet.named_modules()
-               if isinstance(m, torch.nn.Linear) and any(n.endswith("." + t) for t in targets))
+    total = 0
+    for name, module in unet.named_modules():
+        if not any(name.endswith("." + t) for t in targets):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, torch.nn.Conv2d):  # LoCon: down is a conv with the layer's kernel, up a 1×1
+            total += rank * (module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels)
+    return total
 
 
 def markdown(result: dict) -> str:
