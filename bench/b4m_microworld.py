@@ -2,7 +2,8 @@
 
     python bench/b4m_microworld.py [--stage-steps 600] [--combine-steps 200] [--seeds 4]
     # or side by side on two cores, then joined:
-    python bench/b4m_microworld.py --only b4m --out b4m.json ...  &  python bench/b4m_microworld.py --only sum,joint --out loras.json ...
+    python bench/b4m_microworld.py --only b4m --out b4m.json ... &
+    python bench/b4m_microworld.py --only sum,joint --out loras.json ...
     python bench/b4m_microworld.py --merge b4m.json loras.json
 
 Content = the shape ``star`` (trigger ``sks``), style = the fill ``stripes`` on base shapes (trigger ``w@z``; the
@@ -142,13 +143,14 @@ def run(args: argparse.Namespace) -> dict:
             rows.append(row)
             print(json.dumps(row), flush=True)
     lora_opts = {"rank": args.lora_rank, "targets": args.targets}
+    lora_trainable = lora_count(args.lora_rank, args.targets)
     if not args.only or "sum" in args.only:
         t1, _ = fit(LoraMethod(), work / "lora-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
                     steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         t2, _ = fit(LoraMethod(), work / "lora-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
                     steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         stages["two LoRAs"] = {"seconds": round(t1 + t2, 1)}
-        row = {"method": "two LoRAs summed", "trainable": lora_count(args.lora_rank, args.targets),
+        row = {"method": "two LoRAs summed", "trainable": lora_trainable,
                **accuracies(model, ((str(work / "lora-content.safetensors"), 1.0),
                                     (str(work / "lora-style.safetensors"), 1.0)), args.seeds, args.seed)}
         rows.append(row)
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         secs, _ = fit(LoraMethod(), work / "lora-joint.safetensors", data=str(joint),
                       steps=2 * args.stage_steps + args.combine_steps, lr=args.lora_lr, method_options=lora_opts)
         stages["joint LoRA"] = {"seconds": round(secs, 1)}
-        row = {"method": "one joint LoRA", "trainable": lora_count(args.lora_rank, args.targets),
+        row = {"method": "one joint LoRA", "trainable": lora_trainable,
                **accuracies(model, ((str(work / "lora-joint.safetensors"), 1.0),), args.seeds, args.seed)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -174,8 +176,6 @@ def merge(parts: list[dict]) -> dict:
     if any(s != settings[0] for s in settings[1:]):
         raise SystemExit("the partial results were measured with different settings; not merging")
     rows = [parts[0]["rows"][0]] + [r for p in parts for r in p["rows"][1:]]
-    lora = lora_count(settings[0]["lora_rank"], settings[0]["targets"])  # arithmetic, so always from the settings
-    rows = [{**r, "trainable": lora} if "LoRA" in r["method"] else r for r in rows]
     return {"rows": rows, "stages": {k: v for p in parts for k, v in p["stages"].items()}, "settings": settings[0]}
 
 
@@ -199,9 +199,10 @@ def markdown(result: dict) -> str:
     lines = ["# Break-for-Make in the micro world", "",
              f"Content `{CONTENT}` (trigger `{CONTENT_TRIGGER}`) from {s['images']} images, style `{STYLE}` fill "
              f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images; B4M: {s['stage_steps']} steps per stage-1 run "
-             f"({s['aux']} auxiliary micro-world images each) at lr {s['lr']:g}, {s['combine_steps']} combine steps at lr "
-             f"{s['combine_lr']:g}; LoRAs: the same images and total steps at lr {s['lora_lr']:g}; batch 4, rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank "
-             f"{s['lora_rank']}, layers {', '.join(s['targets'])}. Judged on \"{CONTENT_TRIGGER} {STYLE_TRIGGER} a "
+             f"({s['aux']} auxiliary micro-world images each) at lr {s['lr']:g}, {s['combine_steps']} combine steps "
+             f"at lr {s['combine_lr']:g}; LoRAs: the same images and total steps at lr {s['lora_lr']:g}; batch 4, "
+             f"rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank {s['lora_rank']}, layers "
+             f"{', '.join(s['targets'])}. Judged on \"{CONTENT_TRIGGER} {STYLE_TRIGGER} a "
              f"<colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each (seed {s['seed']}).", "",
              "| method | trainable | content (star) | style (stripes) | product | both in one image |",
              "|---|---:|---:|---:|---:|---:|"]

@@ -32,11 +32,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Slow tests first: under xdist the longest ones then start at once on different workers and the short ones
     fill in around them, instead of a long test starting last and running alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 
 @pytest.fixture(scope="session")
 def atelier_home() -> Path:
