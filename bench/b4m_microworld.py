@@ -1,6 +1,6 @@
 """Break-for-Make in the micro world: content (a novel shape) × style (a novel fill), against two LoRA baselines.
 
-    python bench/b4m_microworld.py [--stage-steps 600] [--combine-steps 200] [--seeds 4]
+    python bench/b4m_microworld.py [--stage-steps 600 | --content-steps 800 --style-steps 400] [--combine-steps 200]
     # or side by side on two cores, then joined:
     python bench/b4m_microworld.py --only b4m --out b4m.json ... &
     python bench/b4m_microworld.py --only sum,joint --out loras.json ...
@@ -9,11 +9,11 @@
 Content = the shape ``star`` (trigger ``sks``), style = the fill ``stripes`` on base shapes (trigger ``w@z``; the
 captions do not name the fill, so only the trigger can carry it). Methods, all from the shipped micro base model, on
 the same images and the same total steps:
-- **B4M**: content run and style run (each ``stage-steps``, auxiliary micro-world sets: base shapes in the other
-  novel fills for the content run, plain base shapes for the style run), then combine + ``combine-steps`` joint steps;
-- **two LoRAs summed**: one LoRA on the content images, one on the style images (``stage-steps + combine-steps/2``
-  each), applied together at strength 1;
-- **one joint LoRA**: one LoRA on both folders (``2·stage-steps + combine-steps``).
+- **B4M**: content run and style run (``content-steps``, ``style-steps``; auxiliary sets: one-object base-set
+  scenes), then combine + ``combine-steps`` joint steps;
+- **two LoRAs summed**: one LoRA on the content images, one on the style images (each its stage's steps +
+  ``combine-steps/2``), applied together at strength 1;
+- **one joint LoRA**: one LoRA on both folders (all the steps B4M takes).
 The LoRAs adapt the same layers with the rank that gives about B4M's trainable count. The judge reads samples of
 "sks w@z a <colour> star ..." in every base colour: content accuracy = star seen, style accuracy = stripes seen.
 Writes ``bench/results/b4m_microworld.json`` and ``.md``.
@@ -122,11 +122,11 @@ def run(args: argparse.Namespace) -> dict:
     if not args.only or "b4m" in args.only:
         c = B4MMethod("content")
         secs, _ = fit(c, work / "b4m-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
-                      prior_data=str(aux_styles), steps=args.stage_steps, lr=args.lr, method_options=b4m_opts)
+                      prior_data=str(aux_styles), steps=args.content_steps, lr=args.lr, method_options=b4m_opts)
         stages["content"] = {"seconds": round(secs, 1), "trainable": c.summary()["trainable"]}
         s = B4MMethod("style")
         secs, _ = fit(s, work / "b4m-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
-                      prior_data=str(aux_contents), steps=args.stage_steps, lr=args.lr, method_options=b4m_opts)
+                      prior_data=str(aux_contents), steps=args.style_steps, lr=args.lr, method_options=b4m_opts)
         stages["style"] = {"seconds": round(secs, 1), "trainable": s.summary()["trainable"]}
         m = B4MMethod("combine")
         secs, _ = fit(m, work / "b4m.safetensors", data=str(content), trigger=CONTENT_TRIGGER, prior_data=str(style),
@@ -146,9 +146,9 @@ def run(args: argparse.Namespace) -> dict:
     lora_trainable = lora_count(args.lora_rank, args.targets)
     if not args.only or "sum" in args.only:
         t1, _ = fit(LoraMethod(), work / "lora-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
-                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
+                    steps=args.content_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         t2, _ = fit(LoraMethod(), work / "lora-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
-                    steps=args.stage_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
+                    steps=args.style_steps + args.combine_steps // 2, lr=args.lora_lr, method_options=lora_opts)
         stages["two LoRAs"] = {"seconds": round(t1 + t2, 1)}
         row = {"method": "two LoRAs summed", "trainable": lora_trainable,
                **accuracies(model, ((str(work / "lora-content.safetensors"), 1.0),
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> dict:
         print(json.dumps(row), flush=True)
     if not args.only or "joint" in args.only:
         secs, _ = fit(LoraMethod(), work / "lora-joint.safetensors", data=str(joint),
-                      steps=2 * args.stage_steps + args.combine_steps, lr=args.lora_lr, method_options=lora_opts)
+                      steps=args.content_steps + args.style_steps + args.combine_steps, lr=args.lora_lr, method_options=lora_opts)
         stages["joint LoRA"] = {"seconds": round(secs, 1)}
         row = {"method": "one joint LoRA", "trainable": lora_trainable,
                **accuracies(model, ((str(work / "lora-joint.safetensors"), 1.0),), args.seeds, args.seed)}
@@ -196,14 +196,18 @@ def lora_count(rank: int, targets: list[str]) -> int:
 
 def markdown(result: dict) -> str:
     s = result["settings"]
+    loras = any("LoRA" in r["method"] for r in result["rows"])
+    baselines = (f"LoRAs (rank {s['lora_rank']}): the same images and total steps at lr {s['lora_lr']:g}"
+                 if loras else "no LoRA baselines in this run")
+    recipe = (f"B4M: content run {s['content_steps']} steps, style run {s['style_steps']} steps "
+              f"({s['aux']} auxiliary micro-world images each) at lr {s['lr']:g}, {s['combine_steps']} combine steps "
+              f"at lr {s['combine_lr']:g}, rank {s['rank']} PLP (files rank {2 * s['rank']}); {baselines}; batch 4, "
+              f"layers {', '.join(s['targets'])}")
     lines = ["# Break-for-Make in the micro world", "",
              f"Content `{CONTENT}` (trigger `{CONTENT_TRIGGER}`) from {s['images']} images, style `{STYLE}` fill "
-             f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images; B4M: {s['stage_steps']} steps per stage-1 run "
-             f"({s['aux']} auxiliary micro-world images each) at lr {s['lr']:g}, {s['combine_steps']} combine steps "
-             f"at lr {s['combine_lr']:g}; LoRAs: the same images and total steps at lr {s['lora_lr']:g}; batch 4, "
-             f"rank {s['rank']} PLP (files rank {2 * s['rank']}) vs LoRA rank {s['lora_rank']}, layers "
-             f"{', '.join(s['targets'])}. Judged on \"{CONTENT_TRIGGER} {STYLE_TRIGGER} a "
-             f"<colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each (seed {s['seed']}).", "",
+             f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images. {recipe}. Judged on \"{CONTENT_TRIGGER} "
+             f"{STYLE_TRIGGER} a <colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each "
+             f"(seed {s['seed']}).", "",
              "| method | trainable | content (star) | style (stripes) | product | both in one image |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
@@ -218,6 +222,8 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--stage-steps", type=int, default=600)
+    parser.add_argument("--content-steps", type=int, help="steps of the content run (default: --stage-steps)")
+    parser.add_argument("--style-steps", type=int, help="steps of the style run (default: --stage-steps)")
     parser.add_argument("--combine-steps", type=int, default=200)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--aux", type=int, default=24, help="auxiliary images per stage-1 run")
@@ -245,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.lora_rank = args.lora_rank or max(1, args.rank // 2)
     args.lora_lr = args.lora_lr or args.lr
+    args.content_steps = args.content_steps or args.stage_steps
+    args.style_steps = args.style_steps or args.stage_steps
     return measure_micro(MODEL, args.out, lambda: run(args), markdown)
 
 
