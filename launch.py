@@ -13,7 +13,7 @@ import sys
 import warnings
 
 # Feature modules that add their own sub-commands through ``register(subparsers)``.
-COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli")
+COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "pipelines.watermark.cli")
 
 
 def quiet_libraries() -> None:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 from .safetensors_files import read_header
 
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # vae: the watermark LoRA on its decoder
 FORMATS = ("diffusers", "kohya")
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}

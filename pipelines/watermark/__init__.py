@@ -1,0 +1,1 @@
+"""Watermarks: owner keys, the bit extractor, attacks, and honest verification."""

@@ -1,0 +1,129 @@
+"""Verification: does an image carry an owner's key? Which registered key is it? How robust is it?
+
+The key comes as hex or from a watermark adapter file's metadata; the extractor is the shipped one unless the owner
+names their own. An adapter records the hash of the extractor it was trained against: verifying with another one
+is refused, because its bits would be meaningless (and p-values dishonest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.errors import UserError
+
+from .attacks import ATTACKS, attack_image
+from .extractor import BitExtractor, extractor_hash, load_extractor
+from .keys import format_key, parse_key
+from .stats import KeyMatch, Verdict, best_key, pooled, verdict
+
+DEFAULT_FPR = 1e-6
+
+
+@dataclass
+class KeySource:
+    key: str  # hex
+    extractor_hash: str | None  # recorded by a watermark adapter, when the key came from one
+
+
+def key_from_adapter(path: Path) -> KeySource:
+    """The key and extractor hash a watermark adapter (or a merged model's metadata) carries."""
+    from pipelines.safetensors_files import read_metadata
+
+    path = Path(path)
+    meta = read_metadata(path)
+    if meta.get("atelier.method") != "watermark":
+        raise UserError(f"{path.name}: not a watermark adapter (method {meta.get('atelier.method') or 'unknown'})")
+    key = meta.get("atelier.watermark_key", "")
+    if not key:
+        raise UserError(f"{path.name}: its owner kept the key secret; pass it with --key")
+    return KeySource(key=key, extractor_hash=meta.get("atelier.watermark_extractor") or None)
+
+
+def open_extractor(path: str | Path | None, expected_hash: str | None = None,
+                   device: str | torch.device = "cpu") -> BitExtractor:
+    """The named (or shipped) extractor; refused when an adapter says it was trained against another one."""
+    from .shipped import default_extractor_path
+
+    extractor = load_extractor(Path(path) if path else default_extractor_path(), device=device)
+    actual = extractor_hash(extractor)
+    if expected_hash and expected_hash != actual:
+        raise UserError(f"this watermark was trained against extractor {expected_hash}, not {actual}; "
+                        "verify with the extractor it was made for (--extractor)")
+    return extractor
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB image from a user's file, or a one-line reason it cannot be read (size-guarded)."""
+    from trainers.dataset import check_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path.name}: no such file")
+    try:
+        check_image(path)
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{path.name}: {exc}") from exc
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+@torch.no_grad()
+def read_bits(extractor: BitExtractor, image: Image.Image) -> torch.Tensor:
+    """The extractor's k bits (0/1) for one image of any size."""
+    device = next(extractor.parameters()).device
+    return (extractor(image_tensor(image).to(device))[0] > 0).float().cpu()
+
+
+def matched_bits(extractor: BitExtractor, image: Image.Image, key: torch.Tensor) -> int:
+    return int((read_bits(extractor, image) == key).sum())
+
+
+@dataclass
+class Report:
+    key: str
+    per_image: list[tuple[str, Verdict]]
+    pooled: Verdict | None
+
+    def as_dict(self) -> dict:
+        return {"key": self.key, "images": [{"image": name, **v.as_dict()} for name, v in self.per_image],
+                "pooled": self.pooled.as_dict() if self.pooled else None}
+
+
+def verify(images: list[tuple[str, Image.Image]], key_hex: str, extractor: BitExtractor,
+           fpr: float = DEFAULT_FPR) -> Report:
+    """Per image: matched bits, bit accuracy, p-value, verdict at ``fpr``; pooled over all images' bits."""
+    if not images:
+        raise UserError("no images to verify")
+    bits = extractor.config.bits
+    key = parse_key(key_hex, bits)
+    per = [(name, verdict(matched_bits(extractor, image, key), bits, fpr)) for name, image in images]
+    pool = pooled([v.matched for _, v in per], bits, fpr) if len(per) > 1 else None
+    return Report(key=format_key(key), per_image=per, pooled=pool)
+
+
+def identify(image: Image.Image, keys: list[str], extractor: BitExtractor, fpr: float = DEFAULT_FPR) -> KeyMatch:
+    """Which of ``keys`` the image carries (Bonferroni over the list, so a clean image names one with ≤ fpr)."""
+    bits = extractor.config.bits
+    parsed = [parse_key(k, bits) for k in keys]
+    read = read_bits(extractor, image)
+    return best_key([int((read == k).sum()) for k in parsed], bits, fpr)
+
+
+def robustness(image: Image.Image, key_hex: str, extractor: BitExtractor, fpr: float = DEFAULT_FPR) -> list[dict]:
+    """Bit accuracy and p-value of ``image`` under every standard attack: the verification tab's preview table."""
+    bits = extractor.config.bits
+    key = parse_key(key_hex, bits)
+    rows = []
+    for name in ATTACKS:
+        v = verdict(matched_bits(extractor, attack_image(image, name), key), bits, fpr)
+        rows.append({"attack": name, "matched": v.matched, "bits": bits, "bit_accuracy": round(v.bit_accuracy, 3),
+                     "p_value": v.p_value, "watermarked": v.watermarked})
+    return rows

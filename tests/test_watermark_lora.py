@@ -1,0 +1,111 @@
+"""Watermark LoRA mechanics: the loss-weight scheduler as specified, the image loss, the decoder targets, files,
+merging, verification refusals."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.errors import UserError
+from trainers.watermark_lora import LossWeightScheduler, psnr, ssim
+
+
+def test_scheduler_raises_the_watermark_weight_while_bits_lag():
+    s = LossWeightScheduler(gamma=0.25)
+    s.update(bit_accuracy=0.6, psnr=40)
+    assert (s.lambda_wm, s.lambda_img) == (0.5, 1.0)
+    s.update(bit_accuracy=0.95, psnr=25)  # bits fine, PSNR low: image weight rises
+    assert (s.lambda_wm, s.lambda_img) == (0.5, 1.25)
+    s.update(bit_accuracy=0.95, psnr=35)  # both fine: nothing changes
+    assert (s.lambda_wm, s.lambda_img) == (0.5, 1.25)
+
+
+def test_scheduler_raises_a_target_met_five_times_in_a_row_and_caps_it():
+    s = LossWeightScheduler(bit_target=0.9, psnr_target=30, patience=5)
+    for _ in range(4):
+        s.update(0.95, 31)
+    assert (s.bit_target, s.psnr_target) == (0.9, 30)
+    s.update(0.95, 31)
+    assert s.bit_target == pytest.approx(0.98) and s.psnr_target == 32.5
+    s.update(0.95, 40)  # below the new bit target: the counter restarts, λ_w rises
+    assert s.bit_hits == 0 and s.lambda_wm == 0.5
+    for _ in range(20):
+        s.update(1.0, 60)
+    assert s.bit_target == pytest.approx(0.99)  # capped below 1
+
+
+def test_scheduler_counters_reset_when_a_target_is_missed():
+    s = LossWeightScheduler(patience=5)
+    for acc in (0.95, 0.95, 0.95, 0.5, 0.95, 0.95, 0.95, 0.95):
+        s.update(acc, 40)
+    assert s.bit_target == 0.9 and s.bit_hits == 4
+
+
+def test_image_loss_pieces():
+    torch.manual_seed(0)
+    a = torch.rand(2, 3, 32, 32)
+    assert ssim(a, a).item() == pytest.approx(1.0, abs=1e-5)
+    noisy = (a + 0.1 * torch.randn_like(a)).clamp(0, 1)
+    assert ssim(a, noisy).item() < ssim(a, (a + 0.02 * torch.randn_like(a)).clamp(0, 1)).item() < 1
+    assert psnr(a, noisy).item() == pytest.approx(10 * torch.log10(1 / ((a - noisy) ** 2).mean()).item(), rel=1e-5)
+
+
+def test_decoder_targets_are_the_up_block_convs():
+    from diffusers import AutoencoderKL
+
+    from conftest import MICRO_MODEL
+    from trainers.watermark_lora import decoder_target_names
+
+    names = decoder_target_names(AutoencoderKL.from_pretrained(MICRO_MODEL, subfolder="vae"))
+    assert names and all(n.startswith("decoder.up_blocks.") for n in names)
+    assert any(n.endswith("conv1") for n in names) and any("upsamplers" in n for n in names)
+
+
+@pytest.fixture(scope="module")
+def tiny_extractor(tmp_path_factory):
+    from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, save_extractor
+
+    torch.manual_seed(0)
+    return save_extractor(BitExtractor(ExtractorConfig(bits=16, channels=8, depth=3)).eval(),
+                          tmp_path_factory.mktemp("wm") / "extractor.safetensors")
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_training_writes_a_decoder_lora_with_key_and_schedule_and_merges_back_exactly(tmp_path, tiny_extractor):
+    from conftest import MICRO_MODEL
+    from pipelines.loading import load_model
+    from pipelines.safetensors_files import read_metadata
+    from pipelines.watermark.extractor import extractor_hash, load_extractor
+    from pipelines.watermark.merge import load_watermark, watermark_applied
+    from trainers.events import read_events
+    from trainers.watermark_lora import WatermarkConfig, train_watermark
+
+    model = load_model(MICRO_MODEL)
+    before = {k: v.clone() for k, v in model.pipe.vae.state_dict().items()}
+    config = WatermarkConfig(out=str(tmp_path / "wm.safetensors"), key="beef", extractor=str(tiny_extractor),
+                             latents=4, sample_steps=4, max_steps=6, batch_size=2)
+    run = train_watermark(config, tmp_path / "run", model=model)
+    assert run.result.status == "done" and run.result.step == 6 and run.key == "beef"
+    # The VAE is back to its plain modules with the base weights untouched.
+    after = model.pipe.vae.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    meta = read_metadata(tmp_path / "wm.safetensors")
+    assert meta["atelier.method"] == "watermark" and meta["atelier.watermark_key"] == "beef"
+    assert meta["atelier.watermark_extractor"] == extractor_hash(load_extractor(tiny_extractor))
+    adapter = load_watermark(tmp_path / "wm.safetensors")
+    assert adapter.layers and all(n.startswith("vae.decoder.up_blocks.") for n in adapter.layers)
+    steps = [e for e in read_events(tmp_path / "run") if e["event"] == "step"]
+    assert len(steps) == 6 and all({"lambda_img", "lambda_wm", "bit_target", "psnr_target"} <= set(e) for e in steps)
+    assert steps[0]["lambda_wm"] == 0.5  # bits far below 0.9 at the start: λ_w += 2γ
+    conv = model.pipe.vae.decoder.up_blocks[0].resnets[0].conv1
+    weight = conv.weight.detach().clone()
+    with watermark_applied(model.pipe, tmp_path / "wm.safetensors"):
+        assert not torch.equal(conv.weight, weight)
+    assert torch.equal(conv.weight, weight)
+
+    secret = WatermarkConfig(out=str(tmp_path / "secret.safetensors"), key="beef", keep_key_secret=True,
+                             extractor=str(tiny_extractor), latents=2, sample_steps=2, max_steps=1, batch_size=1)
+    train_watermark(secret, tmp_path / "run2", model=model)
+    assert read_metadata(tmp_path / "secret.safetensors")["atelier.watermark_key"] == ""
+    with pytest.raises(UserError, match="key"):
+        train_watermark(WatermarkConfig(out=str(tmp_path / "x.safetensors"), key="beef00",
+                                        extractor=str(tiny_extractor), max_steps=1), tmp_path / "run3", model=model)

@@ -1,0 +1,157 @@
+"""Train a watermark bit extractor (HiDDeN-style, with its encoder) under the noise layer: how the shipped one was
+made, and how an owner makes a private one.
+
+    python launch.py watermark train-extractor --out my-extractor.safetensors [--bits 48] [--steps 6000]
+
+Images: micro-world scenes and scikit-image's bundled photos (random crops of 64–96 px), or a folder of the owner's.
+Each step the encoder writes random bits into a batch, one random distortion of the noise layer is applied, and the
+extractor must read the bits back: loss = BCE(bits) + image_weight·MSE(residual). At the end the extractor's outputs
+are whitened on clean images (Stable Signature's recipe) so that bits of unmarked images behave like fair coins.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipelines.errors import UserError
+from pipelines.watermark.attacks import noise_layer
+from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, save_extractor
+
+from .dataset import IMAGE_SUFFIXES, check_image
+
+
+@dataclass
+class ExtractorTrainConfig:
+    out: str
+    bits: int = 48
+    channels: int = 32
+    depth: int = 5
+    encoder_channels: int = 16
+    steps: int = 6000
+    batch_size: int = 12
+    lr: float = 2e-3
+    image_weight: float = 0.1  # weight of the encoder residual's MSE (the encoder only serves to train the extractor)
+    strength: float = 0.05  # encoder residual bound in [-1, 1] units
+    sizes: tuple[int, ...] = (64, 64, 64, 96)  # crop side drawn per step
+    microworld: int = 512  # micro-world scenes in the image pool
+    folder: str | None = None  # the owner's images; default: scikit-image's photos + micro-world scenes
+    whiten_images: int = 512
+    seed: int = 0
+
+
+def image_pool(config: ExtractorTrainConfig) -> list[np.ndarray]:
+    """uint8 (H, W, 3) arrays: the owner's folder, or micro-world scenes plus scikit-image's photos."""
+    pool: list[np.ndarray] = []
+    if config.folder:
+        root = Path(config.folder).expanduser()
+        if not root.is_dir():
+            raise UserError(f"image folder {config.folder} does not exist")
+        for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            try:
+                check_image(path)
+                with Image.open(path) as im:
+                    pool.append(np.asarray(im.convert("RGB")))
+            except (ValueError, OSError):
+                continue
+        if not pool:
+            raise UserError(f"{config.folder} holds no readable images")
+        return pool
+    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+
+    pool += [s.image for s in generate_scenes(config.microworld, seed=config.seed + 17, config=SceneConfig())]
+    try:
+        import skimage.data
+
+        from .sr_pretrain import TRAIN_PHOTOS
+
+        for name in TRAIN_PHOTOS:
+            array = np.asarray(getattr(skimage.data, name)())
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=2)
+            pool.append(array[..., :3].astype(np.uint8))
+    except ImportError:
+        pass  # micro-world scenes alone (the assets extra brings the photos)
+    return pool
+
+
+def random_batch(pool: list[np.ndarray], n: int, side: int, rng: random.Random) -> torch.Tensor:
+    """``n`` random crops of ``side`` px in [-1, 1]; images smaller than ``side`` are resized up first."""
+    out = []
+    for _ in range(n):
+        image = pool[rng.randrange(len(pool))]
+        h, w = image.shape[:2]
+        if min(h, w) < side:
+            f = side / min(h, w)
+            image = np.asarray(Image.fromarray(image).resize((max(side, round(w * f)), max(side, round(h * f))),
+                                                             Image.BICUBIC))
+            h, w = image.shape[:2]
+        elif rng.random() < 0.5 and min(h, w) >= 2 * side:  # photos: sometimes a downscaled view, not just detail
+            f = rng.uniform(side / min(h, w), 1.0)
+            image = np.asarray(Image.fromarray(image).resize((max(side, round(w * f)), max(side, round(h * f))),
+                                                             Image.BICUBIC))
+            h, w = image.shape[:2]
+        top, left = rng.randint(0, h - side), rng.randint(0, w - side)
+        crop = image[top:top + side, left:left + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out.append(torch.from_numpy(crop.copy()).permute(2, 0, 1))
+    return torch.stack(out).float() / 127.5 - 1
+
+
+def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = print) -> dict:
+    """Train, whiten, save; returns the run's summary (also stored in the file's metadata)."""
+    if config.bits % 4 or not 8 <= config.bits <= 256:
+        raise UserError("the key length must be a multiple of 4 bits between 8 and 256")
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    pool = image_pool(config)
+    spec = ExtractorConfig(bits=config.bits, channels=config.channels, depth=config.depth)
+    encoder = BitEncoder(spec, strength=config.strength, channels=config.encoder_channels)
+    extractor = BitExtractor(spec)
+    params = list(encoder.parameters()) + list(extractor.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
+                                                   pct_start=0.05)
+    started, recent = time.perf_counter(), []
+    for step in range(1, config.steps + 1):
+        images = random_batch(pool, config.batch_size, rng.choice(config.sizes), rng)
+        bits = torch.randint(0, 2, (config.batch_size, config.bits)).float()
+        marked = encoder(images, bits)
+        logits = extractor(noise_layer(marked, rng))
+        loss = F.binary_cross_entropy_with_logits(logits, bits) + config.image_weight * F.mse_loss(marked, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        recent.append(((logits > 0).float() == bits).float().mean().item())
+        if step % 100 == 0 or step == config.steps:
+            acc = sum(recent) / len(recent)
+            recent = []
+            log({"step": step, "loss": round(loss.item(), 4), "bit_accuracy_noised": round(acc, 4),
+                 "elapsed_s": round(time.perf_counter() - started, 1)})
+    encoder.eval()
+    extractor.eval()
+    with torch.no_grad():
+        clean = torch.cat([random_batch(pool, 64, 64, rng) for _ in range(max(1, config.whiten_images // 64))])
+        extractor.fit_whitening(clean)
+    summary = {"steps": config.steps, "seconds": round(time.perf_counter() - started, 1),
+               "hash": extractor_hash(extractor), "config": asdict(config)}
+    save_extractor(extractor, Path(config.out),
+                   metadata={"extractor.training": json.dumps(summary), "extractor.whitened": "true"})
+    encoder_path = Path(config.out).with_suffix(".encoder.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_path),
+              metadata={"atelier.method": "watermark-encoder", "extractor.hash": summary["hash"],
+                        "encoder.strength": str(config.strength), "encoder.channels": str(config.encoder_channels),
+                        "extractor.bits": str(config.bits)})
+    return summary

@@ -1,0 +1,304 @@
+"""Watermark LoRA: a small LoRA on the VAE decoder's up-block convolutions so that every decoded image carries the
+owner's key, read back by a fixed extractor.
+
+Each step decodes the same latents with the frozen decoder (x̂, computed once per latent) and with decoder + LoRA (x̃):
+    L = λ_i · L_img(x̃, x̂) + λ_w · BCE(extractor(noise(x̃)), key)
+L_img = MSE + (1 − SSIM), both on [0, 1] pixels: no downloaded perceptual network needed. The loss weights follow the
+extended paper's dynamic scheduler (:class:`LossWeightScheduler`), logged every step. Training stops when the final
+targets (bit accuracy, PSNR) hold for ``patience_stop`` consecutive steps, or at ``max_steps``.
+
+The artefact is an ordinary adapter file (layers ``vae.decoder...``) with the key (unless kept secret), the bit count
+and the extractor's hash in its metadata; :func:`pipelines.lora.merge_lora` merges it into a pipeline's decoder.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipelines.errors import UserError
+
+from .events import EventLog
+from .loop import StopFlag, TrainResult
+
+LAYER_PATTERN = r"decoder\.up_blocks\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|upsamplers\.0\.conv)"
+
+
+@dataclass
+class WatermarkConfig:
+    out: str
+    model: str | None = None  # pipeline folder / checkpoint (default: the studio's default model)
+    key: str | None = None  # hex; None draws a fresh key
+    keep_key_secret: bool = False  # True: the key is not written into the file's metadata
+    extractor: str | None = None  # default: the shipped extractor
+    rank: int = 4
+    alpha: float = 32.0
+    lr: float = 2e-3
+    batch_size: int = 4
+    max_steps: int = 1500
+    latents: int = 64  # latents sampled from the base model (when no image folder is given)
+    images: str | None = None  # a folder whose images are encoded to latents instead
+    prompts: tuple[str, ...] = ()  # prompts for sampled latents (default: micro-world captions)
+    sample_steps: int = 20
+    noise_probability: float = 0.5  # share of steps whose x̃ passes the noise layer before the extractor
+    # dynamic loss-weight scheduler (extended paper)
+    bit_target: float = 0.9
+    psnr_target: float = 30.0
+    gamma: float = 0.25
+    patience: int = 5
+    bit_target_step: float = 0.08
+    bit_target_cap: float = 0.99
+    psnr_target_step: float = 2.5
+    # early stop: both final targets met this many consecutive steps
+    stop_bit_accuracy: float = 0.99
+    stop_psnr: float = 30.0
+    patience_stop: int = 10
+    seed: int = 0
+    device: str = "auto"
+
+    def validate(self) -> "WatermarkConfig":
+        if not str(self.out).endswith(".safetensors"):
+            raise UserError("--out must name a .safetensors file")
+        if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1 or self.latents < 1:
+            raise UserError("rank, batch size, steps and latents must be ≥ 1")
+        if not 0 <= self.noise_probability <= 1:
+            raise UserError("the noise probability must be between 0 and 1")
+        return self
+
+
+@dataclass
+class LossWeightScheduler:
+    """The extended paper's scheduler: raise λ_w while bits lag, else λ_i while PSNR lags; a target met ``patience``
+    times in a row is raised (μ += 0.08 up to a cap, ρ += 2.5 dB). Counters persist across steps."""
+
+    bit_target: float = 0.9
+    psnr_target: float = 30.0
+    gamma: float = 0.25
+    patience: int = 5
+    bit_step: float = 0.08
+    bit_cap: float = 0.99
+    psnr_step: float = 2.5
+    lambda_img: float = 1.0
+    lambda_wm: float = 0.0
+    bit_hits: int = 0
+    psnr_hits: int = 0
+
+    def update(self, bit_accuracy: float, psnr: float) -> None:
+        if bit_accuracy < self.bit_target:
+            self.lambda_wm += 2 * self.gamma
+        elif psnr < self.psnr_target:
+            self.lambda_img += self.gamma
+        self.bit_hits = self.bit_hits + 1 if bit_accuracy >= self.bit_target else 0
+        self.psnr_hits = self.psnr_hits + 1 if psnr >= self.psnr_target else 0
+        if self.bit_hits >= self.patience:
+            self.bit_target = min(self.bit_cap, self.bit_target + self.bit_step)
+            self.bit_hits = 0
+        if self.psnr_hits >= self.patience:
+            self.psnr_target += self.psnr_step
+            self.psnr_hits = 0
+
+    def state(self) -> dict:
+        return {"lambda_img": round(self.lambda_img, 4), "lambda_wm": round(self.lambda_wm, 4),
+                "bit_target": round(self.bit_target, 4), "psnr_target": round(self.psnr_target, 2)}
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Mean SSIM of images in [0, 1] (Gaussian window, per channel), differentiable."""
+    sigma = 1.5
+    x = torch.arange(window, dtype=a.dtype, device=a.device) - window // 2
+    g = torch.exp(-x**2 / (2 * sigma**2))
+    g = (g / g.sum())
+    kernel = (g[:, None] * g[None, :]).expand(a.shape[1], 1, window, window)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, kernel, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return s.mean()
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB of images in [0, 1] (over the whole batch)."""
+    mse = F.mse_loss(a, b).clamp_min(1e-12)
+    return 10 * torch.log10(1.0 / mse)
+
+
+def decoder_target_names(vae) -> list[str]:
+    """The decoder's up-block convolutions (the spec's default place for the watermark)."""
+    import re
+
+    pattern = re.compile(LAYER_PATTERN + "$")
+    names = [n for n, m in vae.named_modules() if isinstance(m, torch.nn.Conv2d) and pattern.match(n)]
+    if not names:
+        raise UserError("this VAE has no decoder up-block convolutions to watermark")
+    return names
+
+
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (already divided by the scaling factor) → images in [0, 1]."""
+    return (vae.decode(latents).sample.float().clamp(-1, 1) + 1) / 2
+
+
+@torch.no_grad()
+def collect_latents(model, config: WatermarkConfig) -> torch.Tensor:
+    """Unscaled latents to train on: the encoded images of a folder, or samples of the base model."""
+    pipe = model.pipe
+    vae = pipe.vae
+    if config.images:
+        from .dataset import DatasetConfig, ImageFolderDataset
+
+        data = ImageFolderDataset(DatasetConfig(config.images, resolution=model.native_size, buckets=False),
+                                  size_multiple=pipe.vae_scale_factor)
+        out = []
+        for i in range(min(len(data.samples), config.latents)):
+            pixels, _ = data.load(i)
+            out.append(vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist.mean.float().cpu())
+        if not out:
+            raise UserError(f"{config.images} holds no usable images")
+        return torch.cat(out)
+    prompts = list(config.prompts)
+    if not prompts:
+        from pipelines.microworld.scenes import SceneConfig, generate_scenes
+
+        prompts = [s.caption for s in generate_scenes(config.latents, seed=config.seed + 101, config=SceneConfig())]
+    size = model.native_size
+    out = []
+    for start in range(0, config.latents, 8):
+        chunk = [prompts[i % len(prompts)] for i in range(start, min(config.latents, start + 8))]
+        gens = [torch.Generator("cpu").manual_seed(config.seed * 100_000 + start + j) for j in range(len(chunk))]
+        latents = pipe(chunk, num_inference_steps=config.sample_steps, generator=gens, height=size, width=size,
+                       output_type="latent").images
+        out.append((latents / vae.config.scaling_factor).float().cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class WatermarkRun:
+    result: TrainResult
+    key: str
+    seconds_to_99: float | None
+    history: list[dict] = field(default_factory=list)
+
+
+def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> WatermarkRun:
+    """Train the watermark LoRA; write the adapter file; return the run with its per-step history."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
+    from pipelines.loading import load_model
+    from pipelines.watermark.attacks import noise_layer
+    from pipelines.watermark.extractor import extractor_hash, load_extractor
+    from pipelines.watermark.keys import format_key, new_key, parse_key
+    from pipelines.watermark.shipped import default_extractor_path
+
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    log, stop = EventLog(run_dir), StopFlag(run_dir)
+    stop.file.unlink(missing_ok=True)
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    model = model or load_model(config.model, device=config.device, dtype="fp32")
+    extractor = load_extractor(Path(config.extractor) if config.extractor else default_extractor_path())
+    bits_n = extractor.config.bits
+    key_hex = config.key or new_key(bits_n)
+    key = parse_key(key_hex, bits_n)
+    key_hex = format_key(key)
+    vae = model.pipe.vae
+    device = vae.device
+    extractor = extractor.to(device).requires_grad_(False)
+    latents = collect_latents(model, config).to(device)
+    with torch.no_grad():
+        targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
+    names = decoder_target_names(vae)
+    vae.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=names,
+                                       init_lora_weights=True), vae, adapter_name="watermark")
+    params = [p for n, p in vae.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
+                                    config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
+    trainable = sum(p.numel() for p in params)
+    log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
+              extractor=extractor_hash(extractor), bits=bits_n)
+    key_batch = key.to(device)[None]
+    history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
+    recent_acc: list[float] = []
+    step, status = 0, "done"
+    while step < config.max_steps:
+        if stop:
+            status = "stopped"
+            break
+        step += 1
+        idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
+        marked = decode(vae, latents[idx])
+        reference = targets[idx]
+        seen = marked * 2 - 1
+        if rng.random() < config.noise_probability:
+            seen = noise_layer(seen, rng)
+        logits = extractor(seen)
+        wm_loss = F.binary_cross_entropy_with_logits(logits, key_batch.expand_as(logits))
+        img_loss = F.mse_loss(marked, reference) + (1 - ssim(marked, reference))
+        loss = scheduler.lambda_img * img_loss + scheduler.lambda_wm * wm_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            acc = ((extractor(marked * 2 - 1) > 0).float() == key_batch).float().mean().item()  # unattacked bits
+            quality = psnr(marked, reference).item()
+        scheduler.update(acc, quality)
+        recent_acc = (recent_acc + [acc])[-5:]
+        elapsed = time.perf_counter() - started
+        if seconds_to_99 is None and len(recent_acc) == 5 and sum(recent_acc) / 5 >= 0.99:
+            seconds_to_99 = elapsed
+        entry = {"step": step, "loss": round(loss.item(), 5), "bit_accuracy": round(acc, 4), "psnr": round(quality, 2),
+                 **scheduler.state()}
+        history.append(entry)
+        log.write("step", total=config.max_steps, elapsed_s=round(elapsed, 2), **entry)
+        streak = streak + 1 if acc >= config.stop_bit_accuracy and quality >= config.stop_psnr else 0
+        if streak >= config.patience_stop:
+            log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
+                                                      f"{config.stop_psnr} dB for {streak} steps")
+            break
+    layers = {}
+    for name, module in vae.named_modules():
+        if name in names:
+            lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
+            lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
+            layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
+    _remove_peft(vae)
+    metadata = {"atelier.method": "watermark", "atelier.base_fingerprint": model.fingerprint,
+                "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_hash(extractor),
+                "atelier.watermark_key": "" if config.keep_key_secret else key_hex,
+                "atelier.watermark_steps": str(step),
+                "atelier.watermark_seconds_to_99": "" if seconds_to_99 is None else f"{seconds_to_99:.1f}",
+                "atelier.settings": json.dumps({k: v for k, v in asdict(config).items() if k != "key"}, default=str)}
+    out = save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
+    log.write("done" if status == "done" else "stopped", step=step, artifact=str(out), seconds_to_99=seconds_to_99)
+    return WatermarkRun(result=TrainResult(status=status, step=step, artifact=str(out),
+                                           losses=[h["loss"] for h in history]),
+                        key=key_hex, seconds_to_99=seconds_to_99, history=history)
+
+
+def _remove_peft(vae) -> None:
+    """Put the plain convolutions back (the base weights were never changed)."""
+    for name, module in list(vae.named_modules()):
+        base = getattr(module, "base_layer", None)
+        if base is not None and hasattr(module, "lora_A"):
+            parent_name, _, child = name.rpartition(".")
+            setattr(vae.get_submodule(parent_name) if parent_name else vae, child, base)
+    if hasattr(vae, "peft_config"):
+        del vae.peft_config
