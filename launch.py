@@ -74,7 +74,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
                                 scheduler=args.scheduler, batch_count=args.batch_count,
-                                loras=tuple(parse_lora_arg(text) for text in args.lora or ()))
+                                loras=tuple(parse_lora_arg(text) for text in args.lora or ()),
+                                watermark=args.watermark)
 
     def progress(step: int, total: int) -> None:
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-count", type=int, default=1)
     gen.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
                      help="apply a LoRA / adapter file with a strength (default 1.0); repeatable")
+    gen.add_argument("--watermark", metavar="FILE", help="a watermark adapter: every image carries its key")
     add_model_options(gen)
     gen.set_defaults(func=cmd_generate)
 

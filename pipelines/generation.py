@@ -43,6 +43,7 @@ class GenerationRequest:
     scheduler: str = MODEL_DEFAULT
     batch_count: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (adapter file, strength)
+    watermark: str | None = None  # a watermark adapter merged into the VAE decoder for this request
 
     def resolved(self, model: LoadedModel) -> "GenerationRequest":
         """Check every field and fill the defaults that depend on the model; raises ``UserError``."""
@@ -67,6 +68,11 @@ class GenerationRequest:
         if seed > MAX_SEED:
             raise UserError(f"seed must be at most {MAX_SEED}")
         make_scheduler(self.scheduler, model.base_scheduler)  # raises on an unknown name
+        if self.watermark:
+            from .watermark.merge import is_watermark_file
+
+            if not is_watermark_file(Path(self.watermark)):
+                raise UserError(f"{Path(self.watermark).name} is not a watermark adapter")
         for path, strength in self.loras:
             if not -4.0 <= float(strength) <= 4.0:
                 raise UserError(f"LoRA strength must be between -4 and 4 (got {strength} for {Path(path).name})")
@@ -117,8 +123,13 @@ def adapters_applied(model: LoadedModel, loras: tuple[tuple[str, float], ...]) -
     from .lora import apply_loras, remove_loras
     from .sparse_delta import is_sparse_delta_file, load_sparse_delta, sparse_deltas_applied
 
+    from .watermark.merge import is_watermark_file
+
     warnings, pairs, deltas = [], [], []
     for path, strength in loras:
+        if is_watermark_file(Path(path)):
+            raise UserError(f"{Path(path).name} is a watermark adapter (VAE decoder): choose it as the watermark "
+                            "(--watermark), not as a LoRA")
         if is_sparse_delta_file(Path(path)):
             deltas.append((load_sparse_delta(Path(path)), float(strength)))
             continue
@@ -144,7 +155,10 @@ def generate(model: LoadedModel, request: GenerationRequest, *,
     pipe.scheduler = make_scheduler(req.scheduler, model.base_scheduler)
     sampler = scheduler_label(req.scheduler, model.base_scheduler)
     total = req.steps * req.batch_count
-    with adapters_applied(model, req.loras) as adapter_warnings:
+    from .watermark.merge import watermark_applied
+
+    with adapters_applied(model, req.loras) as adapter_warnings, \
+            watermark_applied(pipe, Path(req.watermark) if req.watermark else None):
         warnings = prompt_warnings(model, req) + adapter_warnings
         yield from _generate_images(model, req, sampler, warnings, total, on_step, cancel)
 
@@ -178,6 +192,8 @@ def _generate_images(model: LoadedModel, req: GenerationRequest, sampler: str, w
                     "Model": model.name, "Version": "atelier"}
         if req.loras:
             settings["Lora"] = ", ".join(f"{Path(p).stem}:{w:g}" for p, w in req.loras)
+        if req.watermark:
+            settings["Watermark"] = Path(req.watermark).stem  # the file's name, never the key
         record = {**asdict(replace(req, seed=seed, batch_count=1)), "sampler": sampler, "model": model.name,
                   "model_source": model.source, "model_fingerprint": model.fingerprint,
                   "device": model.runtime.describe(), "seconds": round(time.perf_counter() - started, 3),

@@ -109,3 +109,28 @@ def test_training_writes_a_decoder_lora_with_key_and_schedule_and_merges_back_ex
     with pytest.raises(UserError, match="key"):
         train_watermark(WatermarkConfig(out=str(tmp_path / "x.safetensors"), key="beef00",
                                         extractor=str(tiny_extractor), max_steps=1), tmp_path / "run3", model=model)
+
+
+def test_generation_with_a_watermark_changes_the_decoder_only_for_that_request(tmp_path, tiny_extractor):
+    from conftest import MICRO_MODEL
+    from pipelines.generation import GenerationRequest, generate
+    from pipelines.loading import load_model
+    from trainers.watermark_lora import WatermarkConfig, train_watermark
+
+    model = load_model(MICRO_MODEL)
+    train_watermark(WatermarkConfig(out=str(tmp_path / "wm.safetensors"), key="0f0f", extractor=str(tiny_extractor),
+                                    latents=2, sample_steps=2, max_steps=3, batch_size=2, lr=2e-2),
+                    tmp_path / "run", model=model)
+    request = GenerationRequest(prompt="a red circle in the center, gray background", steps=4, seed=3)
+
+    def image(**extra):
+        return next(generate(model, GenerationRequest(**{**request.__dict__, **extra})))
+
+    plain, marked, again = image(), image(watermark=str(tmp_path / "wm.safetensors")), image()
+    assert plain.image.tobytes() == again.image.tobytes()  # the decoder came back exactly
+    assert plain.image.tobytes() != marked.image.tobytes()
+    assert "Watermark: wm" in marked.parameters and "0f0f" not in marked.parameters
+    with pytest.raises(UserError, match="watermark adapter"):
+        image(loras=((str(tmp_path / "wm.safetensors"), 1.0),))
+    with pytest.raises(UserError, match="not a watermark adapter"):
+        image(watermark=str(tiny_extractor))

@@ -49,7 +49,7 @@ class BitExtractor(nn.Module):
         layers = [_block(3, c)]
         for i in range(config.depth - 1):
             layers.append(_block(c, c, stride=2 if i < 2 else 1))
-        layers.append(nn.Conv2d(c, config.bits, 1))
+        layers.append(_block(c, config.bits))  # non-linear before pooling, or k bits would share c pooled values
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(config.bits, config.bits)
         # Whitening: logits' = W·(logits − mean); identity until fitted.
