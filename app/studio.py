@@ -62,6 +62,7 @@ def build_studio(config: StudioConfig):
     from .library_tab import build_library_tab
     from .train_tab import build_train_tab
     from .upscale_tab import build_upscale_tab
+    from .verify_tab import build_verify_tab
 
     models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
                                   dtype=config.dtype, attention=config.attention))
@@ -80,6 +81,8 @@ def build_studio(config: StudioConfig):
                 build_train_tab(demo, jobs, data_home(), config.model)
             with gr.Tab("Upscale", id="upscale"):
                 build_upscale_tab(demo, sr_models, data_home(), outputs)
+            with gr.Tab("Verify", id="verify"):
+                build_verify_tab(demo, data_home(), adapters_folder(data_home()))
             with gr.Tab("Library", id="library"):
                 build_library_tab(demo, models, adapters_folder(data_home()))
     jobs.start_background()

@@ -127,3 +127,67 @@ def robustness(image: Image.Image, key_hex: str, extractor: BitExtractor, fpr: f
         rows.append({"attack": name, "matched": v.matched, "bits": bits, "bit_accuracy": round(v.bit_accuracy, 3),
                      "p_value": v.p_value, "watermarked": v.watermarked})
     return rows
+
+
+# -- what the Verify tab offers and calls ----------------------------------------------------------------------
+
+SHIPPED_EXTRACTOR = "shipped extractor"
+
+
+def extractors_folder(home: Path) -> Path:
+    """Where an owner keeps their own extractors (``<data folder>/extractors``)."""
+    return Path(home) / "extractors"
+
+
+def extractor_choices(home: Path) -> list[str]:
+    folder = extractors_folder(home)
+    return [SHIPPED_EXTRACTOR] + (sorted(p.name for p in folder.glob("*.safetensors")
+                                         if not p.name.endswith(".encoder.safetensors")) if folder.is_dir() else [])
+
+
+def watermark_adapter_choices(adapters: Path) -> list[str]:
+    from .merge import is_watermark_file
+
+    return sorted(p.name for p in Path(adapters).glob("*.safetensors") if is_watermark_file(p)) \
+        if Path(adapters).is_dir() else []
+
+
+def _chosen_extractor(choice: str | None, home: Path) -> Path | None:
+    if not choice or choice == SHIPPED_EXTRACTOR:
+        return None
+    path = extractors_folder(home) / Path(choice).name  # a name from the list, never a path from the page
+    if not path.is_file():
+        raise UserError(f"extractor {choice} is not in {extractors_folder(home)}")
+    return path
+
+
+def verify_files(paths: list[Path], key: str, adapter: str | None, extractor_choice: str | None, fpr: float,
+                 home: Path, adapters: Path) -> Report:
+    """The tab's Verify: the key typed in, or the one a chosen watermark adapter carries (with its extractor hash)."""
+    source = key_from_adapter(Path(adapters) / Path(adapter).name) if adapter else KeySource((key or "").strip(), None)
+    if not source.key:
+        raise UserError("type the key (hex) or choose a watermark adapter")
+    extractor = open_extractor(_chosen_extractor(extractor_choice, home), source.extractor_hash)
+    return verify([(Path(p).name, load_image(p)) for p in paths], source.key, extractor, fpr)
+
+
+def identify_files(paths: list[Path], keys_text: str, extractor_choice: str | None, fpr: float,
+                   home: Path) -> list[dict]:
+    keys = [k.strip() for k in (keys_text or "").replace(",", "\n").splitlines() if k.strip()]
+    if not keys:
+        raise UserError("list the registered keys, one per line")
+    extractor = open_extractor(_chosen_extractor(extractor_choice, home))
+    rows = []
+    for p in paths:
+        match = identify(load_image(p), keys, extractor, fpr)
+        rows.append({"image": Path(p).name, "key": keys[match.index] if match.verdict.watermarked else "none",
+                     "matched": match.verdict.matched, "bits": match.verdict.bits,
+                     "adjusted_p_value": match.adjusted_p, "keys": match.keys,
+                     "correction": f"Bonferroni over {match.keys} keys"})
+    return rows
+
+
+def robustness_file(path: Path, key: str, extractor_choice: str | None, fpr: float, home: Path) -> list[dict]:
+    if not (key or "").strip():
+        raise UserError("type the key (hex) for the robustness preview")
+    return robustness(load_image(path), key.strip(), open_extractor(_chosen_extractor(extractor_choice, home)), fpr)
