@@ -15,7 +15,7 @@ KEY, OTHER = "3fa9c0d21b7e", "0123456789ab"
 
 def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir, atelier_home, tmp_path):
     torch.manual_seed(7)
-    extractor_file = save_extractor(BitExtractor(ExtractorConfig(bits=48, channels=8, depth=3)).eval(),
+    extractor_file = save_extractor(BitExtractor(ExtractorConfig(bits=48, filters=8, kernel=3)).eval(),
                                     atelier_home / "extractors" / "page-test.safetensors")
     images = []
     for i in range(2):

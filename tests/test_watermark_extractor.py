@@ -61,7 +61,7 @@ def test_every_attack_gives_an_rgb_image():
 
 def test_whitening_gives_zero_mean_identity_covariance():
     torch.manual_seed(0)
-    extractor = BitExtractor(ExtractorConfig(bits=8, channels=8, depth=3)).eval()
+    extractor = BitExtractor(ExtractorConfig(bits=8, filters=8, kernel=3)).eval()
     # Raw outputs with correlated bits and an offset, as a trained extractor's are on clean images.
     mixing, offset = torch.randn(8, 8), torch.randn(8)
     extractor.raw = lambda x: x.flatten(1)[:, :8] @ mixing + offset
@@ -77,7 +77,7 @@ def test_whitening_gives_zero_mean_identity_covariance():
 
 def test_extractor_files_round_trip_and_refuse_tampering(tmp_path):
     torch.manual_seed(1)
-    extractor = BitExtractor(ExtractorConfig(bits=16, channels=8, depth=3)).eval()
+    extractor = BitExtractor(ExtractorConfig(bits=16, filters=8, kernel=3)).eval()
     path = save_extractor(extractor, tmp_path / "x.safetensors")
     loaded = load_extractor(path)
     assert extractor_hash(loaded) == extractor_hash(extractor)
@@ -98,10 +98,10 @@ def test_extractor_files_round_trip_and_refuse_tampering(tmp_path):
 
 
 def test_encoder_residual_is_bounded():
-    encoder = BitEncoder(ExtractorConfig(bits=8, channels=8), strength=0.05)
-    x = torch.rand(2, 3, 32, 32) * 1.8 - 0.9
-    y = encoder(x, torch.randint(0, 2, (2, 8)).float())
-    assert (y - x).abs().max() <= 0.05 + 1e-6
+    encoder = BitEncoder(ExtractorConfig(bits=8), strength=0.05, tile=4)
+    x = torch.rand(2, 3, 30, 34) * 1.8 - 0.9
+    y = encoder(x, torch.randint(0, 2, (2, 8)).float(), random.Random(0))
+    assert y.shape == x.shape and (y - x).abs().max() <= 0.05 + 1e-6
 
 
 def test_extractor_training_writes_a_whitened_extractor_and_its_encoder(tmp_path):
@@ -110,8 +110,8 @@ def test_extractor_training_writes_a_whitened_extractor_and_its_encoder(tmp_path
     from trainers.watermark_extractor import ExtractorTrainConfig, train_extractor
 
     logged = []
-    config = ExtractorTrainConfig(out=str(tmp_path / "ex.safetensors"), bits=16, channels=8, depth=3,
-                                  encoder_channels=8, steps=4, batch_size=4, sizes=(32,), microworld=16,
+    config = ExtractorTrainConfig(out=str(tmp_path / "ex.safetensors"), bits=16, filters=8, kernel=3, tile=4,
+                                  steps=4, batch_size=4, sizes=(32,), microworld=16,
                                   whiten_images=64, folder=None)
     summary = train_extractor(config, log=logged.append)
     extractor = load_extractor(tmp_path / "ex.safetensors")

@@ -65,7 +65,7 @@ def tiny_extractor(tmp_path_factory):
     from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, save_extractor
 
     torch.manual_seed(0)
-    return save_extractor(BitExtractor(ExtractorConfig(bits=16, channels=8, depth=3)).eval(),
+    return save_extractor(BitExtractor(ExtractorConfig(bits=16, filters=8, kernel=3)).eval(),
                           tmp_path_factory.mktemp("wm") / "extractor.safetensors")
 
 

@@ -23,7 +23,7 @@ class ReadsKey(BitExtractor):
     """An extractor that reads ``KEY`` from images brighter than mid-grey and its complement from darker ones."""
 
     def __init__(self) -> None:
-        super().__init__(ExtractorConfig(bits=48, channels=4, depth=2))
+        super().__init__(ExtractorConfig(bits=48, filters=8, kernel=3))
 
     def raw(self, images: torch.Tensor) -> torch.Tensor:
         sign = torch.where(images.mean(dim=(1, 2, 3)) > 0, 1.0, -1.0)[:, None]
@@ -65,7 +65,7 @@ def test_refusals(tmp_path):
     with pytest.raises(UserError, match="unreadable"):
         load_image(tmp_path / "text.png")
     torch.manual_seed(0)
-    path = save_extractor(BitExtractor(ExtractorConfig(bits=48, channels=4, depth=2)), tmp_path / "x.safetensors")
+    path = save_extractor(BitExtractor(ExtractorConfig(bits=48, filters=8, kernel=3)), tmp_path / "x.safetensors")
     with pytest.raises(UserError, match="trained against extractor"):
         open_extractor(path, expected_hash="0000000000000000")
     assert extractor_hash(open_extractor(path, expected_hash=None)) == extractor_hash(open_extractor(path))
@@ -80,7 +80,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_verify_json_and_one_line_errors(tmp_path):
     torch.manual_seed(0)
-    extractor = save_extractor(BitExtractor(ExtractorConfig(bits=48, channels=4, depth=2)), tmp_path / "x.safetensors")
+    extractor = save_extractor(BitExtractor(ExtractorConfig(bits=48, filters=8, kernel=3)), tmp_path / "x.safetensors")
     grey(120).save(tmp_path / "a.png")
     grey(90).save(tmp_path / "b.png")
     done = run_cli("verify", "--key", KEY, "--extractor", str(extractor), str(tmp_path / "a.png"),

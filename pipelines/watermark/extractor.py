@@ -1,42 +1,51 @@
-"""The HiDDeN-style bit extractor (and the encoder it is trained with), as small fully convolutional networks.
+"""The bit extractor (and the encoder it is trained with): a small fully convolutional network with global pooling.
 
-The extractor reads k logits from an image of any size (convolutions, then global average pooling), so it works on
-64 px micro-world images and 1024 px SDXL images alike. Its encoder exists only to train it: it writes a message into
-an image as a small residual. Optional whitening (Stable Signature's recipe) maps the extractor's raw outputs on clean
-images to zero mean and identity covariance, which makes bits closer to independent fair coins on clean images: the
-assumption behind the p-values in :mod:`pipelines.watermark.stats`.
+The extractor high-passes the image (image minus its 3×3 local mean: the micro world's flat shapes and most photo
+content vanish, fine texture stays), filters it with a bank of learned k×k convolutions, takes each filter's mean
+energy over the whole image (global pooling, so any size reads), and maps the log-energies to k logits. The encoder
+that trains it writes each bit as one of two learned periodic textures (one for 0, one for 1) added as a small
+residual, at a random phase so the extractor cannot rely on position. HiDDeN's deeper decoder reading a broadcast
+message learned far too slowly on two CPU cores (bit accuracy about 0.55 after 1,300 steps, even without attacks);
+this energy detector reaches about 0.97 on clean images in 400 steps and keeps learning under the noise layer.
 
-Files are ``.safetensors`` with the bit count and channels in the metadata; an extractor's *hash* is taken over its
-tensors only, so a watermark adapter can record which extractor it was trained against and verification can refuse a
-mismatched pair.
+Optional whitening (Stable Signature's recipe) maps the extractor's raw outputs on clean images to zero mean and
+identity covariance, so that bits of unmarked images are closer to independent fair coins: the assumption behind the
+p-values in :mod:`pipelines.watermark.stats`.
+
+Files are ``.safetensors`` with the bit count and sizes in the metadata; an extractor's *hash* is taken over its
+tensors only, so a watermark adapter can record which extractor it was trained against and verification can refuse
+a mismatched pair.
 """
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipelines.errors import ModelLoadError
 from pipelines.safetensors_files import read_header
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
 
 
-def _block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, 1), nn.BatchNorm2d(c_out), nn.GELU())
+def high_pass(images: torch.Tensor) -> torch.Tensor:
+    """The image minus its 3×3 local mean."""
+    return images - F.avg_pool2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), 3, 1)
 
 
 @dataclass(frozen=True)
 class ExtractorConfig:
     bits: int = 48
-    channels: int = 32
-    depth: int = 5  # conv blocks of the extractor (two of them stride 2)
+    filters: int = 96  # energy detectors
+    kernel: int = 9  # their size (odd)
 
 
 class BitExtractor(nn.Module):
@@ -45,19 +54,16 @@ class BitExtractor(nn.Module):
     def __init__(self, config: ExtractorConfig = ExtractorConfig()) -> None:
         super().__init__()
         self.config = config
-        c = config.channels
-        layers = [_block(3, c)]
-        for i in range(config.depth - 1):
-            layers.append(_block(c, c, stride=2 if i < 2 else 1))
-        layers.append(_block(c, config.bits))  # non-linear before pooling, or k bits would share c pooled values
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(config.bits, config.bits)
+        self.filters = nn.Conv2d(3, config.filters, config.kernel, padding=config.kernel // 2)
+        self.norm = nn.BatchNorm1d(config.filters)
+        self.head = nn.Linear(config.filters, config.bits)
         # Whitening: logits' = W·(logits − mean); identity until fitted.
         self.register_buffer("white_mean", torch.zeros(config.bits))
         self.register_buffer("white_matrix", torch.eye(config.bits))
 
     def raw(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images).mean(dim=(2, 3)))
+        energy = self.filters(high_pass(images)).square().mean(dim=(2, 3))
+        return self.head(self.norm(torch.log(energy + 1e-6)))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return (self.raw(images) - self.white_mean) @ self.white_matrix.T
@@ -81,21 +87,28 @@ class BitExtractor(nn.Module):
 
 
 class BitEncoder(nn.Module):
-    """(image, bits) → image carrying the bits as a bounded residual (used to train the extractor)."""
+    """(image, bits) → image carrying the bits: per bit one of two learned periodic ``tile``×``tile`` textures,
+    summed, squashed and added with amplitude ``strength`` at a random phase (used to train the extractor)."""
 
-    def __init__(self, config: ExtractorConfig = ExtractorConfig(), strength: float = 0.05, channels: int = 16) -> None:
+    def __init__(self, config: ExtractorConfig = ExtractorConfig(), strength: float = 0.1, tile: int = 8) -> None:
         super().__init__()
         self.config = config
         self.strength = strength
-        c = channels
-        self.features = nn.Sequential(_block(3, c), _block(c, c), _block(c, c))
-        self.mix = nn.Sequential(_block(c + config.bits + 3, c), nn.Conv2d(c, 3, 1))
+        self.tile = tile
+        self.ones = nn.Parameter(torch.randn(config.bits, 3, tile, tile) * 0.5)
+        self.zeros = nn.Parameter(torch.randn(config.bits, 3, tile, tile) * 0.5)
 
-    def forward(self, images: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    def residual(self, bits: torch.Tensor, height: int, width: int, rng: random.Random | None = None) -> torch.Tensor:
+        b = bits[:, :, None, None, None]
+        tiles = (b * self.ones + (1 - b) * self.zeros).sum(dim=1) / bits.shape[1] ** 0.5
+        reps = (-(-height // self.tile) + 1, -(-width // self.tile) + 1)
+        field = tiles.repeat(1, 1, *reps)
+        dy, dx = (rng.randrange(self.tile), rng.randrange(self.tile)) if rng else (0, 0)
+        return torch.tanh(field[:, :, dy:dy + height, dx:dx + width])
+
+    def forward(self, images: torch.Tensor, bits: torch.Tensor, rng: random.Random | None = None) -> torch.Tensor:
         n, _, h, w = images.shape
-        message = (2 * bits - 1)[:, :, None, None].expand(n, bits.shape[1], h, w)
-        residual = torch.tanh(self.mix(torch.cat([self.features(images), message, images], dim=1)))
-        return (images + self.strength * residual).clamp(-1, 1)
+        return (images + self.strength * self.residual(bits, h, w, rng)).clamp(-1, 1)
 
 
 def extractor_hash(extractor: BitExtractor) -> str:
@@ -112,8 +125,8 @@ def save_extractor(extractor: BitExtractor, path: Path, metadata: dict[str, str]
     path = Path(path)
     cfg = extractor.config
     meta = {"atelier.method": "watermark-extractor", "atelier.extractor_version": FORMAT_VERSION,
-            "extractor.bits": str(cfg.bits), "extractor.channels": str(cfg.channels),
-            "extractor.depth": str(cfg.depth), "extractor.hash": extractor_hash(extractor), **(metadata or {})}
+            "extractor.bits": str(cfg.bits), "extractor.filters": str(cfg.filters),
+            "extractor.kernel": str(cfg.kernel), "extractor.hash": extractor_hash(extractor), **(metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -133,9 +146,12 @@ def load_extractor(path: Path, device: str | torch.device = "cpu") -> BitExtract
     meta = dict(read_header(path).get("__metadata__") or {})
     if meta.get("atelier.method") != "watermark-extractor":
         raise ModelLoadError(f"{path.name}: not a watermark extractor file")
+    if meta.get("atelier.extractor_version") != FORMAT_VERSION:
+        raise ModelLoadError(f"{path.name}: an extractor of format {meta.get('atelier.extractor_version') or '?'}; "
+                             f"this studio reads format {FORMAT_VERSION}")
     try:
-        config = ExtractorConfig(bits=int(meta["extractor.bits"]), channels=int(meta["extractor.channels"]),
-                                 depth=int(meta["extractor.depth"]))
+        config = ExtractorConfig(bits=int(meta["extractor.bits"]), filters=int(meta["extractor.filters"]),
+                                 kernel=int(meta["extractor.kernel"]))
     except (KeyError, ValueError) as exc:
         raise ModelLoadError(f"{path.name}: the extractor's metadata is incomplete ({exc})") from exc
     extractor = BitExtractor(config)
@@ -156,6 +172,6 @@ def load_encoder(path: Path) -> BitEncoder:
     if meta.get("atelier.method") != "watermark-encoder":
         raise ModelLoadError(f"{path.name}: not a watermark encoder file")
     encoder = BitEncoder(ExtractorConfig(bits=int(meta["extractor.bits"])), strength=float(meta["encoder.strength"]),
-                         channels=int(meta["encoder.channels"]))
+                         tile=int(meta["encoder.tile"]))
     encoder.load_state_dict(load_file(str(path)))
     return encoder.eval()
