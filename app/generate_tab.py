@@ -65,7 +65,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
             with gr.Row():
                 scheduler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
                 batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="gen-batch")
-            with gr.Accordion("Adapters (LoRA, SaRA)", open=False, elem_id="gen-loras"):
+            with gr.Accordion("Adapters (LoRA, SaRA, watermark)", open=False, elem_id="gen-loras"):
                 lora_files, lora_strengths = [], []
                 for slot in range(LORA_SLOTS):
                     with gr.Row():
@@ -73,6 +73,8 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                                                       scale=3, elem_id=f"gen-lora-{slot}"))
                         lora_strengths.append(gr.Slider(-2, 2, value=1.0, step=0.05, label="Strength", scale=2,
                                                         elem_id=f"gen-lora-strength-{slot}"))
+                watermark = gr.Dropdown(choices=[], value=None, label="Watermark (every image carries its key)",
+                                        elem_id="gen-watermark")
                 refresh_loras = gr.Button("Refresh list", size="sm", elem_id="gen-lora-refresh")
             with gr.Row():
                 run = gr.Button("Generate", variant="primary", elem_id="gen-run")
@@ -87,14 +89,15 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
     last_paths = gr.State([])
 
     def on_generate(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
-                    lora0, lora1, lora2, strength0, strength1, strength2,
+                    lora0, lora1, lora2, strength0, strength1, strength2, watermark_v,
                     request: gr.Request, progress=gr.Progress()):
         token = tokens.start(request.session_hash or "anonymous")
         names, strengths = (lora0, lora1, lora2), (strength0, strength1, strength2)
         loras = tuple((str(adapters / name), float(w)) for name, w in zip(names, strengths) if name)
         request_obj = GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
                                         guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
-                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras)
+                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras,
+                                        watermark=str(adapters / Path(watermark_v).name) if watermark_v else None)
         images: list[tuple[str, str]] = []
         params, seed_used = "", -1
         try:
@@ -115,7 +118,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                 [p for p, _ in images]
 
     gen_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count, *lora_files,
-                  *lora_strengths]
+                  *lora_strengths, watermark]
     gen_outputs = [gallery, status, info, last_seed, last_paths]
     run.click(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
     prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
@@ -136,11 +139,12 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
 
     def adapter_choices():
         entries, _ = list_adapters(adapters)
-        names = [e.name for e in entries]
-        return [gr.update(choices=[None, *names]) for _ in range(LORA_SLOTS)]
+        names = [e.name for e in entries if e.method != "watermark"]
+        marks = [e.name for e in entries if e.method == "watermark"]
+        return [gr.update(choices=[None, *names]) for _ in range(LORA_SLOTS)] + [gr.update(choices=[None, *marks])]
 
-    refresh_loras.click(adapter_choices, None, lora_files, queue=False)
-    demo.load(adapter_choices, None, lora_files, queue=False)
+    refresh_loras.click(adapter_choices, None, [*lora_files, watermark], queue=False)
+    demo.load(adapter_choices, None, [*lora_files, watermark], queue=False)
     def on_cancel(request: gr.Request) -> None:
         # A toast, not the status line: the generation's own "Cancelled after …" may land first and must stay.
         gr.Info("Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel.")
