@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -28,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import UserError
-from .safetensors_files import read_header
+from .safetensors_files import read_header, save_atomic
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # vae: the watermark LoRA on its decoder
 FORMATS = ("diffusers", "kohya")
@@ -219,18 +217,6 @@ def to_kohya_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers") -> Path:
     """Write ``adapter`` as ``.safetensors`` in ``format`` ("diffusers" or "kohya"), atomically (temp + rename)."""
     path = Path(path)
@@ -252,7 +238,7 @@ def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers") -> Pa
         state = to_kohya_state(adapter)
     else:
         raise UserError(f"unknown adapter format {format!r} (diffusers or kohya)")
-    _atomic_save(state, path, metadata)
+    save_atomic(state, path, metadata)
     return path
 
 

@@ -8,17 +8,15 @@ generically over the UNet's block layout, so merged models can be taken to other
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .errors import ModelLoadError
 from .paths import ASSETS
-from .safetensors_files import read_header
+from .safetensors_files import read_header, save_atomic
 
 SD15_CONFIG = ASSETS / "sd15_config"
 
@@ -180,18 +178,9 @@ def save_single_file(pipe, path: Path, *, dtype: torch.dtype | None = None,
                      metadata: dict[str, str] | None = None) -> Path:
     """Write ``pipe`` as one LDM-layout ``.safetensors`` checkpoint, atomically."""
     path = Path(path)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
              for k, v in ldm_state_dict(pipe).items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata=metadata or {})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_atomic(state, path, metadata)
 
 
 def checkpoint_keys(path: Path) -> list[str]:

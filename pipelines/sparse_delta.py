@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from .adapter_files import LoraAdapter, LoraLayer, _atomic_save, canonical_name, lora_metadata
+from .adapter_files import LoraAdapter, LoraLayer, canonical_name, lora_metadata
 from .errors import UserError
-from .safetensors_files import read_header
+from .safetensors_files import read_header, save_atomic
 
 METHOD = "sara"
 INDEX_SUFFIX = ".sara_index"
@@ -89,7 +89,7 @@ def save_sparse_delta(delta: SparseDelta, path: Path, *, dtype: torch.dtype = to
         shapes[name] = list(t.shape)
     metadata = {**{str(k): str(v) for k, v in delta.metadata.items()}, "atelier.method": METHOD,
                 SHAPES_KEY: json.dumps(shapes, sort_keys=True)}
-    _atomic_save(state, path, metadata)
+    save_atomic(state, path, metadata)
     return path
 
 

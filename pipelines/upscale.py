@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .errors import ModelLoadError, UserError
-from .safetensors_files import read_header
+from .safetensors_files import read_header, save_atomic
 from .span import SPAN, SpanConfig
 
 PTH_SUFFIXES = (".pth", ".pt")
@@ -120,16 +119,8 @@ def save_sr_model(network: SPAN, path: Path, metadata: dict[str, str] | None = N
         network.reparameterize()
     meta = {"atelier.method": "span", "span.channels": str(network.config.channels),
             "span.scale": str(network.config.scale), **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in network.folded_state_dict().items()}
-        save_file(state, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    state = {k: v.detach() for k, v in network.folded_state_dict().items()}
+    save_atomic(state, path, meta)
     return path
 
 

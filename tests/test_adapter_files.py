@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines import adapter_files
+from pipelines import safetensors_files
 from pipelines.adapter_files import (LoraAdapter, LoraLayer, check_base, delta, detect_format, export_lora,
                                      load_lora, lora_metadata, save_lora)
 from pipelines.errors import UserError
@@ -292,7 +292,7 @@ def test_save_is_atomic(pipe, tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(adapter_files, "save_file", disk_full)
+    monkeypatch.setattr(safetensors_files, "save_file", disk_full)
     with pytest.raises(OSError):
         save_lora(random_adapter(pipe, seed=10), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["keep.safetensors"]

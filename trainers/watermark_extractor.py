@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.safetensors_files import save_atomic
 from pipelines.watermark.attacks import noise_layer
 from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, save_extractor
 
@@ -148,10 +149,8 @@ def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = 
     save_extractor(extractor, Path(config.out),
                    metadata={"extractor.training": json.dumps(summary), "extractor.whitened": "true"})
     encoder_path = Path(config.out).with_suffix(".encoder.safetensors")
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_path),
-              metadata={"atelier.method": "watermark-encoder", "extractor.hash": summary["hash"],
-                        "encoder.strength": str(config.strength), "encoder.tile": str(config.tile),
-                        "extractor.bits": str(config.bits)})
+    save_atomic(encoder.state_dict(), encoder_path,
+                metadata={"atelier.method": "watermark-encoder", "extractor.hash": summary["hash"],
+                          "encoder.strength": str(config.strength), "encoder.tile": str(config.tile),
+                          "extractor.bits": str(config.bits)})
     return summary

@@ -19,19 +19,17 @@ a mismatched pair.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from pipelines.errors import ModelLoadError
-from pipelines.safetensors_files import read_header
+from pipelines.safetensors_files import read_header, save_atomic
 
 FORMAT_VERSION = "2"
 
@@ -127,16 +125,7 @@ def save_extractor(extractor: BitExtractor, path: Path, metadata: dict[str, str]
     meta = {"atelier.method": "watermark-extractor", "atelier.extractor_version": FORMAT_VERSION,
             "extractor.bits": str(cfg.bits), "extractor.filters": str(cfg.filters),
             "extractor.kernel": str(cfg.kernel), "extractor.hash": extractor_hash(extractor), **(metadata or {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        state = {k: v.detach().cpu().float().contiguous() for k, v in extractor.state_dict().items()}
-        save_file(state, tmp, metadata={k: str(v) for k, v in meta.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_atomic({k: v.float() for k, v in extractor.state_dict().items()}, path, meta)
     return path
 
 
