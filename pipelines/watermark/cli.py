@@ -70,7 +70,7 @@ def register(subparsers) -> None:
     extractor = sub.add_parser("train-extractor", help="train your own bit extractor (HiDDeN-style, noise layer)")
     extractor.add_argument("--out", required=True)
     extractor.add_argument("--bits", type=int, default=48)
-    extractor.add_argument("--steps", type=int, default=6000)
+    extractor.add_argument("--steps", type=int, default=3000)
     extractor.add_argument("--images", help="folder of your images (default: micro-world scenes + bundled photos)")
     extractor.add_argument("--seed", type=int, default=0)
     extractor.set_defaults(func=handle_train_extractor)
