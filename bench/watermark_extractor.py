@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -28,10 +27,11 @@ if str(REPO) not in sys.path:
 def run(args: argparse.Namespace) -> dict:
     from pipelines.microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.attacks import ATTACKS, attack_image
+    from pipelines.watermark.evaluation import bit_accuracy, encoder_marked
     from pipelines.watermark.extractor import extractor_hash, load_encoder, load_extractor
     from pipelines.watermark.shipped import default_extractor_path
     from pipelines.watermark.stats import threshold
-    from pipelines.watermark.verify import image_tensor, read_bits
+    from pipelines.watermark.verify import read_bits
 
     path = Path(args.extractor) if args.extractor else default_extractor_path()
     extractor = load_extractor(path)
@@ -40,12 +40,10 @@ def run(args: argparse.Namespace) -> dict:
     rng, gen = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     per_attack: dict[str, list[float]] = {name: [] for name in ATTACKS}
     for scene in generate_scenes(args.images, seed=10_000 + args.seed, config=SceneConfig()):
-        key = torch.randint(0, 2, (1, bits), generator=gen).float()
-        with torch.no_grad():
-            marked = encoder(image_tensor(scene.to_pil()), key, rng)[0]
-        image = Image.fromarray(((marked.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        key = torch.randint(0, 2, (bits,), generator=gen).float()
+        image = encoder_marked(encoder, scene.to_pil(), key, rng)
         for name in ATTACKS:
-            per_attack[name].append(float((read_bits(extractor, attack_image(image, name)) == key[0]).float().mean()))
+            per_attack[name].append(bit_accuracy(extractor, attack_image(image, name), key))
     matched = []
     for scene in generate_scenes(args.clean, seed=20_000 + args.seed, config=SceneConfig()):
         key = torch.randint(0, 2, (bits,), generator=gen).float()

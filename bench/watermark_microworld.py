@@ -27,10 +27,9 @@ KEY = "5c3a9e1f07b2"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipelines.generation import GenerationRequest, generate
     from pipelines.image_metrics import psnr, ssim
     from pipelines.loading import load_model
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from pipelines.watermark.evaluation import fresh_generations
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.shipped import default_extractor_path
     from pipelines.watermark.verify import verify
@@ -47,13 +46,7 @@ def run(args: argparse.Namespace) -> dict:
 
     trainable = sum(layer.down.numel() + layer.up.numel() for layer in load_lora(work / "wm.safetensors").layers.values())
     extractor = load_extractor(default_extractor_path())
-    prompts = [s.caption for s in generate_scenes(args.images, seed=4_000 + args.seed, config=SceneConfig())]
-    plain, marked = [], []
-    for i, prompt in enumerate(prompts):
-        request = GenerationRequest(prompt=prompt, steps=20, seed=70_000 + i)
-        plain.append(next(generate(model, request)).image)
-        marked.append(next(generate(model, GenerationRequest(**{**request.__dict__,
-                                                               "watermark": str(work / "wm.safetensors")}))).image)
+    plain, marked = fresh_generations(model, work / "wm.safetensors", args.images, args.seed)
     save_strip(plain[:4], marked[:4], Path(args.out).with_suffix(".png"))
     on = verify([(str(i), im) for i, im in enumerate(marked)], KEY, extractor)
     off = verify([(str(i), im) for i, im in enumerate(plain)], KEY, extractor)

@@ -9,26 +9,17 @@ import random
 
 import pytest
 import torch
-from PIL import Image
 
 from pipelines.watermark.shipped import ASSETS, EXTRACTOR_FILE
 
 pytestmark = pytest.mark.skipif(not (ASSETS / EXTRACTOR_FILE).is_file(), reason="watermark extractor not shipped")
 
 
-def marked_image(encoder, scene, key, rng) -> Image.Image:
-    from pipelines.watermark.verify import image_tensor
-
-    with torch.no_grad():
-        marked = encoder(image_tensor(scene.to_pil()), key[None], rng)[0]
-    return Image.fromarray(((marked.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-
-
 def test_shipped_extractor_reads_keys_its_encoder_wrote():
     from pipelines.microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.attacks import attack_image
+    from pipelines.watermark.evaluation import bit_accuracy, encoder_marked
     from pipelines.watermark.extractor import load_encoder, load_extractor
-    from pipelines.watermark.verify import read_bits
 
     extractor = load_extractor(ASSETS / EXTRACTOR_FILE)
     encoder = load_encoder((ASSETS / EXTRACTOR_FILE).with_suffix(".encoder.safetensors"))
@@ -36,9 +27,9 @@ def test_shipped_extractor_reads_keys_its_encoder_wrote():
     clean, cropped = [], []
     for scene in generate_scenes(24, seed=31_000, config=SceneConfig()):
         key = torch.randint(0, 2, (48,), generator=gen).float()
-        image = marked_image(encoder, scene, key, rng)
-        clean.append(float((read_bits(extractor, image) == key).float().mean()))
-        cropped.append(float((read_bits(extractor, attack_image(image, "crop 50 %")) == key).float().mean()))
+        image = encoder_marked(encoder, scene.to_pil(), key, rng)
+        clean.append(bit_accuracy(extractor, image, key))
+        cropped.append(bit_accuracy(extractor, attack_image(image, "crop 50 %"), key))
     print(f"bit accuracy: clean {sum(clean) / 24:.3f}, crop 50 % {sum(cropped) / 24:.3f}")
     assert sum(clean) / 24 >= 0.75
     assert sum(cropped) / 24 >= 0.7
@@ -70,10 +61,9 @@ def test_a_short_watermark_training_marks_fresh_generations(tmp_path):
     import numpy as np
 
     from conftest import MICRO_MODEL
-    from pipelines.generation import GenerationRequest, generate
     from pipelines.image_metrics import psnr
     from pipelines.loading import load_model
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from pipelines.watermark.evaluation import fresh_generations
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.verify import verify
     from trainers.watermark_lora import WatermarkConfig, train_watermark
@@ -84,12 +74,7 @@ def test_a_short_watermark_training_marks_fresh_generations(tmp_path):
                                           lr=5e-4), tmp_path / "run", model=model)
     assert run.history[-1]["bit_accuracy"] > run.history[0]["bit_accuracy"]
     extractor = load_extractor(ASSETS / EXTRACTOR_FILE)
-    plain, marked = [], []
-    for i, scene in enumerate(generate_scenes(8, seed=4_000, config=SceneConfig())):
-        request = GenerationRequest(prompt=scene.caption, steps=20, seed=70_000 + i)
-        plain.append(next(generate(model, request)).image)
-        marked.append(next(generate(model, GenerationRequest(**{**request.__dict__,
-                                                               "watermark": str(tmp_path / "wm.safetensors")}))).image)
+    plain, marked = fresh_generations(model, tmp_path / "wm.safetensors", 8)
     on = verify([(str(i), im) for i, im in enumerate(marked)], key, extractor)
     off = verify([(str(i), im) for i, im in enumerate(plain)], key, extractor)
     quality = float(np.mean([psnr(np.asarray(a), np.asarray(b)) for a, b in zip(plain, marked)]))

@@ -46,19 +46,24 @@ class PretrainConfig:
     checkpoint_every: int = 250
 
 
-def write_photos(folder: Path, names: tuple[str, ...]) -> list[Path]:
-    """Write scikit-image's bundled photos as PNG files (the HR folder the trainer and the benchmark read)."""
+def photo(name: str) -> np.ndarray:
+    """One of scikit-image's bundled photos as uint8 RGB (grey ones as grey RGB)."""
     import skimage.data
 
+    array = np.asarray(getattr(skimage.data, name)())
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return array[..., :3].astype(np.uint8)
+
+
+def write_photos(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """Write scikit-image's bundled photos as PNG files (the HR folder the trainer and the benchmark read)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name in names:
         path = folder / f"{name}.png"
         if not path.is_file():
-            array = np.asarray(getattr(skimage.data, name)())
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=2)
-            Image.fromarray(array[..., :3].astype(np.uint8)).save(path)
+            Image.fromarray(photo(name)).save(path)
         paths.append(path)
     return paths
 

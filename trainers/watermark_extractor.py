@@ -70,15 +70,9 @@ def image_pool(config: ExtractorTrainConfig) -> list[np.ndarray]:
 
     pool += [s.image for s in generate_scenes(config.microworld, seed=config.seed + 17, config=SceneConfig())]
     try:
-        import skimage.data
+        from .sr_pretrain import TRAIN_PHOTOS, photo
 
-        from .sr_pretrain import TRAIN_PHOTOS
-
-        for name in TRAIN_PHOTOS:
-            array = np.asarray(getattr(skimage.data, name)())
-            if array.ndim == 2:
-                array = np.repeat(array[..., None], 3, axis=2)
-            pool.append(array[..., :3].astype(np.uint8))
+        pool += [photo(name) for name in TRAIN_PHOTOS]
     except ImportError:
         pass  # micro-world scenes alone (the assets extra brings the photos)
     return pool

@@ -219,6 +219,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     vae = model.pipe.vae
     device = vae.device
     extractor = extractor.to(device).requires_grad_(False)
+    extractor_id = extractor_hash(extractor)
     latents = collect_latents(model, config).to(device)
     with torch.no_grad():
         targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
@@ -235,7 +236,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
                                     config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
     trainable = sum(p.numel() for p in params)
     log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
-              extractor=extractor_hash(extractor), bits=bits_n)
+              extractor=extractor_id, bits=bits_n)
     key_batch = key.to(device)[None]
     history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
     recent_acc: list[float] = []
@@ -248,10 +249,9 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
         idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
         marked = decode(vae, latents[idx])
         reference = targets[idx]
-        seen = marked * 2 - 1
-        if rng.random() < config.noise_probability:
-            seen = noise_layer(seen, rng)
-        logits = extractor(seen)
+        clean = marked * 2 - 1
+        attacked = rng.random() < config.noise_probability
+        logits = extractor(noise_layer(clean, rng) if attacked else clean)
         wm_loss = F.binary_cross_entropy_with_logits(logits, key_batch.expand_as(logits))
         img_loss = F.mse_loss(marked, reference) + (1 - ssim(marked, reference))
         loss = scheduler.lambda_img * img_loss + scheduler.lambda_wm * wm_loss
@@ -259,7 +259,8 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
         loss.backward()
         optimizer.step()
         with torch.no_grad():
-            acc = ((extractor(marked * 2 - 1) > 0).float() == key_batch).float().mean().item()  # unattacked bits
+            read = extractor(clean) if attacked else logits  # the unattacked bits are what the schedule watches
+            acc = ((read > 0).float() == key_batch).float().mean().item()
             quality = psnr(marked, reference).item()
         scheduler.update(acc, quality)
         recent_acc = (recent_acc + [acc])[-5:]
@@ -283,7 +284,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
             layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
     _remove_peft(vae)
     metadata = {"atelier.method": "watermark", "atelier.base_fingerprint": model.fingerprint,
-                "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_hash(extractor),
+                "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_id,
                 "atelier.watermark_key": "" if config.keep_key_secret else key_hex,
                 "atelier.watermark_steps": str(step),
                 "atelier.watermark_seconds_to_99": "" if seconds_to_99 is None else f"{seconds_to_99:.1f}",

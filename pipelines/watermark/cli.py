@@ -5,8 +5,6 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.errors import UserError
-
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -103,15 +101,10 @@ def handle_verify(args: argparse.Namespace) -> int:
 
 
 def _read_keys(text: str) -> list[str]:
+    from .verify import key_list
+
     path = Path(text)
-    if path.is_file():
-        keys = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-    else:
-        keys = [k.strip() for k in text.split(",")]
-    keys = [k for k in keys if k and not k.startswith("#")]
-    if not keys:
-        raise UserError("--keys holds no keys")
-    return keys
+    return key_list(path.read_text(encoding="utf-8", errors="replace") if path.is_file() else text)
 
 
 def handle_identify(args: argparse.Namespace) -> int:

@@ -171,11 +171,18 @@ def verify_files(paths: list[Path], key: str, adapter: str | None, extractor_cho
     return verify([(Path(p).name, load_image(p)) for p in paths], source.key, extractor, fpr)
 
 
+def key_list(text: str) -> list[str]:
+    """Registered keys written one per line or comma-separated (``#`` starts a comment line)."""
+    keys = [k.strip() for k in (text or "").replace(",", "\n").splitlines()]
+    keys = [k for k in keys if k and not k.startswith("#")]
+    if not keys:
+        raise UserError("no keys given: list the registered keys, one per line or separated by commas")
+    return keys
+
+
 def identify_files(paths: list[Path], keys_text: str, extractor_choice: str | None, fpr: float,
                    home: Path) -> list[dict]:
-    keys = [k.strip() for k in (keys_text or "").replace(",", "\n").splitlines() if k.strip()]
-    if not keys:
-        raise UserError("list the registered keys, one per line")
+    keys = key_list(keys_text)
     extractor = open_extractor(_chosen_extractor(extractor_choice, home))
     rows = []
     for p in paths:
