@@ -9,14 +9,22 @@ targets (bit accuracy, PSNR) hold for ``patience_stop`` consecutive steps, or at
 
 The artefact is an ordinary adapter file (layers ``vae.decoder...``) with the key (unless kept secret), the bit count
 and the extractor's hash in its metadata; :func:`pipelines.lora.merge_lora` merges it into a pipeline's decoder.
+
+``mode="full_decoder"`` is the Stable Signature baseline the comparison benchmark measures: the same latents,
+extractor, losses and scheduler, but every parameter of ``vae.decoder`` trained instead of a LoRA. Its artefact is the
+fine-tuned decoder's whole state (``decoder.*`` tensors, method ``watermark-decoder``, so it is never taken for a
+watermark adapter); :func:`decoder_state_applied` swaps it into a pipeline for a block. The model's own decoder
+weights come back unchanged after training in both modes.
 """
 from __future__ import annotations
 
 import json
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +34,8 @@ from pipelines.errors import UserError
 from .events import EventLog
 from .loop import StopFlag, TrainResult
 
+MODES = ("lora", "full_decoder")
+DECODER_METHOD = "watermark-decoder"  # the full-decoder artefact's atelier.method
 LAYER_PATTERN = r"decoder\.up_blocks\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|upsamplers\.0\.conv)"
 
 
@@ -36,6 +46,7 @@ class WatermarkConfig:
     key: str | None = None  # hex; None draws a fresh key
     keep_key_secret: bool = False  # True: the key is not written into the file's metadata
     extractor: str | None = None  # default: the shipped extractor
+    mode: str = "lora"  # "lora" (the watermark LoRA) or "full_decoder" (every decoder parameter: Stable Signature)
     rank: int = 4
     alpha: float = 32.0
     lr: float = 5e-4
@@ -70,6 +81,8 @@ class WatermarkConfig:
             raise UserError("rank, batch size, steps and latents must be ≥ 1")
         if not 0 <= self.noise_probability <= 1:
             raise UserError("the noise probability must be between 0 and 1")
+        if self.mode not in MODES:
+            raise UserError(f"unknown watermark training mode {self.mode!r} (choose {' or '.join(MODES)})")
         return self
 
 
@@ -183,6 +196,29 @@ def collect_latents(model, config: WatermarkConfig) -> torch.Tensor:
     return torch.cat(out)
 
 
+def prepare_trainable(vae, config: WatermarkConfig) -> tuple[list[torch.nn.Parameter], list[str]]:
+    """Freeze the VAE, then make trainable what ``config.mode`` trains: a LoRA injected into the decoder's up-block
+    convs (its fp32 parameters, and the layer names), or every parameter of ``vae.decoder`` (no layer names)."""
+    vae.requires_grad_(False)
+    if config.mode == "full_decoder":
+        params = list(vae.decoder.parameters())
+        if any(p.dtype != torch.float32 for p in params):
+            raise UserError("full-decoder fine-tuning needs the model loaded in fp32")
+        for p in params:
+            p.requires_grad_(True)
+        return params, []
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = decoder_target_names(vae)
+    inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=names,
+                                       init_lora_weights=True), vae, adapter_name="watermark")
+    params = [p for n, p in vae.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+        p.data = p.data.float()
+    return params, names
+
+
 @dataclass
 class WatermarkRun:
     result: TrainResult
@@ -192,9 +228,8 @@ class WatermarkRun:
 
 
 def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> WatermarkRun:
-    """Train the watermark LoRA; write the adapter file; return the run with its per-step history."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+    """Train the watermark LoRA (or, in ``full_decoder`` mode, the whole decoder); write the adapter file (or the
+    decoder's state); return the run with its per-step history."""
     from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
     from pipelines.loading import load_model
     from pipelines.watermark.attacks import noise_layer
@@ -223,20 +258,15 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     latents = collect_latents(model, config).to(device)
     with torch.no_grad():
         targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
-    names = decoder_target_names(vae)
-    vae.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=names,
-                                       init_lora_weights=True), vae, adapter_name="watermark")
-    params = [p for n, p in vae.named_parameters() if "lora_" in n]
-    for p in params:
-        p.requires_grad_(True)
-        p.data = p.data.float()
+    full = config.mode == "full_decoder"
+    original = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()} if full else None
+    params, names = prepare_trainable(vae, config)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
                                     config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
     trainable = sum(p.numel() for p in params)
     log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
-              extractor=extractor_id, bits=bits_n)
+              extractor=extractor_id, bits=bits_n, mode=config.mode)
     key_batch = key.to(device)[None]
     history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
     recent_acc: list[float] = []
@@ -276,24 +306,56 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
             log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
                                                       f"{config.stop_psnr} dB for {streak} steps")
             break
-    layers = {}
-    for name, module in vae.named_modules():
-        if name in names:
-            lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
-            lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
-            layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
-    _remove_peft(vae)
-    metadata = {"atelier.method": "watermark", "atelier.base_fingerprint": model.fingerprint,
+    if full:
+        trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
+        vae.decoder.load_state_dict(original)  # the model's own decoder back, exactly
+        vae.requires_grad_(False)
+    else:
+        layers = {}
+        for name, module in vae.named_modules():
+            if name in names:
+                lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
+                lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
+                layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
+        _remove_peft(vae)
+    metadata = {"atelier.method": DECODER_METHOD if full else "watermark",
+                "atelier.base_fingerprint": model.fingerprint,
                 "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_id,
                 "atelier.watermark_key": "" if config.keep_key_secret else key_hex,
                 "atelier.watermark_steps": str(step),
                 "atelier.watermark_seconds_to_99": "" if seconds_to_99 is None else f"{seconds_to_99:.1f}",
                 "atelier.settings": json.dumps({k: v for k, v in asdict(config).items() if k != "key"}, default=str)}
-    out = save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
+    if full:
+        from pipelines.safetensors_files import save_atomic
+
+        out = save_atomic(trained, Path(config.out), metadata)
+    else:
+        out = save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
     log.write("done" if status == "done" else "stopped", step=step, artifact=str(out), seconds_to_99=seconds_to_99)
     return WatermarkRun(result=TrainResult(status=status, step=step, artifact=str(out),
                                            losses=[h["loss"] for h in history]),
                         key=key_hex, seconds_to_99=seconds_to_99, history=history)
+
+
+@contextmanager
+def decoder_state_applied(pipe, path: Path) -> Iterator[None]:
+    """A full-decoder watermark (``mode="full_decoder"``'s file) loaded into ``pipe``'s decoder for the block; the
+    decoder's own weights come back exactly after."""
+    from safetensors.torch import load_file
+
+    from pipelines.safetensors_files import read_metadata
+
+    path = Path(path)
+    if read_metadata(path).get("atelier.method") != DECODER_METHOD:
+        raise UserError(f"{path.name}: not a full-decoder watermark file")
+    decoder = pipe.vae.decoder
+    state = {k.removeprefix("decoder."): v for k, v in load_file(str(path)).items()}
+    saved = {k: v.detach().clone() for k, v in decoder.state_dict().items()}
+    decoder.load_state_dict(state)
+    try:
+        yield
+    finally:
+        decoder.load_state_dict(saved)
 
 
 def _remove_peft(vae) -> None:
