@@ -1,5 +1,8 @@
-"""The watermark trainer's full-decoder mode (the Stable Signature baseline of the comparison benchmark)."""
+"""The comparison benchmark's two additions: the trainer's full-decoder mode (Stable Signature baseline) and the
+dwtDct helpers of ``bench/watermark_comparison.py``."""
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -62,3 +65,28 @@ def test_full_decoder_training_writes_the_decoder_state_and_gives_the_model_its_
         assert changed  # the trained weights are in
     assert all(torch.equal(v, before[f"decoder.{k}"]) for k, v in decoder.state_dict().items())
 
+
+def _bench():
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("watermark_comparison", REPO / "bench" / "watermark_comparison.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dwtdct_round_trip_at_256_px_and_small_images_read_after_resizing():
+    pytest.importorskip("imwatermark")
+    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from pipelines.watermark.keys import parse_key
+
+    bench = _bench()
+    key = parse_key(bench.KEY, 48)
+    scene = next(iter(generate_scenes(1, seed=77, config=SceneConfig()))).to_pil()
+    big = bench.dwt_size(scene)
+    assert big.size == (256, 256)
+    marked = bench.dwt_embed(big, key)
+    assert marked.size == big.size and marked.tobytes() != big.tobytes()
+    assert torch.equal(bench.dwt_read(marked, 48), key)
+    small = marked.resize((128, 128))  # too small for dwtDct: read after resizing back to 256 px, not refused
+    assert bench.dwt_read(small, 48).shape == (48,)
