@@ -13,7 +13,8 @@ import sys
 import warnings
 
 # Feature modules that add their own sub-commands through ``register(subparsers)``.
-COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "pipelines.watermark.cli")
+COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "pipelines.watermark.cli",
+                   "pipelines.composer_cli")
 
 
 def quiet_libraries() -> None:

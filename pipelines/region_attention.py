@@ -1,0 +1,302 @@
+"""Region-aware attention for LoRA-Composer: concept injection in cross-attention, concept isolation in self-attention.
+
+Two small processors on diffusers' attention-processor API share one :class:`RegionState`:
+
+- :class:`RegionCrossAttnProcessor` (every ``attn2``): the global prompt attends as usual; each concept's region
+  prompt gets its own keys/values, ``K_n = (W_K + ΔW_Kⁿ)·e_n`` and ``V_n = (W_V + ΔW_Vⁿ)·e_n`` from that concept's
+  LoRA deltas, and its output goes through ``W_out + ΔW_outⁿ``. All concepts are computed in one batched attention
+  call, and their keys/values are cached across steps (they do not depend on the timestep). Queries inside a box take
+  the mean of the concepts covering them; everything else keeps the global output.
+- :class:`RegionSelfAttnProcessor` (every ``attn1``): a query inside concept k's box may not attend to keys in
+  another concept's box; the background is unrestricted.
+
+No copy of the UNet is made and the base weights are never touched: the LoRA deltas are small tensors held here.
+Both processors can record the attention maps latent re-initialisation and latent optimisation read.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+Box = tuple[float, float, float, float]  # normalised x0, y0, x1, y1
+
+
+def box_masks(boxes: list[Box], height: int, width: int, device=None) -> torch.Tensor:
+    """(N, height·width) 0/1 masks of ``boxes`` on a ``height``×``width`` grid; a cell belongs to a box when its
+    centre lies inside it, and every box keeps at least the cell under its centre (tiny boxes at coarse layers)."""
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width
+    masks = []
+    for x0, y0, x1, y1 in boxes:
+        inside = ((ys >= y0) & (ys < y1))[:, None] & ((xs >= x0) & (xs < x1))[None, :]
+        if not inside.any():
+            cy = min(int((y0 + y1) / 2 * height), height - 1)
+            cx = min(int((x0 + x1) / 2 * width), width - 1)
+            inside[cy, cx] = True
+        masks.append(inside.flatten())
+    if not masks:
+        return torch.zeros(0, height * width, device=device)
+    return torch.stack(masks).float()
+
+
+def isolation_mask(masks: torch.Tensor) -> torch.Tensor:
+    """(L, L) boolean "may attend" matrix: False where the query lies in some box and the key in a box the query is
+    not in (a pixel in two boxes may attend to both); background queries and keys are unrestricted."""
+    member = masks.bool()  # (N, L)
+    query_in_box = member.any(0)
+    shares_box = (member.float().T @ member.float()) > 0  # (Lq, Lk): some box holds both
+    key_in_box = member.any(0)
+    forbidden = query_in_box[:, None] & key_in_box[None, :] & ~shares_box
+    return ~forbidden
+
+
+def grid_of(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a layer with ``tokens`` positions, from the latent size (each UNet level halves both sides)."""
+    h, w = latent_hw
+    while h * w > tokens and h > 1 and w > 1:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != tokens:
+        raise ValueError(f"an attention layer with {tokens} positions does not fit a {latent_hw} latent")
+    return h, w
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor | None,
+           backend: str) -> torch.Tensor:
+    """Attention on (batch, heads, tokens, dim) tensors: xformers when chosen (CUDA), else PyTorch's SDPA."""
+    if backend == "xformers" and query.is_cuda:  # pragma: no cover - needs CUDA and xformers
+        import xformers.ops as xops
+
+        bias = None
+        if allowed is not None:
+            bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+            bias = bias.masked_fill(~allowed, float("-inf"))
+            # xformers wants the bias as (batch·heads, Lq, Lk) with Lk padded to a multiple of 8
+            pad = (-bias.shape[-1]) % 8
+            full = torch.zeros(*bias.shape[:-1], bias.shape[-1] + pad, dtype=bias.dtype, device=bias.device)
+            full[..., :bias.shape[-1]] = bias
+            bias = full[..., :bias.shape[-1]].expand(query.shape[0] * query.shape[1], *bias.shape[-2:])
+        b, h = query.shape[:2]
+        out = xops.memory_efficient_attention(*(t.reshape(b * h, *t.shape[2:]) for t in (query, key, value)),
+                                              attn_bias=bias)
+        return out.reshape(b, h, *out.shape[1:])
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed)
+
+
+@dataclass
+class ConceptDeltas:
+    """One ``attn2`` layer's LoRA deltas for all concepts, strength included; ``None`` where no concept has one."""
+    to_k: torch.Tensor | None = None  # (N, out, in)
+    to_v: torch.Tensor | None = None
+    to_out: torch.Tensor | None = None
+
+
+@dataclass
+class RegionState:
+    """What the processors share for one composition: boxes, per-concept text encodings and deltas, switches."""
+    boxes: list[Box]
+    latent_hw: tuple[int, int]
+    concept_embeds: torch.Tensor | None = None  # (N, 2, T, D): [negative, positive] region prompts
+    deltas: dict[str, ConceptDeltas] = field(default_factory=dict)  # by attn2 module name
+    token_indices: list[list[int]] = field(default_factory=list)  # each concept's trigger tokens in its prompt
+    inject: bool = True
+    isolate: bool = True
+    global_ratio: float = 0.0  # share of the global output kept inside boxes
+    backend: str = "sdpa"
+    cfg: bool = True  # the UNet batch is [unconditional, conditional] halves
+    record: bool = False  # keep attention maps (re-initialisation, latent optimisation)
+    record_max_tokens: int = 1024  # self-attention maps only at layers this small (L² memory)
+    cross_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (N, L) trigger attention
+    self_maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (L, L) mean over heads
+    _kv_cache: dict = field(default_factory=dict)
+    _mask_cache: dict = field(default_factory=dict)
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.boxes)
+
+    def masks(self, tokens: int, device) -> tuple[torch.Tensor, tuple[int, int]]:
+        key = ("masks", tokens, str(device))
+        if key not in self._mask_cache:
+            hw = grid_of(tokens, self.latent_hw)
+            self._mask_cache[key] = (box_masks(self.boxes, *hw, device=device), hw)
+        return self._mask_cache[key]
+
+    def allowed(self, tokens: int, device) -> torch.Tensor:
+        key = ("allowed", tokens, str(device))
+        if key not in self._mask_cache:
+            self._mask_cache[key] = isolation_mask(self.masks(tokens, device)[0])
+        return self._mask_cache[key]
+
+    def embeds_for(self, batch: int) -> torch.Tensor:
+        """(N, batch, T, D) region encodings laid out like the UNet batch (negative half first under CFG)."""
+        neg, pos = self.concept_embeds[:, 0], self.concept_embeds[:, 1]
+        if self.cfg:
+            if batch % 2:
+                raise ValueError("a classifier-free-guidance batch must have an even size")
+            half = batch // 2
+            return torch.cat([neg[:, None].expand(-1, half, -1, -1), pos[:, None].expand(-1, half, -1, -1)], 1)
+        return pos[:, None].expand(-1, batch, -1, -1)
+
+    def clear_maps(self) -> None:
+        self.cross_maps.clear()
+        self.self_maps.clear()
+
+
+def _project(linear: torch.nn.Module, delta: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + x·ΔWᵀ`` per concept: x is (N, …, in), delta (N, out, in)."""
+    out = linear(x)
+    if delta is not None:
+        out = out + torch.einsum("n...i,noi->n...o", x, delta.to(x.dtype))
+    return out
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, heads·d) → (B, heads, L, d)."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-3, -2).flatten(-2)
+
+
+class _RegionProcessor:
+    def __init__(self, state: RegionState, name: str) -> None:
+        self.state = state
+        self.name = name
+
+    @staticmethod
+    def _prologue(attn, hidden_states: torch.Tensor, temb):
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        shape = None
+        if hidden_states.ndim == 4:
+            shape = hidden_states.shape
+            hidden_states = hidden_states.flatten(2).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        return hidden_states, shape
+
+    @staticmethod
+    def _epilogue(attn, out: torch.Tensor, residual: torch.Tensor, shape) -> torch.Tensor:
+        if shape is not None:
+            out = out.transpose(-1, -2).reshape(shape)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+class RegionCrossAttnProcessor(_RegionProcessor):
+    """Cross-attention with per-concept keys/values inside each concept's box (LoRA-Composer's concept injection)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state = self.state
+        residual = hidden_states
+        hidden_states, shape = self._prologue(attn, hidden_states, temb)
+        batch, tokens, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        mask = None
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(context), attn.heads)
+        value = _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(attend(query, key, value, mask, state.backend))
+                                            .to(query.dtype)))
+        if state.inject and state.concept_embeds is not None and encoder_hidden_states is not None:
+            out = self._inject(attn, query, out, batch, tokens)
+        return self._epilogue(attn, out, residual, shape)
+
+    def _concept_kv(self, attn, batch: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        state = self.state
+        key = (self.name, state.cfg, batch, str(dtype), str(device))
+        cached = state._kv_cache.get(key)
+        if cached is not None and not torch.is_grad_enabled():
+            return cached
+        deltas = state.deltas.get(self.name, ConceptDeltas())
+        embeds = state.embeds_for(batch).to(device=device, dtype=dtype)  # (N, B, T, D)
+        k = _project(attn.to_k, deltas.to_k, embeds)
+        v = _project(attn.to_v, deltas.to_v, embeds)
+        kv = (k.flatten(0, 1), v.flatten(0, 1))  # (N·B, T, inner)
+        if not torch.is_grad_enabled():
+            state._kv_cache[key] = kv
+        return kv
+
+    def _inject(self, attn, query: torch.Tensor, out_global: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
+        state = self.state
+        n = state.n_concepts
+        k, v = self._concept_kv(attn, batch, query.dtype, query.device)
+        k, v = _heads(k, attn.heads), _heads(v, attn.heads)
+        q = query.repeat(n, 1, 1, 1)  # (N·B, heads, L, d), concept-major like k and v
+        hidden = _merge_heads(attend(q, k, v, None, state.backend)).to(query.dtype)  # (N·B, L, inner)
+        deltas = state.deltas.get(self.name, ConceptDeltas())
+        concept_out = _project(attn.to_out[0], deltas.to_out, hidden.unflatten(0, (n, batch)))  # (N, B, L, out)
+        concept_out = attn.to_out[1](concept_out)
+        if state.record:
+            self._record(q, k, batch)
+        masks, _ = state.masks(tokens, query.device)  # (N, L)
+        masks = masks.to(query.dtype)
+        cover = masks.sum(0)  # (L,)
+        inside = torch.einsum("nl,nblo->blo", masks, concept_out) / cover.clamp(min=1)[None, :, None]
+        inside = (1 - state.global_ratio) * inside + state.global_ratio * out_global
+        return torch.where((cover > 0)[None, :, None], inside, out_global)
+
+    def _record(self, q: torch.Tensor, k: torch.Tensor, batch: int) -> None:
+        """Each concept's attention to its trigger tokens over the whole image (conditional half, mean of heads),
+        renormalised without the start token as Attend-and-Excite does."""
+        state = self.state
+        n = state.n_concepts
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)  # (N·B, heads, L, T)
+        probs = scores.softmax(-1).unflatten(0, (n, batch))[:, -1].mean(1)  # (N, L, T), conditional image
+        probs = probs[..., 1:] / probs[..., 1:].sum(-1, keepdim=True)
+        maps = torch.stack([probs[i][:, [t - 1 for t in state.token_indices[i]]].sum(-1) for i in range(n)])
+        state.cross_maps[self.name] = maps
+
+
+class RegionSelfAttnProcessor(_RegionProcessor):
+    """Self-attention in which boxes do not look into each other (LoRA-Composer's concept isolation)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        state = self.state
+        residual = hidden_states
+        hidden_states, shape = self._prologue(attn, hidden_states, temb)
+        batch, tokens, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(context), attn.heads)
+        value = _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        allowed = None
+        if state.n_concepts and state.isolate and encoder_hidden_states is None and attention_mask is None:
+            allowed = state.allowed(tokens, query.device)
+        elif attention_mask is not None:
+            allowed = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            allowed = allowed.view(batch, attn.heads, -1, allowed.shape[-1])
+        hidden = attend(query, key, value, allowed, state.backend)
+        if state.record and state.n_concepts and tokens <= state.record_max_tokens:
+            scores = (query[-1:] @ key[-1:].transpose(-1, -2)) * (query.shape[-1] ** -0.5)
+            if allowed is not None and allowed.dtype == torch.bool:
+                scores = scores.masked_fill(~allowed, float("-inf"))
+            state.self_maps[self.name] = scores.softmax(-1).mean(1)[0]  # (L, L), conditional image
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
+        return self._epilogue(attn, out, residual, shape)
+
+
+def region_processors(unet, state: RegionState) -> dict[str, object]:
+    """A processor for every attention layer of ``unet``: ``attn2`` → injection, everything else → isolation."""
+    processors = {}
+    for name in unet.attn_processors:
+        module = name[: -len(".processor")]
+        if module.endswith("attn2"):
+            processors[name] = RegionCrossAttnProcessor(state, module)
+        else:
+            processors[name] = RegionSelfAttnProcessor(state, module)
+    return processors
