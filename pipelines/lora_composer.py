@@ -160,6 +160,9 @@ class LoraComposerPipeline:
     """Regional multi-LoRA generation on a loaded diffusers Stable Diffusion pipeline (SD 1.x / 2.x layout)."""
 
     def __init__(self, pipe, attention: str = "sdpa") -> None:
+        if getattr(pipe, "text_encoder_2", None) is not None:
+            # the processors fit SDXL's UNet; the prompt encoding and added conditions here are SD 1.x/2.x's
+            raise UserError("LoRA-Composer runs on SD 1.x / 2.x models for now, not on SDXL")
         self.pipe = pipe
         self.backend = "xformers" if attention == "xformers" else "sdpa"
 

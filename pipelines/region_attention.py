@@ -69,16 +69,14 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed:
     if backend == "xformers" and query.is_cuda:  # pragma: no cover - needs CUDA and xformers
         import xformers.ops as xops
 
+        b, h, lq, _ = query.shape
         bias = None
         if allowed is not None:
-            bias = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
-            bias = bias.masked_fill(~allowed, float("-inf"))
-            # xformers wants the bias as (batch·heads, Lq, Lk) with Lk padded to a multiple of 8
-            pad = (-bias.shape[-1]) % 8
-            full = torch.zeros(*bias.shape[:-1], bias.shape[-1] + pad, dtype=bias.dtype, device=bias.device)
-            full[..., :bias.shape[-1]] = bias
-            bias = full[..., :bias.shape[-1]].expand(query.shape[0] * query.shape[1], *bias.shape[-2:])
-        b, h = query.shape[:2]
+            lk = allowed.shape[-1]
+            # xformers reads an attention bias through storage whose last dimension is a multiple of 8
+            bias = query.new_zeros(lq, (lk + 7) // 8 * 8)[:, :lk]
+            bias.masked_fill_(~allowed, float("-inf"))
+            bias = bias.expand(b * h, lq, lk)
         out = xops.memory_efficient_attention(*(t.reshape(b * h, *t.shape[2:]) for t in (query, key, value)),
                                               attn_bias=bias)
         return out.reshape(b, h, *out.shape[1:])
@@ -208,8 +206,11 @@ class RegionCrossAttnProcessor(_RegionProcessor):
         value = _heads(attn.to_v(context), attn.heads)
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
-        out = attn.to_out[1](attn.to_out[0](_merge_heads(attend(query, key, value, mask, state.backend))
-                                            .to(query.dtype)))
+        if mask is not None:  # a caller's key padding mask: SDPA takes it as an additive bias
+            hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+        else:
+            hidden = attend(query, key, value, None, state.backend)
+        out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
         if state.inject and state.concept_embeds is not None and encoder_hidden_states is not None:
             out = self._inject(attn, query, out, batch, tokens)
         return self._epilogue(attn, out, residual, shape)
@@ -275,15 +276,17 @@ class RegionSelfAttnProcessor(_RegionProcessor):
         if attn.norm_q is not None:
             query, key = attn.norm_q(query), attn.norm_k(key)
         allowed = None
-        if state.n_concepts and state.isolate and encoder_hidden_states is None and attention_mask is None:
-            allowed = state.allowed(tokens, query.device)
-        elif attention_mask is not None:
-            allowed = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-            allowed = allowed.view(batch, attn.heads, -1, allowed.shape[-1])
-        hidden = attend(query, key, value, allowed, state.backend)
+        if attention_mask is not None:  # a caller's own mask (SD's UNets pass none here) replaces isolation
+            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+            hidden = F.scaled_dot_product_attention(query, key, value,
+                                                    attn_mask=mask.view(batch, attn.heads, -1, mask.shape[-1]))
+        else:
+            if state.n_concepts and state.isolate and encoder_hidden_states is None:
+                allowed = state.allowed(tokens, query.device)
+            hidden = attend(query, key, value, allowed, state.backend)
         if state.record and state.n_concepts and tokens <= state.record_max_tokens:
             scores = (query[-1:] @ key[-1:].transpose(-1, -2)) * (query.shape[-1] ** -0.5)
-            if allowed is not None and allowed.dtype == torch.bool:
+            if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             state.self_maps[self.name] = scores.softmax(-1).mean(1)[0]  # (L, L), conditional image
         out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
