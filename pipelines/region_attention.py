@@ -166,7 +166,8 @@ class _RegionProcessor:
         self.name = name
 
     @staticmethod
-    def _prologue(attn, hidden_states: torch.Tensor, temb):
+    def _inputs(attn, hidden_states: torch.Tensor, encoder_hidden_states, temb):
+        """What diffusers' SDPA processor does before attention: norms, flattening, heads-split q, k, v."""
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
         shape = None
@@ -175,10 +176,28 @@ class _RegionProcessor:
             hidden_states = hidden_states.flatten(2).transpose(1, 2)
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        return hidden_states, shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        key = _heads(attn.to_k(context), attn.heads)
+        value = _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+        return shape, query, key, value
+
+    def _attend(self, attn, query, key, value, attention_mask, allowed=None) -> torch.Tensor:
+        """A caller's own attention mask (SD's UNets pass none) goes to SDPA as given, instead of ``allowed``."""
+        if attention_mask is not None:
+            batch = query.shape[0]
+            mask = attn.prepare_attention_mask(attention_mask, key.shape[-2], batch)
+            return F.scaled_dot_product_attention(query, key, value,
+                                                  attn_mask=mask.view(batch, attn.heads, -1, mask.shape[-1]))
+        return attend(query, key, value, allowed, self.state.backend)
 
     @staticmethod
-    def _epilogue(attn, out: torch.Tensor, residual: torch.Tensor, shape) -> torch.Tensor:
+    def _output(attn, hidden: torch.Tensor, residual: torch.Tensor, shape) -> torch.Tensor:
+        out = hidden
         if shape is not None:
             out = out.transpose(-1, -2).reshape(shape)
         if attn.residual_connection:
@@ -191,29 +210,12 @@ class RegionCrossAttnProcessor(_RegionProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
-        residual = hidden_states
-        hidden_states, shape = self._prologue(attn, hidden_states, temb)
-        batch, tokens, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        if encoder_hidden_states is not None and attn.norm_cross:
-            context = attn.norm_encoder_hidden_states(context)
-        mask = None
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-            mask = mask.view(batch, attn.heads, -1, mask.shape[-1])
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(context), attn.heads)
-        value = _heads(attn.to_v(context), attn.heads)
-        if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-        if mask is not None:  # a caller's key padding mask: SDPA takes it as an additive bias
-            hidden = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
-        else:
-            hidden = attend(query, key, value, None, state.backend)
+        shape, query, key, value = self._inputs(attn, hidden_states, encoder_hidden_states, temb)
+        hidden = self._attend(attn, query, key, value, attention_mask)
         out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
         if state.inject and state.concept_embeds is not None and encoder_hidden_states is not None:
-            out = self._inject(attn, query, out, batch, tokens)
-        return self._epilogue(attn, out, residual, shape)
+            out = self._inject(attn, query, out, query.shape[0], query.shape[-2])
+        return self._output(attn, out, hidden_states, shape)
 
     def _concept_kv(self, attn, batch: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
@@ -266,31 +268,19 @@ class RegionSelfAttnProcessor(_RegionProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         state = self.state
-        residual = hidden_states
-        hidden_states, shape = self._prologue(attn, hidden_states, temb)
-        batch, tokens, _ = hidden_states.shape
-        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        key = _heads(attn.to_k(context), attn.heads)
-        value = _heads(attn.to_v(context), attn.heads)
-        if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
+        shape, query, key, value = self._inputs(attn, hidden_states, encoder_hidden_states, temb)
+        tokens = query.shape[-2]
         allowed = None
-        if attention_mask is not None:  # a caller's own mask (SD's UNets pass none here) replaces isolation
-            mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
-            hidden = F.scaled_dot_product_attention(query, key, value,
-                                                    attn_mask=mask.view(batch, attn.heads, -1, mask.shape[-1]))
-        else:
-            if state.n_concepts and state.isolate and encoder_hidden_states is None:
-                allowed = state.allowed(tokens, query.device)
-            hidden = attend(query, key, value, allowed, state.backend)
+        if state.n_concepts and state.isolate and encoder_hidden_states is None and attention_mask is None:
+            allowed = state.allowed(tokens, query.device)
+        hidden = self._attend(attn, query, key, value, attention_mask, allowed)
         if state.record and state.n_concepts and tokens <= state.record_max_tokens:
             scores = (query[-1:] @ key[-1:].transpose(-1, -2)) * (query.shape[-1] ** -0.5)
             if allowed is not None:
                 scores = scores.masked_fill(~allowed, float("-inf"))
             state.self_maps[self.name] = scores.softmax(-1).mean(1)[0]  # (L, L), conditional image
         out = attn.to_out[1](attn.to_out[0](_merge_heads(hidden).to(query.dtype)))
-        return self._epilogue(attn, out, residual, shape)
+        return self._output(attn, out, hidden_states, shape)
 
 
 def region_processors(unet, state: RegionState) -> dict[str, object]:
