@@ -58,6 +58,7 @@ def build_studio(config: StudioConfig):
 
     from pipelines.upscale import SRModelCache
 
+    from .compose_tab import build_compose_tab
     from .generate_tab import build_generate_tab
     from .library_tab import build_library_tab
     from .train_tab import build_train_tab
@@ -77,6 +78,8 @@ def build_studio(config: StudioConfig):
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
                 build_generate_tab(demo, models, outputs, adapters_folder(data_home()), sr_models)
+            with gr.Tab("Compose", id="compose"):
+                build_compose_tab(demo, models, outputs, adapters_folder(data_home()))
             with gr.Tab("Train", id="train"):
                 build_train_tab(demo, jobs, data_home(), config.model)
             with gr.Tab("Upscale", id="upscale"):
