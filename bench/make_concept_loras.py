@@ -1,15 +1,22 @@
 """Train the example concept LoRAs shipped in ``assets/concepts/`` (the Compose tab's demo concepts and the fixtures of
 LoRA-Composer's tests and benchmark), with the studio's own LoRA trainer on the micro model.
 
-    python bench/make_concept_loras.py [--out assets/concepts] [--steps 400]
+    python bench/make_concept_loras.py [--out assets/concepts] [--only cross] [--steps N] [--lr LR] [--no-check]
 
 Each is a novel shape the base model never saw, taught from 24 generator scenes with a rare trigger word. The LoRAs
 wrap only the cross-attention keys, values and output (``attn2.to_k/to_v/to_out.0``), so LoRA-Composer applies all
-of each file (it skips self-attention, feed-forward and conv deltas). About 100 s each on one CPU core.
+of each file (it skips self-attention, feed-forward and conv deltas). Shapes with thin parts (the cross) are harder to
+learn through cross-attention alone, so each concept has its own steps and learning rate. About 100 s per 400 steps
+on one CPU core.
+
+After training, each LoRA is checked with plain LoRA application: "TRIGGER a red SHAPE in the center, gray
+background" on 12 seeds at 64 px, read by the micro-world judge. A file is written to ``--out`` only when the judge
+sees the shape in at least half of them (``--no-check`` writes it regardless).
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -19,41 +26,84 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-CONCEPTS = {"heart": "zwx", "ring": "qwe"}  # shape → trigger word
+# shape → trigger word and training settings (steps, learning rate, rank; 8 when not given). Not shipped: the judge
+# saw the cross in 2 of the 12 check images with 1000 steps at lr 3e-3 (rank 8) and again with 1500 steps at lr 3e-3
+# (rank 16); a star (800 steps, lr 4e-3) did no better. Trained only with --only.
+CONCEPTS = {
+    "heart": {"trigger": "zwx", "steps": 400, "lr": 2e-3},
+    "ring": {"trigger": "qwe", "steps": 400, "lr": 2e-3},
+    "cross": {"trigger": "vkc", "steps": 1500, "lr": 3e-3, "rank": 16, "shipped": False},
+}
 TARGETS = ["attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+CHECK_SEEDS = list(range(12))
+CHECK_PASS = 0.5
+
+
+def check_prompt(shape: str) -> str:
+    return f"{CONCEPTS[shape]['trigger']} a red {shape} in the center, gray background"
+
+
+def plain_lora_share(model, path: Path, shape: str) -> float:
+    """Share of ``CHECK_SEEDS`` in which the judge reads ``shape`` with the LoRA applied to the whole model."""
+    from pipelines.generation import adapters_applied
+    from pipelines.microworld.evaluation import sample
+    from pipelines.microworld.judge import judge_images
+
+    with adapters_applied(model, ((str(path), 1.0),)):
+        images = sample(model.pipe, [check_prompt(shape)] * len(CHECK_SEEDS), CHECK_SEEDS)
+    return sum(v["shape"] == shape for v in judge_images(images)) / len(images)
 
 
 def main() -> int:
     import torch
 
+    from pipelines.loading import load_model
     from pipelines.microworld.evaluation import novel_shape_set
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(REPO / "assets" / "concepts"))
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, help="override every concept's steps")
+    parser.add_argument("--lr", type=float, help="override every concept's learning rate")
+    parser.add_argument("--rank", type=int, help="override every concept's rank (default 8)")
     parser.add_argument("--only", choices=sorted(CONCEPTS), help="train just this concept")
+    parser.add_argument("--no-check", action="store_true", help="write the file without the plain-LoRA check")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="concept-loras-"))
-    for shape, trigger in CONCEPTS.items():
-        if args.only and shape != args.only:
+    model = None
+    failed = 0
+    for shape, settings in CONCEPTS.items():
+        if (args.only and shape != args.only) or (not args.only and not settings.get("shipped", True)):
             continue
         data = novel_shape_set(work / shape, shape, 24)
         started = time.perf_counter()
-        config = TrainConfig(data=str(data), out=str(out / f"{shape}.safetensors"), model=str(REPO / "assets" / "micro-sd"),
-                             steps=args.steps, batch_size=4, lr=args.lr, trigger=trigger, checkpoint_every=10**6,
-                             seed=0, method_options={"rank": args.rank, "targets": TARGETS})
+        trained = work / f"{shape}.safetensors"
+        config = TrainConfig(data=str(data), out=str(trained), model=str(REPO / "assets" / "micro-sd"),
+                             steps=args.steps or settings["steps"], batch_size=4, lr=args.lr or settings["lr"],
+                             trigger=settings["trigger"], checkpoint_every=10**6, seed=0,
+                             method_options={"rank": args.rank or settings.get("rank", 8), "targets": TARGETS})
         result = train(config, LoraMethod(), work / f"{shape}-run")
         first, last = sum(result.losses[:20]) / 20, sum(result.losses[-20:]) / 20
-        print(f"{shape} ({trigger}): {result.status}, loss {first:.4f} -> {last:.4f}, "
-              f"{time.perf_counter() - started:.0f} s -> {config.out}")
-    return 0
+        line = (f"{shape} ({settings['trigger']}, rank {config.method_options['rank']}, {config.steps} steps, "
+                f"lr {config.lr:g}): {result.status}, "
+                f"loss {first:.4f} -> {last:.4f}, {time.perf_counter() - started:.0f} s")
+        if not args.no_check:
+            if model is None:
+                model = load_model(REPO / "assets" / "micro-sd")
+                model.pipe.set_progress_bar_config(disable=True)
+            share = plain_lora_share(model, trained, shape)
+            line += f"; plain LoRA: judge sees a {shape} in {share:.0%} of {len(CHECK_SEEDS)} seeds"
+            if share < CHECK_PASS:
+                print(line + f" (below {CHECK_PASS:.0%}: not written)")
+                failed += 1
+                continue
+        shutil.copyfile(trained, out / trained.name)
+        print(f"{line} -> {out / trained.name}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
