@@ -117,9 +117,11 @@ def layouts(third_shipped: bool) -> dict[str, dict]:
                                                           ("heart", "red", bottom, "at the bottom")]),
         # without a third concept LoRA: heart, ring and heart again (a repeated concept, in its own colour)
         "three boxes": make_layout("three boxes", 192, 64,
-                                   [("ring", "blue", thirds[0], "on the left"), ("heart", "red", thirds[1], "in the center"),
+                                   [("ring", "blue", thirds[0], "on the left"),
+                                    ("heart", "red", thirds[1], "in the center"),
                                     ("cross", "green", thirds[2], "on the right")] if third_shipped else
-                                   [("heart", "red", thirds[0], "on the left"), ("ring", "blue", thirds[1], "in the center"),
+                                   [("heart", "red", thirds[0], "on the left"),
+                                    ("ring", "blue", thirds[1], "in the center"),
                                     ("heart", "green", thirds[2], "on the right")]),
     }
 
@@ -517,8 +519,8 @@ def grid(images: dict[str, list], layout: dict, seeds: list[int], path: Path, zo
 
 
 VALID_MEMORY = ("VmHWM", "cuda")
-INVALID_MEMORY_NOTE = ("Memory columns left out: this run's children read `ru_maxrss`, which on Linux keeps the peak of "
-                       "the process they were started from (the benchmark itself, model loaded) across exec, so every "
+INVALID_MEMORY_NOTE = ("Memory columns left out: this run's children read `ru_maxrss`, which on Linux keeps the "
+                       "peak of the process they were started from (the benchmark itself, model loaded) across exec, so every "
                        "row showed the same parent peak. The script now reads VmHWM; the peak memory is measured in "
                        "composer_microworld_memory.md (`--memory-only`).")
 COST_LABELS = {"merged_one": "one merged LoRA (reference)", "composer": "LoRA-Composer",
@@ -532,12 +534,14 @@ def pct(x: float) -> str:
 def table(result: dict) -> str:
     if "memory_only" in result:
         lines = [f"# LoRA-Composer peak memory in the micro world ({result['date']})", "",
-                 f"Machine: {result['machine']}. Run time {result['total_minutes']:.1f} min. Reference: plain generation "
-                 "with one LoRA merged into the weights; concepts: the shipped LoRAs "
-                 f"({', '.join(result['shapes'])}) reused in turn; seconds per image are in composer_microworld.md.", ""]
+                 f"Machine: {result['machine']}. Run time {result['total_minutes']:.1f} min. Reference: plain "
+                 "generation with one LoRA merged into the weights; concepts: the shipped LoRAs "
+                 f"({', '.join(result['shapes'])}) reused in turn; seconds per image are in "
+                 "composer_microworld.md.", ""]
         return "\n".join(lines + _memory_lines(result["memory_only"]))
     lines = [f"# LoRA-Composer in the micro world ({result['date']})", "",
-             f"Micro model, {STEPS} DDIM steps, guidance {GUIDANCE}, seeds {result['seeds'][0]}–{result['seeds'][-1]} "
+             f"Micro model, {STEPS} DDIM steps, guidance {GUIDANCE}, "
+             f"seeds {result['seeds'][0]}–{result['seeds'][-1]} "
              f"({len(result['seeds'])}) for every method of a layout. Concepts: the shipped attn2-only LoRAs "
              f"({', '.join(f'{s} = `{SHAPES[s][0]}`' for s in result['shapes'])}). {result['third_note']}", "",
              f"Machine: {result['machine']}. Total run time {result['total_minutes']:.1f} min.", "",
@@ -680,8 +684,8 @@ def main() -> int:
     result = {"date": date.today().isoformat(), "seeds": seeds, "steps": STEPS, "guidance": GUIDANCE,
               "shapes": shapes, "machine": machine(),
               "third_note": (f"Three boxes: ring, heart and {THIRD} (`{SHAPES[THIRD][0]}`)." if third_shipped else
-                             "Three boxes: no third concept LoRA passed its check (bench/make_concept_loras.py), so heart, "
-                             "ring and heart again (the repeated heart in green)."),
+                             "Three boxes: no third concept LoRA passed its check (bench/make_concept_loras.py), "
+                             "so heart, ring and heart again (the repeated heart in green)."),
               "latent_mode_check": runner.latent_mode_check(), "layouts": {}}
     print(f"latent-mode check: {result['latent_mode_check']}", flush=True)
     for name in args.layouts.split(","):
