@@ -134,3 +134,55 @@ def test_generation_with_a_watermark_changes_the_decoder_only_for_that_request(t
         image(loras=((str(tmp_path / "wm.safetensors"), 1.0),))
     with pytest.raises(UserError, match="not a watermark adapter"):
         image(watermark=str(tiny_extractor))
+
+
+@pytest.mark.parametrize("mode", ["lora", "full_decoder"])
+def test_a_training_that_fails_part_way_gives_the_model_its_decoder_back(tmp_path, tiny_extractor, monkeypatch, mode):
+    from conftest import MICRO_MODEL
+    from pipelines.loading import load_model
+    from trainers import watermark_lora
+    from trainers.watermark_lora import WatermarkConfig, train_watermark
+
+    model = load_model(MICRO_MODEL)
+    before = {k: v.clone() for k, v in model.pipe.vae.state_dict().items()}
+    calls = []
+
+    def failing_ssim(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(watermark_lora, "ssim", failing_ssim)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train_watermark(WatermarkConfig(out=str(tmp_path / "wm.safetensors"), key="beef", mode=mode, lr=1e-2,
+                                        extractor=str(tiny_extractor), latents=2, sample_steps=2, max_steps=4,
+                                        batch_size=2), tmp_path / "run", model=model)
+    assert len(calls) == 2  # one step was taken: the weights had changed when it failed
+    vae = model.pipe.vae
+    after = vae.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert not any("lora" in name for name, _ in vae.named_modules()) and not hasattr(vae, "peft_config")
+    assert not any(p.requires_grad for p in vae.parameters())
+    assert not (tmp_path / "wm.safetensors").exists()
+
+
+def test_cli_train_mode_reaches_the_trainer(monkeypatch, tmp_path):
+    import launch
+    from trainers import watermark_lora
+
+    seen = {}
+
+    def fake_train(config, run_dir):
+        seen["mode"] = config.mode
+        raise SystemExit(0)
+
+    monkeypatch.setattr(watermark_lora, "train_watermark", fake_train)
+    parser = launch.build_parser()
+    for argv, mode in ((["--mode", "full_decoder"], "full_decoder"), ([], "lora")):
+        args = parser.parse_args(["watermark", "train", "--out", str(tmp_path / "x.safetensors"), *argv])
+        with pytest.raises(SystemExit):
+            args.func(args)
+        assert seen.pop("mode") == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["watermark", "train", "--out", "x.safetensors", "--mode", "decoder"])

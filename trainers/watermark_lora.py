@@ -261,63 +261,67 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     full = config.mode == "full_decoder"
     original = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()} if full else None
     params, names = prepare_trainable(vae, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
-                                    config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
-    trainable = sum(p.numel() for p in params)
-    log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
-              extractor=extractor_id, bits=bits_n, mode=config.mode)
-    key_batch = key.to(device)[None]
-    history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
-    recent_acc: list[float] = []
-    step, status = 0, "done"
-    while step < config.max_steps:
-        if stop:
-            status = "stopped"
-            break
-        step += 1
-        idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
-        marked = decode(vae, latents[idx])
-        reference = targets[idx]
-        clean = marked * 2 - 1
-        attacked = rng.random() < config.noise_probability
-        logits = extractor(noise_layer(clean, rng) if attacked else clean)
-        wm_loss = F.binary_cross_entropy_with_logits(logits, key_batch.expand_as(logits))
-        img_loss = F.mse_loss(marked, reference) + (1 - ssim(marked, reference))
-        loss = scheduler.lambda_img * img_loss + scheduler.lambda_wm * wm_loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        with torch.no_grad():
-            read = extractor(clean) if attacked else logits  # the unattacked bits are what the schedule watches
-            acc = ((read > 0).float() == key_batch).float().mean().item()
-            quality = psnr(marked, reference).item()
-        scheduler.update(acc, quality)
-        recent_acc = (recent_acc + [acc])[-5:]
-        elapsed = time.perf_counter() - started
-        if seconds_to_99 is None and len(recent_acc) == 5 and sum(recent_acc) / 5 >= 0.99:
-            seconds_to_99 = elapsed
-        entry = {"step": step, "loss": round(loss.item(), 5), "bit_accuracy": round(acc, 4), "psnr": round(quality, 2),
-                 **scheduler.state()}
-        history.append(entry)
-        log.write("step", total=config.max_steps, elapsed_s=round(elapsed, 2), **entry)
-        streak = streak + 1 if acc >= config.stop_bit_accuracy and quality >= config.stop_psnr else 0
-        if streak >= config.patience_stop:
-            log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
-                                                      f"{config.stop_psnr} dB for {streak} steps")
-            break
-    if full:
-        trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
-        vae.decoder.load_state_dict(original)  # the model's own decoder back, exactly
-        vae.requires_grad_(False)
-    else:
-        layers = {}
-        for name, module in vae.named_modules():
-            if name in names:
-                lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
-                lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
-                layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
-        _remove_peft(vae)
+    try:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
+                                        config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
+        trainable = sum(p.numel() for p in params)
+        log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
+                  extractor=extractor_id, bits=bits_n, mode=config.mode)
+        key_batch = key.to(device)[None]
+        history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
+        recent_acc: list[float] = []
+        step, status = 0, "done"
+        while step < config.max_steps:
+            if stop:
+                status = "stopped"
+                break
+            step += 1
+            idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
+            marked = decode(vae, latents[idx])
+            reference = targets[idx]
+            clean = marked * 2 - 1
+            attacked = rng.random() < config.noise_probability
+            logits = extractor(noise_layer(clean, rng) if attacked else clean)
+            wm_loss = F.binary_cross_entropy_with_logits(logits, key_batch.expand_as(logits))
+            img_loss = F.mse_loss(marked, reference) + (1 - ssim(marked, reference))
+            loss = scheduler.lambda_img * img_loss + scheduler.lambda_wm * wm_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                read = extractor(clean) if attacked else logits  # the unattacked bits are what the schedule watches
+                acc = ((read > 0).float() == key_batch).float().mean().item()
+                quality = psnr(marked, reference).item()
+            scheduler.update(acc, quality)
+            recent_acc = (recent_acc + [acc])[-5:]
+            elapsed = time.perf_counter() - started
+            if seconds_to_99 is None and len(recent_acc) == 5 and sum(recent_acc) / 5 >= 0.99:
+                seconds_to_99 = elapsed
+            entry = {"step": step, "loss": round(loss.item(), 5), "bit_accuracy": round(acc, 4),
+                     "psnr": round(quality, 2), **scheduler.state()}
+            history.append(entry)
+            log.write("step", total=config.max_steps, elapsed_s=round(elapsed, 2), **entry)
+            streak = streak + 1 if acc >= config.stop_bit_accuracy and quality >= config.stop_psnr else 0
+            if streak >= config.patience_stop:
+                log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
+                                                          f"{config.stop_psnr} dB for {streak} steps")
+                break
+        if full:
+            trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
+        else:
+            layers = {}
+            for name, module in vae.named_modules():
+                if name in names:
+                    lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
+                    lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
+                    layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
+    finally:  # the model's own decoder back, exactly, also when training fails part-way
+        if full:
+            vae.decoder.load_state_dict(original)
+            vae.requires_grad_(False)
+        else:
+            _remove_peft(vae)
     metadata = {"atelier.method": DECODER_METHOD if full else "watermark",
                 "atelier.base_fingerprint": model.fingerprint,
                 "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_id,

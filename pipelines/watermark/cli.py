@@ -55,6 +55,9 @@ def register(subparsers) -> None:
     train.add_argument("--steps", type=int, default=1500, help="maximum steps (training stops early on its targets)")
     train.add_argument("--lr", type=float, default=5e-4)
     train.add_argument("--noise", type=float, default=0.0, help="share of steps trained through the noise layer")
+    train.add_argument("--mode", choices=("lora", "full_decoder"), default="lora",
+                       help="lora (default): the watermark LoRA; full_decoder: fine-tune every decoder weight "
+                            "(the Stable Signature baseline; writes the decoder's state, not an adapter)")
     train.add_argument("--run-dir", help="run folder (default: next to --out)")
     train.add_argument("--device", default="auto")
     train.set_defaults(func=handle_train)
@@ -151,7 +154,7 @@ def handle_train(args: argparse.Namespace) -> int:
     config = WatermarkConfig(out=str(out), model=args.model, key=args.key, keep_key_secret=args.secret,
                              extractor=args.extractor, images=args.images, latents=args.latents, rank=args.rank,
                              alpha=args.alpha, max_steps=args.steps, lr=args.lr, noise_probability=args.noise,
-                             device=args.device)
+                             device=args.device, mode=args.mode)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.stem + "-run")
     run = train_watermark(config, run_dir)
     last = run.history[-1] if run.history else {}
