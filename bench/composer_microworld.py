@@ -6,7 +6,14 @@ baselines and the ablations, and the cost of N concepts against plain generation
                                                           [--cost-reps 5] [--no-cost]
 
 Quality (spec §7). Layouts: left/right (128×64), top/bottom (64×128), three side-by-side boxes (192×64); each box is
-about a 64-px square, the size the micro model draws one object at. Concepts are the shipped attn2-only concept LoRAs
+about a 64-px square, the size the micro model draws one object at. Their global prompt names every concept with its
+colour and position, and every LoRA is at strength 1.0. A fourth layout, ``left/right (tab defaults)``, is the Compose
+tab's opening example and the effect test's setting: global prompt ``gray background``, ring 1.0 / heart 0.8 (also
+for the baselines); its table is ``composer_microworld_tab.md``::
+
+    python bench/composer_microworld.py --layouts "left/right (tab defaults)" --ablations-on "left/right (tab defaults)" \
+        --methods composer,no_isolation,no_reinit,merged,attention_mode,latent_mode --no-cost \
+        --out bench/results/composer_microworld_tab Concepts are the shipped attn2-only concept LoRAs
 (``assets/concepts``), each with its own colour. Methods, all on the same seeds (the same initial noise):
 
 - ``composer``: LoRA-Composer with its defaults (injection, isolation, re-initialisation; latent optimisation is off
@@ -106,11 +113,23 @@ def make_layout(name: str, width: int, height: int, regions: list[tuple[str, str
             "merged_prompt": _join(merged) + ", gray background"}
 
 
+def tab_layout(left: tuple, right: tuple) -> dict:
+    """The Compose tab's defaults (and the effect test's setting): a global prompt naming only the background, the
+    ring at 1.0 on the left and the heart at 0.8 on the right (the heart LoRA is the stronger one). The merged
+    baseline applies the LoRAs at the same strengths."""
+    layout = make_layout("left/right (tab defaults)", 128, 64, [("ring", "blue", left, "on the left"),
+                                                                ("heart", "red", right, "on the right")])
+    layout["regions"][1]["strength"] = 0.8
+    layout["global_prompt"] = "gray background"
+    return layout
+
+
 def layouts(third_shipped: bool) -> dict[str, dict]:
     left, right = (0.02, 0.05, 0.48, 0.95), (0.52, 0.05, 0.98, 0.95)
     top, bottom = (0.05, 0.02, 0.95, 0.48), (0.05, 0.52, 0.95, 0.98)
     thirds = [(0.01, 0.05, 0.32, 0.95), (0.345, 0.05, 0.655, 0.95), (0.68, 0.05, 0.99, 0.95)]
     return {
+        "left/right (tab defaults)": tab_layout(left, right),
         "left/right": make_layout("left/right", 128, 64, [("ring", "blue", left, "on the left"),
                                                           ("heart", "red", right, "on the right")]),
         "top/bottom": make_layout("top/bottom", 64, 128, [("ring", "blue", top, "at the top"),
@@ -161,11 +180,12 @@ class Runner:
 
         out = []
         for region in layout["regions"]:
-            spec = ConceptSpec(lora=str(REPO / region["file"]), box=tuple(region["box"]), prompt=region["prompt"])
+            spec = ConceptSpec(lora=str(REPO / region["file"]), box=tuple(region["box"]), prompt=region["prompt"],
+                               strength=region.get("strength", 1.0))
             if with_lora:
                 out.append(load_concept(spec, self.pipe, self.model.fingerprint))
             else:  # a pure regional prompt: no LoRA deltas, the base text encoder
-                out.append(Concept(name=region["shape"], box=spec.box, prompt=spec.prompt, strength=1.0,
+                out.append(Concept(name=region["shape"], box=spec.box, prompt=spec.prompt, strength=spec.strength,
                                    negative_prompt="", trigger=SHAPES[region["shape"]][0], cross_deltas={},
                                    text_encoder=None))
         return out
@@ -178,7 +198,8 @@ class Runner:
     def global_loras(self, layout: dict):
         from pipelines.generation import adapters_applied
 
-        with adapters_applied(self.model, tuple((f, 1.0) for f in self.distinct_files(layout))):
+        strengths = {str(REPO / r["file"]): r.get("strength", 1.0) for r in layout["regions"]}
+        with adapters_applied(self.model, tuple((f, strengths[f]) for f in self.distinct_files(layout))):
             yield
 
     @contextmanager
@@ -236,7 +257,7 @@ class Runner:
         return torch.cat([negative, positive])
 
     @torch.no_grad()
-    def latent_mode_image(self, global_embeds: torch.Tensor, regions: list[tuple[str, torch.Tensor]],
+    def latent_mode_image(self, global_embeds: torch.Tensor, regions: list[tuple[str, torch.Tensor, float]],
                           boxes: list, seed: int, width: int, height: int):
         """Latent-mode regional LoRA: the global pass without LoRAs, one pass per region with only its LoRA and
         its prompt; model outputs (after CFG) blended by the box masks, mean where boxes overlap."""
@@ -272,9 +293,9 @@ class Runner:
                 if peft:
                     unet.enable_lora()
                 region_out = []
-                for name, embeds in regions:
+                for name, embeds, strength in regions:
                     if peft:
-                        unet.set_adapters([name], [1.0])
+                        unet.set_adapters([name], [strength])
                     region_out.append(predict(model_input, t, embeds))
                 inside = (masks * torch.stack(region_out)).sum(0) / cover.clamp(min=1)
                 out = torch.where(cover > 0, inside, out)
@@ -287,7 +308,8 @@ class Runner:
         region_embeds = [self.encode(r["prompt"]) for r in layout["regions"]]
         boxes = [tuple(r["box"]) for r in layout["regions"]]
         with self.region_loras(layout) as names:
-            return [self.latent_mode_image(global_embeds, list(zip(names, region_embeds)), boxes, s,
+            strengths = [r.get("strength", 1.0) for r in layout["regions"]]
+            return [self.latent_mode_image(global_embeds, list(zip(names, region_embeds, strengths)), boxes, s,
                                            layout["width"], layout["height"]) for s in seeds]
 
     def run(self, method: str, layout: dict, seeds: list[int]) -> list:
@@ -552,7 +574,10 @@ def table(result: dict) -> str:
     for name, section in result["layouts"].items():
         layout = section["layout"]
         lines += [f"## {name} ({layout['width']}×{layout['height']})", "",
-                  "Regions: " + "; ".join(f"`{r['prompt']}` in {tuple(r['box'])}" for r in layout["regions"])
+                  "Regions: " + "; ".join(f"`{r['prompt']}` in {tuple(r['box'])}"
+                                          + (f" at strength {r.get('strength', 1.0)}" if any(
+                                              "strength" in q for q in layout["regions"]) else "")
+                                          for r in layout["regions"])
                   + f". Global prompt: `{layout['global_prompt']}`; merged baseline: `{layout['merged_prompt']}`.",
                   "", "| method | vanishing | confusion | all right | clean | empty boxes | all right: only composer "
                   "/ only this (sign-test p) | s/image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -628,7 +653,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds, 1 cost image, no memory subprocesses")
     parser.add_argument("--seeds", type=int, default=50)
-    parser.add_argument("--layouts", default="left/right,top/bottom,three boxes")
+    parser.add_argument("--layouts", default="left/right,top/bottom,three boxes",
+                        help='comma-separated; also "left/right (tab defaults)"')
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--ablations-on", default="left/right,top/bottom,three boxes",
                         help="layouts the ablations run on (the baselines run on every layout)")
