@@ -40,7 +40,7 @@ NOT_LORAS = ("watermark", "sara", "span", "dsclora")  # adapter methods that are
 DEFAULT_PROMPT = "gray background"
 DEFAULT_CONCEPTS = (  # file, region prompt, strength, box
     ("heart.safetensors", "zwx a red heart in the center, gray background", 0.8, (0.02, 0.05, 0.48, 0.95)),
-    ("ring.safetensors", "qwe a blue ring in the center, gray background", 1.0, (0.52, 0.05, 0.98, 0.95)),
+    ("ring.safetensors", "qwe a blue ring in the center, gray background", 1.3, (0.52, 0.05, 0.98, 0.95)),
 )
 DEFAULT_SEED = 8
 SPARE_BOX = (0.3, 0.25, 0.7, 0.75)  # where an unused concept's box starts

@@ -8,12 +8,15 @@ baselines and the ablations, and the cost of N concepts against plain generation
 Quality (spec §7). Layouts: left/right (128×64), top/bottom (64×128), three side-by-side boxes (192×64); each box is
 about a 64-px square, the size the micro model draws one object at. Their global prompt names every concept with its
 colour and position, and every LoRA is at strength 1.0. A fourth layout, ``left/right (tab defaults)``, is the Compose
-tab's opening example and the effect test's setting: global prompt ``gray background``, ring 1.0 / heart 0.8 (also
+tab's opening example and the effect test's setting: global prompt ``gray background``, ring 1.3 / heart 0.8 (also
 for the baselines); its table is ``composer_microworld_tab.md``::
 
     python bench/composer_microworld.py --layouts "left/right (tab defaults)" --ablations-on "left/right (tab defaults)" \
         --methods composer,no_isolation,no_reinit,merged,attention_mode,latent_mode --no-cost \
-        --out bench/results/composer_microworld_tab Concepts are the shipped attn2-only concept LoRAs
+        --out bench/results/composer_microworld_tab
+
+and the same layout on other seeds, to check that strengths chosen on seeds 0-49 hold (``--first-seed 100 --methods
+composer,merged --out bench/results/composer_microworld_tab_seeds100``). Concepts are the shipped attn2-only concept LoRAs
 (``assets/concepts``), each with its own colour. Methods, all on the same seeds (the same initial noise):
 
 - ``composer``: LoRA-Composer with its defaults (injection, isolation, re-initialisation; latent optimisation is off
@@ -115,11 +118,11 @@ def make_layout(name: str, width: int, height: int, regions: list[tuple[str, str
 
 def tab_layout(left: tuple, right: tuple) -> dict:
     """The Compose tab's defaults (and the effect test's setting): a global prompt naming only the background, the
-    ring at 1.0 on the left and the heart at 0.8 on the right (the heart LoRA is the stronger one). The merged
+    ring at 1.3 on the left and the heart at 0.8 on the right (the heart LoRA is the stronger one). The merged
     baseline applies the LoRAs at the same strengths."""
     layout = make_layout("left/right (tab defaults)", 128, 64, [("ring", "blue", left, "on the left"),
                                                                 ("heart", "red", right, "on the right")])
-    layout["regions"][1]["strength"] = 0.8
+    layout["regions"][0]["strength"], layout["regions"][1]["strength"] = 1.3, 0.8
     layout["global_prompt"] = "gray background"
     return layout
 
@@ -220,19 +223,11 @@ class Runner:
     @contextmanager
     def merged_weights(self, file: str):
         """One LoRA merged into the base weights; the exact weights are written back afterwards."""
-        from pipelines.adapter_files import load_lora, lora_targets
-        from pipelines.lora import merge_lora
+        from pipelines.adapter_files import load_lora
+        from pipelines.lora_composer import lora_merged
 
-        adapter = load_lora(Path(file), self.pipe)
-        targets = lora_targets(self.pipe)
-        saved = {name: targets[name].weight.detach().clone() for name in adapter.layers}
-        merge_lora(self.pipe, adapter, 1.0)
-        try:
+        with lora_merged(self.pipe, load_lora(Path(file), self.pipe), 1.0):
             yield
-        finally:
-            with torch.no_grad():
-                for name, weight in saved.items():
-                    targets[name].weight.copy_(weight)
 
     # --- generation
     def plain(self, prompt: str, seeds: list[int], width: int, height: int, chunk: int = 10) -> list:
@@ -653,6 +648,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds, 1 cost image, no memory subprocesses")
     parser.add_argument("--seeds", type=int, default=50)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds FIRST .. FIRST+SEEDS-1 (default 0)")
     parser.add_argument("--layouts", default="left/right,top/bottom,three boxes",
                         help='comma-separated; also "left/right (tab defaults)"')
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -699,7 +695,7 @@ def main() -> int:
         write_report(out.with_name(out.name + "_memory.json"), result, table(result))
         return 0
     n_seeds = 3 if args.quick else args.seeds
-    seeds = list(range(n_seeds))
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     third_shipped = concept_file(THIRD).is_file()
     shapes = ["ring", "heart"] + ([THIRD] if third_shipped else [])
     all_layouts = layouts(third_shipped)

@@ -115,8 +115,9 @@ def load_concept(spec: ConceptSpec, pipe, fingerprint: str | None = None) -> Con
 
 
 @contextmanager
-def text_encoder_lora(pipe, adapter: LoraAdapter | None, strength: float):
-    """The concept's text-encoder LoRA merged for the time of an encoding; the exact weights come back after."""
+def lora_merged(pipe, adapter: LoraAdapter | None, strength: float):
+    """``adapter`` merged into ``pipe``'s weights for a block (a concept's text-encoder LoRA for the time of an
+    encoding); the exact weights come back after."""
     if adapter is None or strength == 0:
         yield
         return
@@ -175,7 +176,7 @@ class LoraComposerPipeline:
         """(N, 2, T, D): each concept's [negative, region prompt], encoded with its own text-encoder LoRA."""
         rows = []
         for concept in concepts:
-            with text_encoder_lora(self.pipe, concept.text_encoder, concept.strength):
+            with lora_merged(self.pipe, concept.text_encoder, concept.strength):
                 positive, negative = self.encode(concept.prompt, concept.negative_prompt or global_negative, True)
             rows.append(torch.stack([negative[0], positive[0]]))
         return torch.stack(rows)

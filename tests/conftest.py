@@ -9,6 +9,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,26 @@ def start_studio(model_dir: Path, outputs: Path, *extra: str):
             time.sleep(0.5)
     proc.kill()
     raise RuntimeError("studio did not start within 120 s")
+
+
+@contextmanager
+def running_studio(model_dir: Path, outputs: Path, *extra: str):
+    """The studio in a subprocess for a block; yields its URL and stops it afterwards."""
+    proc, url = start_studio(model_dir, outputs, *extra)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def open_tab(browser, url: str, tab: str | None = None, width: int = 1400, height: int = 1000):
+    """A new page on the studio, with ``tab`` selected."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.goto(url)
+    if tab:
+        page.get_by_role("tab", name=tab).click()
+    return page
 
 
 @pytest.fixture

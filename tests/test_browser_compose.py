@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, start_studio
+from conftest import MICRO_MODEL, open_tab, running_studio
 
 pytestmark = pytest.mark.browser
 
@@ -37,11 +37,8 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         pytest.skip("the example concepts are trained on the shipped micro model")
     started = time.perf_counter()
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(MICRO_MODEL, outputs)
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Compose").click()
+    with running_studio(MICRO_MODEL, outputs) as url:
+        page = open_tab(browser, url, "Compose")
         assert "heart.safetensors" in page.locator("#compose-lora-0 input").input_value()
         assert "ring.safetensors" in page.locator("#compose-lora-1 input").input_value()
         assert value_of(page, "compose-x0-1") == 0.52
@@ -81,7 +78,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         assert Image.open(pngs[0]).size == (128, 64)
         record = json.loads(pngs[0].with_suffix(".json").read_text())
         assert record["seed"] == 8 and record["composition"]["steps"] == 6
-        assert [c["strength"] for c in record["composition"]["concepts"]] == [0.8, 1.0]
+        assert [c["strength"] for c in record["composition"]["concepts"]] == [0.8, 1.3]
         assert [c["box"] for c in record["composition"]["concepts"]] == [[0.02, 0.05, 0.48, 0.95],
                                                                         [0.52, 0.05, 0.98, 0.95]]
         page.screenshot(path=str(tmp_path / "composed.png"), full_page=True)
@@ -106,7 +103,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         chooser.value.set_files(str(saved))
         page.wait_for_function("document.querySelector('#compose-global textarea').value === 'gray background'",
                                timeout=15_000)
-        assert value_of(page, "compose-x0-0") == 0.02 and value_of(page, "compose-strength-1") == 1.0
+        assert value_of(page, "compose-x0-0") == 0.02 and value_of(page, "compose-strength-1") == 1.3
         assert value_of(page, "compose-seed") == 8 and value_of(page, "compose-steps") == 6
         assert page.locator("#compose-injection input[type=checkbox]").is_checked()
         assert "ring.safetensors" in page.locator("#compose-lora-1 input").input_value()
@@ -147,7 +144,4 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         page.screenshot(path=str(tmp_path / "bad-file.png"), full_page=True)
         assert page.locator("#compose-global textarea").input_value() == "gray background"
         assert value_of(page, "compose-x0-0") == 0.02
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     assert time.perf_counter() - started < 90

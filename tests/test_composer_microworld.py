@@ -11,15 +11,15 @@ CONCEPTS = REPO / "assets" / "concepts"
 LEFT, RIGHT = (0.02, 0.05, 0.48, 0.95), (0.52, 0.05, 0.98, 0.95)
 SEEDS = list(range(16))
 WIDTH, HEIGHT = 128, 64
-# (file, box, region prompt, strength, shape the judge must see); the heart LoRA is the stronger of the two, so it
-# runs at 0.8 (in the benchmark and the Compose tab's default too)
-LAYOUT = [("ring", LEFT, "qwe a blue ring in the center, gray background", 1.0, "ring"),
+# (file, box, region prompt, strength, shape the judge must see); the heart LoRA is the stronger of the two, so the
+# ring runs at 1.3 and the heart at 0.8 (the benchmark's tab-defaults layout and the Compose tab's default too)
+LAYOUT = [("ring", LEFT, "qwe a blue ring in the center, gray background", 1.3, "ring"),
           ("heart", RIGHT, "zwx a red heart in the center, gray background", 0.8, "heart")]
 # The base model does not know the novel shapes, so the global prompt names only the background (naming the objects
 # made the base model draw its own circles around the boxes).
 GLOBAL = "gray background"
 MERGED = "qwe a blue ring on the left and zwx a red heart on the right, gray background"
-# Measured on these seeds: LoRA-Composer 10/16, global merge 2/16 (and 20/36 over seeds 0-35 at these settings).
+# bench/results/composer_microworld_tab.md runs this setting on seeds 0-49: 10/16 vs 1/16 on these (33/50 vs 5/50).
 MOST = len(SEEDS) // 2 + 1  # "in most seeds"
 MARGIN = 5  # "clearly more often than the global merge"
 
