@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import start_studio
+from conftest import open_tab, running_studio
 from pipelines.png_metadata import parse_parameters, read_png_parameters
 
 pytestmark = pytest.mark.browser
@@ -12,16 +12,13 @@ pytestmark = pytest.mark.browser
 @pytest.fixture
 def studio(default_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(default_model_dir, outputs)
-    yield url, outputs
-    proc.terminate()
-    proc.wait(timeout=30)
+    with running_studio(default_model_dir, outputs) as url:
+        yield url, outputs
 
 
 def test_generate_through_the_page(browser, studio, tmp_path):
     url, outputs = studio
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page = open_tab(browser, url)
     page.locator("#gen-prompt textarea").fill("a red circle on the left, gray background")
     page.locator("#gen-steps input[type=number]").fill("4")
     page.locator("#gen-batch input[type=number]").fill("2")
@@ -42,8 +39,7 @@ def test_generate_through_the_page(browser, studio, tmp_path):
 
 def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
     url, outputs = studio
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(url)
+    page = open_tab(browser, url)
     page.locator("#gen-prompt textarea").fill("a blue square")
     page.locator("#gen-steps input[type=number]").fill("150")
     page.locator("#gen-batch input[type=number]").fill("16")
@@ -64,8 +60,7 @@ def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
 
 def test_login_required_when_auth_is_set(browser, default_model_dir, tmp_path):
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(default_model_dir, outputs, "--auth", "ada:s3cret")
-    try:
+    with running_studio(default_model_dir, outputs, "--auth", "ada:s3cret") as url:
         page = browser.new_page()
         page.goto(url)
         page.wait_for_selector("input[type=password]", timeout=30_000)
@@ -75,6 +70,3 @@ def test_login_required_when_auth_is_set(browser, default_model_dir, tmp_path):
         page.keyboard.press("Enter")
         page.wait_for_selector("#gen-run", timeout=30_000)
         page.screenshot(path=str(tmp_path / "after-login.png"))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import start_studio
+from conftest import open_tab, running_studio
 
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
@@ -38,11 +38,8 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
 
     home = Path(os.environ["ATELIER_HOME"])
     name = f"b4m-{int(time.time())}"
-    proc, url = start_studio(tiny_model_dir, tmp_path / "outputs")
-    try:
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
+    with running_studio(tiny_model_dir, tmp_path / "outputs") as url:
+        page = open_tab(browser, url, "Train", width=1500, height=1400)
         assert not page.locator("#b4m-make").is_visible()  # closed until asked for
         page.locator("#train-b4m").get_by_text("Break-for-Make: content + style").click()
         page.locator("#b4m-make").wait_for(state="visible", timeout=10_000)
@@ -125,6 +122,3 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
                                "(document.querySelector('#train-progress-box').innerText)", timeout=60_000)
         page.wait_for_function("document.querySelectorAll('#train-samples img').length >= 4", timeout=30_000)
         page.screenshot(path=str(tmp_path / "b4m-done.png"), full_page=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill_train_form, start_studio
+from conftest import fill_train_form, open_tab, running_studio
 
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
@@ -38,11 +38,8 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
     data = tmp_path / "data"
     write_dataset(data, 4, seed=3, config=restrict(SceneConfig(), shape="star", objects=1))
     home = Path(os.environ["ATELIER_HOME"])
-    proc, url = start_studio(default_model_dir, tmp_path / "outputs")
-    try:
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
+    with running_studio(default_model_dir, tmp_path / "outputs") as url:
+        page = open_tab(browser, url, "Train", width=1500, height=1400)
         assert page.locator("#train-rank").is_visible()
         assert not page.locator("#train-sara").is_visible()
 
@@ -105,6 +102,3 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
         planned = next(e for e in events if e.get("event") == "method")
         assert planned["selection"] == _plan(page)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill_train_form, start_studio
+from conftest import fill_train_form, open_tab, running_studio
 
 pytestmark = pytest.mark.browser
 
@@ -19,11 +19,8 @@ def test_train_stop_resume_and_use_from_the_page(browser, default_model_dir, tmp
     data = tmp_path / "data"  # a micro-world dataset of a novel shape, as a new user would make
     write_dataset(data, 6, seed=1, config=restrict(SceneConfig(), shape="star", objects=1))
     home = Path(os.environ["ATELIER_HOME"])
-    proc, url = start_studio(default_model_dir, tmp_path / "outputs")
-    try:
-        page = browser.new_page(viewport={"width": 1500, "height": 1400})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
+    with running_studio(default_model_dir, tmp_path / "outputs") as url:
+        page = open_tab(browser, url, "Train", width=1500, height=1400)
         name = f"browser-{int(time.time())}"
         fill_train_form(page, data, steps=400, images=6, name=name)
         page.locator("#train-start").click()
@@ -71,6 +68,3 @@ def test_train_stop_resume_and_use_from_the_page(browser, default_model_dir, tmp
         page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
         assert f'Lora: "{name}:1"' in page.locator("#gen-info textarea").input_value()
         page.screenshot(path=str(tmp_path / "generate-with-lora.png"), full_page=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.upscale import default_sr_model_path
-from conftest import start_studio
+from conftest import open_tab, running_studio
 
 pytestmark = pytest.mark.browser
 DSCF = Path(__file__).resolve().parents[2] / "shared" / "models" / "dscf-x4" / "team23_DSCF.pth"
@@ -23,11 +23,8 @@ def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
         images.append(str(path))
     (tmp_path / "bad.png").write_bytes(b"not an image")
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(default_model_dir, outputs)
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)
-        page.get_by_role("tab", name="Upscale").click()
+    with running_studio(default_model_dir, outputs) as url:
+        page = open_tab(browser, url, "Upscale", width=1400, height=1100)
         if not default_sr_model_path().is_file():
             page.get_by_text("Official checkpoint file").click()
             page.locator("#up-official textarea, #up-official input").first.fill(str(DSCF))
@@ -54,6 +51,3 @@ def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
             page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Upscaled 1')",
                                    timeout=60_000)
             assert len(list((outputs / "upscaled").glob("*_x4.png"))) == 3
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

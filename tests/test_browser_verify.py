@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import start_studio
+from conftest import open_tab, running_studio
 from pipelines.microworld.scenes import SceneConfig, generate_scene
 from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, load_extractor, save_extractor
 from pipelines.watermark.verify import identify, load_image, verify
@@ -26,11 +26,8 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
     expected = verify([(p.name, load_image(p)) for p in images], KEY, extractor, 1e-6)
     best = identify(load_image(images[0]), [OTHER, KEY], extractor, 1e-6)
 
-    proc, url = start_studio(default_model_dir, tmp_path / "outputs")
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Verify").click()
+    with running_studio(default_model_dir, tmp_path / "outputs") as url:
+        page = open_tab(browser, url, "Verify")
         page.locator("#wm-files input[type=file]").set_input_files([str(p) for p in images])
         page.wait_for_timeout(500)
         page.locator("#wm-extractor input").click()
@@ -63,9 +60,6 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
                                timeout=60_000)
         assert f"{best.verdict.matched}/48" in page.locator("#wm-table").inner_text()
         page.screenshot(path=str(tmp_path / "identify.png"), full_page=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
@@ -82,10 +76,8 @@ def test_generate_with_a_watermark_then_verify_by_its_adapter(browser, atelier_h
     train_watermark(WatermarkConfig(out=str(mark), key=KEY, latents=2, sample_steps=4, max_steps=5, batch_size=2),
                     tmp_path / "run", model=load_model(MICRO_MODEL))
     outputs = tmp_path / "outputs"
-    proc, url = start_studio(MICRO_MODEL, outputs)
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
+    with running_studio(MICRO_MODEL, outputs) as url:
+        page = open_tab(browser, url)
         page.locator("#gen-prompt textarea").fill("a red circle in the center, gray background")
         page.locator("#gen-steps input[type=number]").fill("4")
         page.get_by_text("Adapters (LoRA, SaRA, watermark)").click()
@@ -107,6 +99,3 @@ def test_generate_with_a_watermark_then_verify_by_its_adapter(browser, atelier_h
         page.wait_for_function(f"document.querySelector('#wm-summary').innerText.includes('{KEY}')", timeout=60_000)
         assert f"{expected.per_image[0][1].matched}/48" in page.locator("#wm-table").inner_text()
         page.screenshot(path=str(tmp_path / "generate-verify.png"), full_page=True)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
