@@ -11,13 +11,15 @@ colour and position, and every LoRA is at strength 1.0. A fourth layout, ``left/
 tab's opening example and the effect test's setting: global prompt ``gray background``, ring 1.3 / heart 0.8 (also
 for the baselines); its table is ``composer_microworld_tab.md``::
 
-    python bench/composer_microworld.py --layouts "left/right (tab defaults)" --ablations-on "left/right (tab defaults)" \
-        --methods composer,no_isolation,no_reinit,merged,attention_mode,latent_mode --no-cost \
-        --out bench/results/composer_microworld_tab
+    python bench/composer_microworld.py --layouts "left/right (tab defaults)" \
+        --ablations-on "left/right (tab defaults)" --no-cost --out bench/results/composer_microworld_tab \
+        --methods composer,no_isolation,no_reinit,merged,attention_mode,latent_mode
 
 and the same layout on other seeds, to check that strengths chosen on seeds 0-49 hold (``--first-seed 100 --methods
-composer,merged --out bench/results/composer_microworld_tab_seeds100``). Concepts are the shipped attn2-only concept LoRAs
-(``assets/concepts``), each with its own colour. Methods, all on the same seeds (the same initial noise):
+composer,merged --out bench/results/composer_microworld_tab_seeds100``).
+
+Concepts are the shipped attn2-only concept LoRAs (``assets/concepts``), each with its own colour. Methods, all on
+the same seeds (the same initial noise):
 
 - ``composer``: LoRA-Composer with its defaults (injection, isolation, re-initialisation; latent optimisation is off
   by default on the CPU);
@@ -68,6 +70,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from process_memory import reset_rss_high_water, vm_status  # noqa: E402  (bench/, the script's folder)
+
 MODEL = REPO / "assets" / "micro-sd"
 CONCEPT_DIR = REPO / "assets" / "concepts"
 DEFAULT_OUT = REPO / "bench" / "results" / "composer_microworld"
@@ -388,22 +393,6 @@ def paired(a: list[bool], b: list[bool]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- cost
-
-
-def vm_status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
-def reset_rss_high_water() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM) to the current RSS; False where not allowed."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return vm_status("VmHWM") <= vm_status("VmRSS") + 1024
 
 
 MEMORY_METHOD = ("Each configuration in a fresh process: VmRSS after model load, adapters set up, one warm-up image, "
