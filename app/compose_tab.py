@@ -39,8 +39,8 @@ NOT_LORAS = ("watermark", "sara", "span", "dsclora")  # adapter methods that are
 # the model's native 64 px, and the stronger heart LoRA is turned down to balance the two.
 DEFAULT_PROMPT = "gray background"
 DEFAULT_CONCEPTS = (  # file, region prompt, strength, box
-    ("heart.safetensors", "zwx a red heart in the center, gray background", 0.8, (0.02, 0.05, 0.48, 0.95)),
-    ("ring.safetensors", "qwe a blue ring in the center, gray background", 1.3, (0.52, 0.05, 0.98, 0.95)),
+    ("ring.safetensors", "qwe a blue ring in the center, gray background", 1.3, (0.02, 0.05, 0.48, 0.95)),
+    ("heart.safetensors", "zwx a red heart in the center, gray background", 0.8, (0.52, 0.05, 0.98, 0.95)),
 )
 DEFAULT_SEED = 8
 SPARE_BOX = (0.3, 0.25, 0.7, 0.75)  # where an unused concept's box starts
@@ -116,6 +116,17 @@ def canvas_value(width, height, loras, boxes) -> dict:
     return {"image": blank_canvas(cw, ch), "boxes": drawn}
 
 
+def box_signature(value) -> tuple:
+    """What a canvas value shows (labels and pixel edges), to recognise the echo of a value the page itself set."""
+    boxes = (value or {}).get("boxes") or []
+    return tuple(sorted((b.get("label", ""), b.get("xmin"), b.get("ymin"), b.get("xmax"), b.get("ymax"))
+                        for b in boxes))
+
+
+def remember(recent: list, value: dict, keep: int = 8) -> list:
+    return (recent + [box_signature(value)])[-keep:]
+
+
 @dataclass
 class ConceptRow:
     lora: gr.Dropdown
@@ -177,7 +188,7 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
         with gr.Column(scale=1, min_width=480):
             width0, height0 = 128, 64
             canvas = image_annotator(
-                value=canvas_value(width0, height0, [d[0] for d in defaults], [d[3] for d in defaults]),
+                value=(initial := canvas_value(width0, height0, [d[0] for d in defaults], [d[3] for d in defaults])),
                 label="Boxes", show_label=False, label_list=[label_of(i) for i in range(SLOTS)],
                 label_colors=[rgb(c) for c in BOX_COLOURS[:SLOTS]], boxes_alpha=0.25, sources=[],
                 image_type="pil", show_download_button=False, show_clear_button=False, show_remove_button=False,
@@ -220,23 +231,28 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
         return [values[4 * i:4 * i + 4] for i in range(SLOTS)]
 
     # --- the canvas and the numbers edit the same boxes -------------------------------------------------------
-    def redraw(width_v, height_v, *values):
-        return canvas_value(width_v, height_v, values[:SLOTS], boxes_of(values[SLOTS:]))
+    # The annotator fires "change" also for values the page sets. Those echoes arrive late and would put numbers
+    # typed in the meantime back, so the values set here are remembered and their echoes ignored.
+    drawn = gr.State([box_signature(initial)])
 
-    redraw_inputs = [width, height, *loras, *box_numbers]
+    def redraw(recent, width_v, height_v, *values):
+        value = canvas_value(width_v, height_v, values[:SLOTS], boxes_of(values[SLOTS:]))
+        return value, remember(recent, value)
+
+    redraw_inputs = [drawn, width, height, *loras, *box_numbers]
     for component in (width, height):
-        component.change(redraw, redraw_inputs, canvas, show_progress="hidden")
+        component.change(redraw, redraw_inputs, [canvas, drawn], show_progress="hidden")
     for picker in loras:
-        picker.change(redraw, redraw_inputs, canvas, show_progress="hidden")
+        picker.change(redraw, redraw_inputs, [canvas, drawn], show_progress="hidden")
     for number in box_numbers:
-        number.input(redraw, redraw_inputs, canvas, show_progress="hidden")
+        number.input(redraw, redraw_inputs, [canvas, drawn], show_progress="hidden")
 
-    def on_canvas(value, width_v, height_v, *values):
+    def on_canvas(value, recent, width_v, height_v, *values):
         """Numbers follow the boxes on the canvas; the canvas is redrawn when it shows what no concept has."""
         current, boxes = values[:SLOTS], boxes_of(values[SLOTS:])
         updates = [gr.update() for _ in box_numbers]
-        if not value:
-            return [*updates, gr.update()]
+        if not value or box_signature(value) in recent:
+            return [*updates, gr.update(), recent]
         cw, ch = canvas_size(int(width_v or 8), int(height_v or 8))
         found: dict[int, list[dict]] = {}
         tidy = True
@@ -269,9 +285,15 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
             boxes[slot] = new
             if not current[slot]:
                 gr.Info(f"{label_of(slot)} has its box now; choose its LoRA to use it.")
-        return [*updates, gr.update() if tidy else canvas_value(width_v, height_v, current, boxes)]
+        # the user's own edit: earlier values the page set are history now (a box dragged back onto one of them
+        # must still move its numbers)
+        recent = []
+        if tidy:
+            return [*updates, gr.update(), recent]
+        value = canvas_value(width_v, height_v, current, boxes)
+        return [*updates, value, remember(recent, value)]
 
-    canvas.change(on_canvas, [canvas, width, height, *loras, *box_numbers], [*box_numbers, canvas],
+    canvas.change(on_canvas, [canvas, drawn, width, height, *loras, *box_numbers], [*box_numbers, canvas, drawn],
                   show_progress="hidden")
 
     def on_pick(value, region_v):

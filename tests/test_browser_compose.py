@@ -39,8 +39,8 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
     outputs = tmp_path / "outputs"
     with running_studio(MICRO_MODEL, outputs) as url:
         page = open_tab(browser, url, "Compose")
-        assert "heart.safetensors" in page.locator("#compose-lora-0 input").input_value()
-        assert "ring.safetensors" in page.locator("#compose-lora-1 input").input_value()
+        assert "ring.safetensors" in page.locator("#compose-lora-0 input").input_value()
+        assert "heart.safetensors" in page.locator("#compose-lora-1 input").input_value()
         assert value_of(page, "compose-x0-1") == 0.52
 
         # Drag concept 2's box to the left on the canvas: its numbers follow.
@@ -51,14 +51,22 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         scale = bb["height"] / 256  # the 128×64 canvas is drawn 512×256, centred
         left = bb["x"] + (bb["width"] - 512 * scale) / 2
         x, y = left + 0.75 * 512 * scale, bb["y"] + bb["height"] / 2
-        page.mouse.move(x, y)
-        page.mouse.down()
-        page.mouse.move(x - 40 * scale, y, steps=6)
-        page.mouse.up()
-        page.wait_for_function("parseFloat(document.querySelector('#compose-x0-1 input').value) < 0.5",
-                               timeout=15_000)
+
+        def drag(dx: float, condition: str) -> None:
+            page.mouse.move(x + (0 if dx < 0 else -dx) * scale, y)
+            page.mouse.down()
+            page.mouse.move(x + (dx if dx < 0 else 0) * scale, y, steps=6)
+            page.mouse.up()
+            page.wait_for_function(f"parseFloat(document.querySelector('#compose-x0-1 input').value) {condition}",
+                                   timeout=15_000)
+
+        drag(-40, "< 0.5")
         assert 0.40 < value_of(page, "compose-x0-1") < 0.48 and 0.88 < value_of(page, "compose-x1-1") < 0.95
         assert value_of(page, "compose-y0-1") == pytest.approx(0.05, abs=0.01)
+        # dragged back onto the place the page drew it at: the numbers follow again
+        drag(40, "> 0.5")
+        assert value_of(page, "compose-x0-1") == pytest.approx(0.52, abs=0.01)
+        drag(-40, "< 0.5")
         # ...and typed numbers move it back.
         type_number(page, "compose-x0-1", 0.52)
         type_number(page, "compose-x1-1", 0.98)
@@ -78,7 +86,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         assert Image.open(pngs[0]).size == (128, 64)
         record = json.loads(pngs[0].with_suffix(".json").read_text())
         assert record["seed"] == 8 and record["composition"]["steps"] == 6
-        assert [c["strength"] for c in record["composition"]["concepts"]] == [0.8, 1.3]
+        assert [c["strength"] for c in record["composition"]["concepts"]] == [1.3, 0.8]
         assert [c["box"] for c in record["composition"]["concepts"]] == [[0.02, 0.05, 0.48, 0.95],
                                                                         [0.52, 0.05, 0.98, 0.95]]
         page.screenshot(path=str(tmp_path / "composed.png"), full_page=True)
@@ -91,7 +99,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         saved.write_bytes(page.request.get(link.get_attribute("href")).body())
         data = json.loads(saved.read_text())
         assert data["prompt"] == page.locator("#compose-global textarea").input_value()
-        assert [c["prompt"][:3] for c in data["concepts"]] == ["zwx", "qwe"] and data["steps"] == 6
+        assert [c["prompt"][:3] for c in data["concepts"]] == ["qwe", "zwx"] and data["steps"] == 6
 
         page.locator("#compose-global textarea").fill("something else entirely")
         type_number(page, "compose-x0-0", 0.3)
@@ -103,10 +111,10 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         chooser.value.set_files(str(saved))
         page.wait_for_function("document.querySelector('#compose-global textarea').value === 'gray background'",
                                timeout=15_000)
-        assert value_of(page, "compose-x0-0") == 0.02 and value_of(page, "compose-strength-1") == 1.3
+        assert value_of(page, "compose-x0-0") == 0.02 and value_of(page, "compose-strength-1") == 0.8
         assert value_of(page, "compose-seed") == 8 and value_of(page, "compose-steps") == 6
         assert page.locator("#compose-injection input[type=checkbox]").is_checked()
-        assert "ring.safetensors" in page.locator("#compose-lora-1 input").input_value()
+        assert "heart.safetensors" in page.locator("#compose-lora-1 input").input_value()
         page.screenshot(path=str(tmp_path / "loaded.png"), full_page=True)
 
         # A hand-written file naming the LoRAs by file name only (as shared files do) with a third concept.
