@@ -36,7 +36,7 @@ OVERLAY_SIDE = 512  # the overlay preview is scaled up (nearest) to about this l
 NOT_LORAS = ("watermark", "sara", "span", "dsclora")  # adapter methods that are not concept LoRAs
 
 # What works on the micro model (README, Compose): the global prompt names only the background, each box is about
-# the model's native 64 px, and the stronger heart LoRA is turned down to balance the two.
+# the model's native 64 px, and the strengths balance the two LoRAs (the weaker ring up, the heart down).
 DEFAULT_PROMPT = "gray background"
 DEFAULT_CONCEPTS = (  # file, region prompt, strength, box
     ("ring.safetensors", "qwe a blue ring in the center, gray background", 1.3, (0.02, 0.05, 0.48, 0.95)),

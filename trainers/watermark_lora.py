@@ -219,6 +219,22 @@ def prepare_trainable(vae, config: WatermarkConfig) -> tuple[list[torch.nn.Param
     return params, names
 
 
+@contextmanager
+def decoder_made_trainable(vae, config: WatermarkConfig) -> Iterator[tuple[list[torch.nn.Parameter], list[str]]]:
+    """:func:`prepare_trainable` for a block; afterwards, also when training fails part-way, the model's decoder is
+    exactly as before (the injected LoRA removed, or the fully trained decoder's weights put back) and frozen."""
+    full = config.mode == "full_decoder"
+    original = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()} if full else None
+    try:
+        yield prepare_trainable(vae, config)
+    finally:
+        if full:
+            vae.decoder.load_state_dict(original)
+        else:
+            _remove_peft(vae)
+        vae.requires_grad_(False)
+
+
 @dataclass
 class WatermarkRun:
     result: TrainResult
@@ -259,9 +275,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     with torch.no_grad():
         targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
     full = config.mode == "full_decoder"
-    original = {k: v.detach().clone() for k, v in vae.decoder.state_dict().items()} if full else None
-    params, names = prepare_trainable(vae, config)
-    try:
+    with decoder_made_trainable(vae, config) as (params, names):
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
                                         config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
@@ -316,12 +330,6 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
                     lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
                     lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
                     layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
-    finally:  # the model's own decoder back, exactly, also when training fails part-way
-        if full:
-            vae.decoder.load_state_dict(original)
-            vae.requires_grad_(False)
-        else:
-            _remove_peft(vae)
     metadata = {"atelier.method": DECODER_METHOD if full else "watermark",
                 "atelier.base_fingerprint": model.fingerprint,
                 "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_id,
