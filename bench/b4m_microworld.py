@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import tempfile
@@ -40,22 +39,16 @@ CONTENT, STYLE = "star", "stripes"
 CONTENT_TRIGGER, STYLE_TRIGGER = "sks", "w@z"
 
 
-def content_images(folder: Path, n: int, seed: int = 3) -> Path:
+def content_images(folder: Path, n: int) -> Path:
     from pipelines.microworld.evaluation import novel_shape_set
 
-    return novel_shape_set(folder, CONTENT, n, seed=seed)
+    return novel_shape_set(folder, CONTENT, n, seed=3)
 
 
-def style_images(folder: Path, n: int, seed: int = 5) -> Path:
-    """Base shapes filled with the novel fill; the fill's word is taken out of the captions."""
-    from pipelines.microworld.scenes import FILL_ADJECTIVES, SceneConfig, restrict, write_dataset
+def style_images(folder: Path, n: int) -> Path:
+    from pipelines.microworld.evaluation import novel_fill_set
 
-    write_dataset(folder, n, seed=seed, config=restrict(SceneConfig(min_radius=0.2, max_radius=0.3), fill=STYLE,
-                                                        objects=1))
-    word = re.compile(rf"\b{FILL_ADJECTIVES[STYLE]} ")
-    for caption in folder.glob("*.txt"):
-        caption.write_text(word.sub("", caption.read_text(encoding="utf-8")), encoding="utf-8")
-    return folder
+    return novel_fill_set(folder, STYLE, n, seed=5)
 
 
 def joint_images(folder: Path, content: Path, style: Path) -> Path:
@@ -70,25 +63,11 @@ def joint_images(folder: Path, content: Path, style: Path) -> Path:
     return folder
 
 
-@torch.no_grad()
 def accuracies(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
     """Content and style accuracy of "sks w@z a <colour> star" over the base colours × ``n_seeds`` seeds."""
-    from pipelines.generation import adapters_applied
-    from pipelines.microworld.evaluation import sample
-    from pipelines.microworld.judge import judge_images
-    from pipelines.microworld.scenes import COLORS
+    from pipelines.microworld.evaluation import content_and_style
 
-    prompts, seeds = [], []
-    for c_index, color in enumerate(COLORS):
-        for i in range(n_seeds):
-            prompts.append(f"{CONTENT_TRIGGER} {STYLE_TRIGGER} a {color} {CONTENT} in the center, gray background")
-            seeds.append(seed * 1000 + c_index * 50 + i)
-    with adapters_applied(model, adapters):
-        verdicts = judge_images(sample(model.pipe, prompts, seeds))
-    content = sum(v["shape"] == CONTENT for v in verdicts) / len(verdicts)
-    style = sum(v["fill"] == STYLE for v in verdicts) / len(verdicts)
-    both = sum(v["shape"] == CONTENT and v["fill"] == STYLE for v in verdicts) / len(verdicts)
-    return {"content": content, "style": style, "both": both, "product": content * style, "samples": len(verdicts)}
+    return content_and_style(model, adapters, CONTENT, STYLE, f"{CONTENT_TRIGGER} {STYLE_TRIGGER}", n_seeds, seed)
 
 
 def run(args: argparse.Namespace) -> dict:

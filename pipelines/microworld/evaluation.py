@@ -4,11 +4,12 @@ Shared by the effect tests and the benchmarks, so both teach and judge a concept
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 
-from .scenes import SceneConfig, generate_scene, restrict, write_dataset
+from .scenes import COLORS, FILL_ADJECTIVES, SceneConfig, generate_scene, restrict, write_dataset
 
 
 def novel_shape_set(folder: Path, shape: str, n: int, *, seed: int = 3) -> Path:
@@ -16,6 +17,18 @@ def novel_shape_set(folder: Path, shape: str, n: int, *, seed: int = 3) -> Path:
     write_dataset(Path(folder), n, seed=seed,
                   config=restrict(SceneConfig(min_radius=0.2, max_radius=0.3), shape=shape, objects=1))
     return Path(folder)
+
+
+def novel_fill_set(folder: Path, fill: str, n: int, *, seed: int = 5) -> Path:
+    """``n`` one-object base-set shapes drawn with ``fill``; the fill's word is taken out of the captions, so only a
+    trigger can carry it (a style to learn)."""
+    folder = Path(folder)
+    write_dataset(folder, n, seed=seed, config=restrict(SceneConfig(min_radius=0.2, max_radius=0.3), fill=fill,
+                                                        objects=1))
+    word = re.compile(rf"\b{FILL_ADJECTIVES[fill]} ")
+    for caption in folder.glob("*.txt"):
+        caption.write_text(word.sub("", caption.read_text(encoding="utf-8")), encoding="utf-8")
+    return folder
 
 
 def base_set(folder: Path, n: int, *, seed: int = 4, min_radius: float = 0.13) -> Path:
@@ -61,3 +74,25 @@ def concept_and_prior(model, adapters: tuple, concept_prompt: str, shape: str, n
         kept = judge_images(sample(model.pipe, [p["prompt"] for p in prior], [p["seed"] for p in prior]))
     return {"learned": sum(v["shape"] == shape for v in learned) / n,
             "prior": sum(v["shape"] == p["shape"] and v["color"] == p["color"] for v, p in zip(kept, prior)) / n}
+
+
+@torch.no_grad()
+def content_and_style(model, adapters: tuple, shape: str, fill: str, triggers: str, n_seeds: int, seed: int) -> dict:
+    """With ``adapters`` applied, samples of "<triggers> a <colour> <shape> in the center, gray background" in every
+    base colour × ``n_seeds`` seeds: the shares the judge reads as ``shape`` (content), as ``fill`` (style), and as
+    both in one image."""
+    from pipelines.generation import adapters_applied
+
+    from .judge import judge_images
+
+    prompts, seeds = [], []
+    for c_index, color in enumerate(COLORS):
+        for i in range(n_seeds):
+            prompts.append(f"{triggers} a {color} {shape} in the center, gray background")
+            seeds.append(seed * 1000 + c_index * 50 + i)
+    with adapters_applied(model, adapters):
+        verdicts = judge_images(sample(model.pipe, prompts, seeds))
+    content = sum(v["shape"] == shape for v in verdicts) / len(verdicts)
+    style = sum(v["fill"] == fill for v in verdicts) / len(verdicts)
+    both = sum(v["shape"] == shape and v["fill"] == fill for v in verdicts) / len(verdicts)
+    return {"content": content, "style": style, "both": both, "product": content * style, "samples": len(verdicts)}
