@@ -6,13 +6,12 @@ execution). Reading only the 8-byte length and the JSON header is enough to tell
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from .atomic_files import replacing
 from .errors import ModelLoadError
 
 MAX_HEADER = 100 * 1024 * 1024
@@ -67,14 +66,7 @@ def save_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = Non
     """Write tensors (moved to the CPU, contiguous) and string metadata to ``path`` through a temporary file in the
     same folder and a rename, so a crash or a full disk never leaves a half-written file where a good one was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp,
+    with replacing(path) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from .atomic_files import replacing
 from .errors import ModelLoadError, UserError
 from .safetensors_files import read_header, save_atomic
 from .span import SPAN, SpanConfig
@@ -231,9 +232,8 @@ def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: flo
     target, n = folder / f"{stem}_x{scale:g}.png", 1
     while target.exists():
         target, n = folder / f"{stem}_x{scale:g}-{n}.png", n + 1
-    tmp = target.with_name(f".{target.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, target)
+    with replacing(target) as tmp:
+        image.save(tmp, format="PNG")
     return target
 
 

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.atomic_files import write_text
+
 from .checkpoints import latest_checkpoint
 from .events import read_events
 from .loop import STOP_FILE
@@ -43,9 +45,7 @@ class JobInfo:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 def _read_json(path: Path) -> dict:

@@ -12,7 +12,6 @@ and takes its own slice, and gradients are averaged over equal slices.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from pipelines.atomic_files import write_text
 from pipelines.errors import UserError
 
 from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
@@ -91,7 +91,7 @@ class TrainConfig:
         return self
 
     def save(self, path: Path) -> None:
-        _atomic_text(path, json.dumps(asdict(self), indent=2))
+        write_text(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
@@ -134,14 +134,6 @@ class TrainResult:
     step: int
     artifact: str | None
     losses: list[float]
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class StopFlag:
