@@ -55,7 +55,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -72,6 +71,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from process_memory import reset_rss_high_water, vm_status  # noqa: E402  (bench/, the script's folder)
+from report import describe_machine, machine  # noqa: E402
 
 MODEL = REPO / "assets" / "micro-sd"
 CONCEPT_DIR = REPO / "assets" / "concepts"
@@ -618,21 +618,6 @@ def _memory_lines(memory: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------- main
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import diffusers
-
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, {torch.get_num_threads()} torch thread(s); torch "
-            f"{torch.__version__}, diffusers {diffusers.__version__}")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 seeds, 1 cost image, no memory subprocesses")
@@ -676,7 +661,7 @@ def main() -> int:
         ref = memory["merged_one:1"]["above_model_mib"]
         rows = {key: {"label": COST_LABELS[m["method"]], **m, "memory_ratio": m["above_model_mib"] / ref}
                 for key, m in memory.items()}
-        result = {"date": date.today().isoformat(), "machine": machine(), "seeds": [], "shapes": shapes,
+        result = {"date": date.today().isoformat(), "machine": describe_machine(machine()), "seeds": [], "shapes": shapes,
                   "third_note": "", "layouts": {},
                   "memory_only": {"canvas": "256×64, N side-by-side boxes of 64 px", "rows": rows,
                                   "memory_method": MEMORY_METHOD}}
@@ -693,7 +678,7 @@ def main() -> int:
     model = load_model(MODEL)
     runner = Runner(model)
     result = {"date": date.today().isoformat(), "seeds": seeds, "steps": STEPS, "guidance": GUIDANCE,
-              "shapes": shapes, "machine": machine(),
+              "shapes": shapes, "machine": describe_machine(machine()),
               "third_note": (f"Three boxes: ring, heart and {THIRD} (`{SHAPES[THIRD][0]}`)." if third_shipped else
                              "Three boxes: no third concept LoRA passed its check (bench/make_concept_loras.py), "
                              "so heart, ring and heart again (the repeated heart in green)."),

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,3 +26,31 @@ def measure_micro(model_dir: Path, out: str | Path, run: Callable[[], dict], tab
     result = run()
     write_report(out, result, table(result))
     return 0
+
+
+def machine(threads: int | None = None) -> dict:
+    """What a measurement ran on: CPU, RAM, device, threads and the library versions."""
+    import diffusers
+    import peft
+    import torch
+
+    def proc_field(file: str, key: str) -> str | None:
+        try:
+            lines = Path(file).read_text().splitlines()
+        except OSError:
+            return None
+        return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), None)
+
+    ram_kib = proc_field("/proc/meminfo", "MemTotal")
+    return {"cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or platform.machine(),
+            "logical_cpus": os.cpu_count(), "ram_gib": round(int(ram_kib.split()[0]) / 2**20, 1) if ram_kib else None,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+            "threads": threads or torch.get_num_threads(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "peft": peft.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def describe_machine(m: dict) -> str:
+    """One line for a table's header."""
+    return (f"{m['cpu']} ({m['logical_cpus']} logical CPUs, {m['ram_gib']} GiB), device {m['device']}, "
+            f"{m['threads']} thread(s); torch {m['torch']}, diffusers {m['diffusers']}, peft {m['peft']}")

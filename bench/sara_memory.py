@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import re
 import resource
 import statistics
@@ -44,6 +43,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from process_memory import reset_rss_high_water, vm_status  # noqa: E402  (bench/, the script's folder)
+from report import describe_machine, machine  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "sara_memory"
 SMALL_OUT = Path(tempfile.gettempdir()) / "atelier-bench" / "sara_memory_small"
@@ -272,21 +272,6 @@ def checks(rows: list[dict]) -> list[str]:
     return out
 
 
-def machine(args: argparse.Namespace) -> dict:
-    import diffusers
-    import peft
-
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    ram = next((int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal:")), 0)
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "cpu": cpu,
-            "logical_cpus": os.cpu_count(), "ram_gib": round(ram / 2**20, 1), "device": device,
-            "threads": args.threads}
-
-
 def mib(kib: float) -> str:
     return f"{kib / 1024:,.0f}" if kib >= 10 * 1024 else f"{kib / 1024:,.1f}"
 
@@ -305,8 +290,7 @@ def markdown(result: dict) -> str:
              f"{TEXT_TOKENS}×{s['cross_attention_dim']} text states; SaRA budget {s['budget']}, LoRA rank {s['rank']} "
              f"on SaRA's modules; AdamW; median of {s['steps']} timed steps after 1 warm-up; one fresh process per "
              "row.", "",
-             f"Machine: {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['ram_gib']} GiB), device {m['device']}, "
-             f"{m['threads']} thread(s); torch {m['torch']}, diffusers {m['diffusers']}, peft {m['peft']}.", "",
+             f"Machine: {describe_machine(m)}.", "",
              "| method | batch | trainable params | full-size .grad | peak MiB | step peak MiB | s/step "
              "| peak ÷ LoRA | peak ÷ full | step peak ÷ LoRA | step peak ÷ full | s/step ÷ LoRA "
              "| s/step ÷ full |",
@@ -389,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                 "budget": args.budget, "rank": args.rank, "steps": args.steps, "seed": args.seed,
                 "optimizer": "torch.optim.AdamW(lr=1e-4)",
                 "command": " ".join(["python", "bench/sara_memory.py", *(argv if argv is not None else sys.argv[1:])])}
-    result = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "machine": machine(args), "rows": rows,
+    result = {"date": time.strftime("%Y-%m-%d"), "settings": settings, "machine": machine(args.threads), "rows": rows,
               "checks": checks(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
