@@ -35,8 +35,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_collection_modifyitems(config, items):
     """Slow tests first: under xdist the longest ones then start at once on different workers and the short ones
-    fill in around them, instead of a long test starting last and running alone."""
+    fill in around them, instead of a long test starting last and running alone. Tests marked ``long`` (many
+    CPU-minutes) are skipped unless ATELIER_LONG_TESTS=1 (``make test-long``)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if os.environ.get("ATELIER_LONG_TESTS") != "1":
+        skip = pytest.mark.skip(reason="long test: run with make test-long (ATELIER_LONG_TESTS=1)")
+        for item in items:
+            if item.get_closest_marker("long"):
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
