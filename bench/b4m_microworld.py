@@ -70,12 +70,45 @@ def accuracies(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
     return content_and_style(model, adapters, CONTENT, STYLE, f"{CONTENT_TRIGGER} {STYLE_TRIGGER}", n_seeds, seed)
 
 
+def train_b4m(work: Path, content: Path, style: Path, aux_styles: Path, aux_contents: Path, options: dict, *,
+              content_steps: int, style_steps: int, combine_steps: int, lr: float, combine_lr: float) -> dict:
+    """The three Break-for-Make stages from the micro model (batch 4, seed 0): ``b4m-content``, ``b4m-style`` and the
+    combined ``b4m`` .safetensors in ``work``; returns seconds and trainable count per stage. The effect test
+    (tests/test_b4m_microworld.py) trains through this too."""
+    from accelerate.state import AcceleratorState
+
+    from trainers.break_for_make import B4MMethod
+    from trainers.loop import TrainConfig, train
+
+    files = {"content": work / "b4m-content.safetensors", "style": work / "b4m-style.safetensors",
+             "combine": work / "b4m.safetensors"}
+    settings = {
+        "content": dict(data=str(content), trigger=CONTENT_TRIGGER, prior_data=str(aux_styles), steps=content_steps,
+                        lr=lr, method_options=options),
+        "style": dict(data=str(style), trigger=STYLE_TRIGGER, prior_data=str(aux_contents), steps=style_steps, lr=lr,
+                      method_options=options),
+        "combine": dict(data=str(content), trigger=CONTENT_TRIGGER, prior_data=str(style), prior_trigger=STYLE_TRIGGER,
+                        steps=combine_steps, lr=combine_lr,
+                        method_options={**options, "content": str(files["content"]), "style": str(files["style"])}),
+    }
+    stages = {}
+    for stage, config in settings.items():
+        AcceleratorState._reset_state(reset_partial_state=False)
+        method = B4MMethod(stage)
+        started = time.perf_counter()
+        result = train(TrainConfig(out=str(files[stage]), model=str(MODEL), batch_size=4, checkpoint_every=10**6,
+                                   seed=0, **config), method, work / f"run-{files[stage].stem}")
+        if result.status != "done":
+            raise RuntimeError(f"the {stage} run ended {result.status}")
+        stages[stage] = {"seconds": round(time.perf_counter() - started, 1), "trainable": method.summary()["trainable"]}
+    return stages
+
+
 def run(args: argparse.Namespace) -> dict:
     from accelerate.state import AcceleratorState
 
     from pipelines.loading import load_model
     from trainers.aux_sets import microworld_aux
-    from trainers.break_for_make import B4MMethod
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train
 
@@ -99,20 +132,9 @@ def run(args: argparse.Namespace) -> dict:
     b4m_opts = {"rank": args.rank, "seed": 0, "targets": args.targets, "preconditioned": args.preconditioned}
     stages = {}
     if not args.only or "b4m" in args.only:
-        c = B4MMethod("content")
-        secs, _ = fit(c, work / "b4m-content.safetensors", data=str(content), trigger=CONTENT_TRIGGER,
-                      prior_data=str(aux_styles), steps=args.content_steps, lr=args.lr, method_options=b4m_opts)
-        stages["content"] = {"seconds": round(secs, 1), "trainable": c.summary()["trainable"]}
-        s = B4MMethod("style")
-        secs, _ = fit(s, work / "b4m-style.safetensors", data=str(style), trigger=STYLE_TRIGGER,
-                      prior_data=str(aux_contents), steps=args.style_steps, lr=args.lr, method_options=b4m_opts)
-        stages["style"] = {"seconds": round(secs, 1), "trainable": s.summary()["trainable"]}
-        m = B4MMethod("combine")
-        secs, _ = fit(m, work / "b4m.safetensors", data=str(content), trigger=CONTENT_TRIGGER, prior_data=str(style),
-                      prior_trigger=STYLE_TRIGGER, steps=args.combine_steps, lr=args.combine_lr,
-                      method_options={**b4m_opts, "content": str(work / "b4m-content.safetensors"),
-                                      "style": str(work / "b4m-style.safetensors")})
-        stages["combine"] = {"seconds": round(secs, 1), "trainable": m.summary()["trainable"]}
+        stages.update(train_b4m(work, content, style, aux_styles, aux_contents, b4m_opts,
+                                content_steps=args.content_steps, style_steps=args.style_steps,
+                                combine_steps=args.combine_steps, lr=args.lr, combine_lr=args.combine_lr))
         trainable = stages["content"]["trainable"]
         for label, files in (("B4M combined", ("b4m",)), ("B4M content + style, no stage 2", ("b4m-content", "b4m-style")),
                              ("B4M content only", ("b4m-content",)), ("B4M style only", ("b4m-style",))):
