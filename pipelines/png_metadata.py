@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -55,21 +56,20 @@ def parse_parameters(text: str) -> dict[str, Any]:
     return {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines), "settings": settings}
 
 
-def _atomic_write(path: Path, write) -> None:
-    with replacing(path) as tmp, open(tmp, "wb") as fh:
-        write(fh)
-
-
 def save_png_with_parameters(image: Image.Image, path: Path, parameters: str,
                              sidecar: dict[str, Any] | None = None) -> Path:
-    """Write ``image`` with a ``parameters`` text chunk, and a same-name ``.json`` sidecar when given."""
+    """Write ``image`` with a ``parameters`` text chunk, and a same-name ``.json`` sidecar when given. Both are written
+    to temporaries first and renamed only when both are whole, so a failed save (disk full) keeps the old pair."""
     path = Path(path)
     info = PngInfo()
     info.add_text("parameters", parameters)
-    _atomic_write(path, lambda fh: image.save(fh, format="PNG", pnginfo=info))
-    if sidecar is not None:
-        data = json.dumps(sidecar, indent=2, ensure_ascii=False).encode("utf-8")
-        _atomic_write(path.with_suffix(".json"), lambda fh: fh.write(data))
+    with ExitStack() as stack:
+        png_tmp = stack.enter_context(replacing(path))
+        if sidecar is not None:
+            json_tmp = stack.enter_context(replacing(path.with_suffix(".json")))
+            json_tmp.write_bytes(json.dumps(sidecar, indent=2, ensure_ascii=False).encode("utf-8"))
+        with open(png_tmp, "wb") as fh:
+            image.save(fh, format="PNG", pnginfo=info)
     return path
 
 

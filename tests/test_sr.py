@@ -231,3 +231,26 @@ def test_upscale_cli(tmp_path):
     result = run_cli("upscale", str(tmp_path / "a.png"), "--out", str(tmp_path / "o2"),
                      "--model", str(tmp_path / "missing.safetensors"))
     assert result.returncode == 2 and "no such SR model file" in result.stderr
+
+
+def test_dsclora_stop_asked_for_while_it_starts_is_honoured_once(tmp_path):
+    """A Stop clicked while the job was still loading (the STOP file exists before the first step) ends the run after
+    that step with a checkpoint; the resumed run is not stopped again by the same request."""
+    from trainers.loop import STOP_FILE
+
+    net = SPAN(SpanConfig(channels=16)).reparameterize().eval()
+    start = save_sr_model(net, tmp_path / "start.safetensors")
+    train_dir = tmp_path / "hr"
+    train_dir.mkdir()
+    for i in range(2):
+        Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(train_dir / f"{i}.png")
+    config = DscLoraConfig(hr_folder=str(train_dir), out=str(tmp_path / "tuned.safetensors"), base=str(start),
+                           steps=3, batch_size=2, patch=16, checkpoint_every=100)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STOP_FILE).write_text("stop requested\n")
+    result = train_dsclora(config, run_dir)
+    assert (result.status, result.step) == ("stopped", 1)
+    assert not (run_dir / STOP_FILE).exists()
+    result = train_dsclora(config, run_dir, resume=True)
+    assert (result.status, result.step) == ("done", 3) and (tmp_path / "tuned.safetensors").is_file()

@@ -2,8 +2,10 @@
 
 A checkpoint is a folder ``step-NNNNNNN`` holding ``trainable.safetensors`` (the method's trainable state),
 ``optimizer.safetensors`` (every optimizer tensor, flattened) and ``state.json`` (step, data position, optimizer
-hyper-parameters, learning-rate scheduler state, RNG states). It is written under a temporary name and renamed
-into place as the last act, so a folder with the final name is always complete.
+hyper-parameters, learning-rate scheduler state, RNG states). It is written under a temporary name, flushed to the
+disk and renamed into place as the last act, so a folder with the final name is always complete; a folder is deleted
+(replaced or pruned) by first renaming it to a temporary name, so a kill mid-delete never leaves a partial one
+behind under a final name either. Temporary folders a kill left behind are removed by the next save.
 """
 from __future__ import annotations
 
@@ -19,8 +21,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.atomic_files import fsync_file, save_failed
+from pipelines.errors import UserError
+
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
 KEEP = 2  # checkpoints kept per run (older ones are removed after a newer one is complete)
+FILES = ("trainable.safetensors", "optimizer.safetensors", "state.json")
 
 
 @dataclass
@@ -85,37 +92,57 @@ def _json_safe_scheduler(state: dict[str, Any]) -> dict[str, Any]:
 def save_checkpoint(folder: Path, *, step: int, epoch: int, batch: int, trainable: dict[str, torch.Tensor],
                     optimizer: torch.optim.Optimizer, scheduler, generators: dict[str, torch.Generator],
                     extra: dict[str, Any] | None = None) -> Path:
-    """Write checkpoint ``step`` under ``folder`` atomically and prune old ones; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write checkpoint ``step`` under ``folder`` atomically and prune old ones; returns its path. A write that fails
+    in the file system (disk full) raises a one-line ``UserError`` and leaves the earlier checkpoints as they were.
+    One writer per folder (the run's main process)."""
     final = folder / f"{PREFIX}{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{PREFIX}{step:07d}-", dir=folder))
+    tmp: Path | None = None
     try:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob(f"{TMP_PREFIX}*"):  # left by a process killed mid-write or mid-delete
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{PREFIX}{step:07d}-", dir=folder))
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / FILES[0]))
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(opt_tensors, str(tmp / FILES[1]))
         state = CheckpointState(step=step, epoch=epoch, batch=batch, rng=rng_snapshot(generators),
                                 optimizer=opt_meta, scheduler=_json_safe_scheduler(scheduler.state_dict()),
                                 extra=extra or {})
-        with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+        with open(tmp / FILES[2], "w", encoding="utf-8") as fh:
             json.dump(asdict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        for name in FILES:
+            fsync_file(tmp / name)
+        if final.exists():  # the same step saved again (a resumed run's last step): move the old one aside first
+            _remove(final)
         os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as exc:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        error = save_failed(f"checkpoint {final.name} in {folder}", exc)
+        if error is not None:
+            raise error from exc
         raise
     for old in list_checkpoints(folder)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            _remove(old)
+        except OSError:  # pruning is housekeeping: the new checkpoint is complete either way
+            pass
     return final
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder: renamed away first (atomic), so it is never seen half-deleted."""
+    doomed = checkpoint.with_name(f"{TMP_PREFIX}old-{checkpoint.name}-{os.getpid()}")
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def list_checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of interrupted writes are ignored)."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / "state.json").is_file()]
+    found = [p for p in folder.iterdir()
+             if p.is_dir() and p.name.startswith(PREFIX) and all((p / name).is_file() for name in FILES)]
     return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
 
 
@@ -125,8 +152,12 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[CheckpointState, dict[str, torch.Tensor], dict]:
-    """(state, trainable tensors, optimizer state_dict) of a checkpoint folder."""
-    state = CheckpointState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
-    trainable = load_file(str(path / "trainable.safetensors"))
-    optimizer = _unflatten_optimizer(load_file(str(path / "optimizer.safetensors")), state.optimizer)
+    """(state, trainable tensors, optimizer state_dict) of a checkpoint folder; ``UserError`` if it is damaged."""
+    try:
+        state = CheckpointState(**json.loads((path / FILES[2]).read_text(encoding="utf-8")))
+        trainable = load_file(str(path / FILES[0]))
+        optimizer = _unflatten_optimizer(load_file(str(path / FILES[1])), state.optimizer)
+    except Exception as exc:  # OSError, JSON, safetensors or a missing field: all mean "this folder is damaged"
+        raise UserError(f"checkpoint {path} is damaged ({exc.__class__.__name__}: {exc}); delete it to resume from "
+                        f"the one before") from exc
     return state, trainable, optimizer

@@ -101,8 +101,9 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    # A STOP file already here was written while this process started (spawning a job clears it): honoured after the
+    # first step, and removed once acted on.
     log, stop = EventLog(run_dir), StopFlag(run_dir)
-    stop.file.unlink(missing_ok=True)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     student_model = load_sr_model(config.base, device=str(device), allow_pth=config.official_pth)
@@ -167,8 +168,9 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
         log.write("step", step=step, total=config.steps, loss=round(loss.item(), 6), l1_hr=round(loss_hr.item(), 6),
                   l1_teacher=round(loss_teacher.item(), 6), affinity=round(loss_aff.item(), 6),
                   lr=scheduler.get_last_lr()[0], eta_s=round((config.steps - step) * sum(recent) / len(recent), 1))
-        if stop:
+        if stop and step < config.steps:
             checkpoint()
+            stop.file.unlink(missing_ok=True)  # acted on; a later --resume must not stop again
             log.write("stopped", step=step)
             return TrainResult("stopped", step, None, losses)
         if step % config.checkpoint_every == 0 and step < config.steps:
@@ -179,5 +181,6 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
         "atelier.method": "dsclora", "atelier.settings": json.dumps(asdict(config)),
         "dsclora.base": str(config.base or "shipped default"), "dsclora.steps": str(step)})
     artifact = str(Path(config.out).resolve())
+    stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
     log.write("done", step=step, artifact=artifact, final_loss=losses[-1] if losses else None)
     return TrainResult("done", step, artifact, losses)

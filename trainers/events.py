@@ -5,11 +5,14 @@ see whole lines; a torn last line (power cut) is skipped by the reader.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipelines.errors import UserError
 
 EVENTS = "events.jsonl"
 
@@ -22,13 +25,19 @@ class EventLog:
     def write(self, event: str, **fields: Any) -> None:
         if not self.enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"time": round(time.time(), 3), "event": event, **fields}, ensure_ascii=False) + "\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                data, start = line.encode("utf-8"), os.fstat(fd).st_size
+                if os.write(fd, data) != len(data):  # the disk filled up mid-line: take the torn line back
+                    os.ftruncate(fd, start)
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
+        except OSError as exc:  # a full disk: one readable line, not a traceback
+            raise UserError(f"could not write the event log {self.path}: {exc.strerror or exc}") from exc
 
 
 def read_events(run_dir: Path) -> Iterator[dict[str, Any]]:

@@ -120,7 +120,9 @@ def train_command(method: str, args: list[str]) -> list[str]:
 
 
 def spawn(run_dir: Path, method: str, args: list[str]) -> int:
-    """Start the job process now (detached from this process's session); returns its pid."""
+    """Start the job process now (detached from this process's session); returns its pid. If its record cannot be
+    written (a full disk) the process is killed again and the error raised: a job the studio cannot see could never
+    be stopped from the page, and the queue would start it once more at its next look."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / STOP_FILE).unlink(missing_ok=True)
     command = train_command(method, [*args, *(["--run-dir", str(run_dir)] if "--resume" not in args else [])])
@@ -128,8 +130,13 @@ def spawn(run_dir: Path, method: str, args: list[str]) -> int:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=LAUNCH.parent, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     previous = _read_json(run_dir / JOB_FILE)  # keeps what submit wrote ("after", "queued")
-    _write_json(run_dir / JOB_FILE, {**previous, "method": method, "args": args, "command": command, "pid": proc.pid,
-                                     "state": "started", "started": time.time()})
+    try:
+        _write_json(run_dir / JOB_FILE, {**previous, "method": method, "args": args, "command": command,
+                                         "pid": proc.pid, "state": "started", "started": time.time()})
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     threading.Thread(target=proc.wait, daemon=True).start()  # reap it, so it never lingers as a zombie
     return proc.pid
 

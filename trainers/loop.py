@@ -189,10 +189,12 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise UserError(f"batch size {config.batch_size} must be divisible by the {world} processes")
+    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if resume and ckpt is None:  # said before the model loads
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
     log = EventLog(run_dir, enabled=main)
     stop = StopFlag(run_dir)
-    if main:
-        stop.file.unlink(missing_ok=True)
+    if main:  # a STOP file here was written after the job was spawned (which clears it): honoured at the first step
         run_dir.mkdir(parents=True, exist_ok=True)
         config.save(run_dir / "config.json")
 
@@ -205,9 +207,6 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         if weight_dtype != torch.float32:  # frozen weights in half precision save memory; trainables stay fp32
             frozen.to(accelerator.device, dtype=weight_dtype)
     params = method.attach(pipe, config)
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and ckpt is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
     if ckpt is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
         state, trainable, opt_state = load_checkpoint(ckpt)
         params = method.load_trainable_state(trainable) or params
@@ -308,6 +307,12 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                                                   prediction_type)
         return per_sample.mean()
 
+    def stop_requested() -> bool:
+        """Every process stops at the same step: one that saw the request tells the others."""
+        if world == 1:
+            return bool(stop)
+        return accelerator.reduce(torch.tensor(float(bool(stop)), device=accelerator.device), "sum").item() > 0
+
     losses: list[float] = []
     recent: list[float] = []
     local = config.batch_size // world
@@ -361,9 +366,11 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                   lr=lr_scheduler.get_last_lr()[0], epoch=pos.epoch, eta_s=round(eta, 1))
         if config.sample_every and step % config.sample_every == 0 and step < config.steps:
             _preview(pipe, config, run_dir, step, log, accelerator)
-        if stop:
+        if stop_requested():
             checkpoint(step)
             log.write("stopped", step=step)
+            if main:
+                stop.file.unlink(missing_ok=True)  # acted on; a later --resume must not stop again
             return TrainResult("stopped", step, None, losses)
         if step % config.checkpoint_every == 0 and step < config.steps:
             checkpoint(step)
@@ -376,6 +383,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         method.save_artifact(Path(config.out), model, config)
         artifact = str(Path(config.out).resolve())
         log.write("done", step=step, artifact=artifact, final_loss=losses[-1] if losses else None)
+        stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
     accelerator.wait_for_everyone()
     return TrainResult("done", step, artifact, losses)
 
