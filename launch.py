@@ -63,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipelines.errors import UserError
-    from pipelines.generation import GenerationRequest, generate, parse_lora_arg, save_generated
+    from pipelines.generation import GenerationRequest, check_adapter_files, generate, parse_lora_arg, save_generated
     from pipelines.loading import load_model
 
     out = Path(args.out)
@@ -71,6 +71,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--out must name a .png file (got {args.out})")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {args.out} is a folder; name a .png file")
+    check_adapter_files([parse_lora_arg(text)[0] for text in args.lora or ()], args.watermark)  # before the model
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention, config=args.config)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
@@ -85,7 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         target = out if request.batch_count == 1 else out.with_name(f"{out.stem}-{index + 1}{out.suffix}")
         save_generated(item, path=target)
         for warning in item.record["warnings"]:
-            print(f"warning: {warning}", file=sys.stderr)
+            print(f"warning: {warning.removeprefix('WARNING: ')}", file=sys.stderr)
         print(f"{target} seed={item.seed} model={model.name} [{model.runtime.describe()}]")
     return 0
 
@@ -93,10 +94,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from PIL import Image
-
     from pipelines.errors import UserError
-    from pipelines.upscale import load_sr_model, save_upscaled, upscale_image
+    from pipelines.image_files import open_image, shown_name
+    from pipelines.upscale import load_sr_model, max_input_pixels, save_upscaled, upscale_image
 
     model = load_sr_model(args.model, device=args.device, allow_pth=args.official_pth)
     out_dir = Path(args.out)
@@ -104,15 +104,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     failures = 0
     for name in args.images:
         try:
-            with Image.open(name) as im:
-                im.load()
-                result = upscale_image(model, im, tile=args.tile, outscale=args.scale)
+            image = open_image(name, max_input_pixels())  # its message names the file; size checked before decoding
+            result = upscale_image(model, image, tile=args.tile, outscale=args.scale)
         except UserError as exc:
-            print(f"error: {name}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
-            print(f"error: {name}: not a readable image ({exc.__class__.__name__})", file=sys.stderr)
+            text = str(exc)
+            prefix = "" if text.startswith(shown_name(name)) else f"{shown_name(name)}: "
+            print(f"error: {prefix}{text}", file=sys.stderr)
             failures += 1
             continue
         target = save_upscaled(result, out_dir, Path(name).name, args.scale or model.scale)

@@ -29,6 +29,7 @@ def handle_compose(args: argparse.Namespace) -> int:
     from pipelines.composition import read_composition
     from pipelines.loading import load_model
     from pipelines.lora_composer import box_overlay, compose, save_composition
+    from pipelines.safetensors_files import check_safetensors_file
 
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
@@ -43,6 +44,7 @@ def handle_compose(args: argparse.Namespace) -> int:
     for concept in spec.concepts:
         if not Path(concept.lora).is_file():
             raise UserError(f"LoRA file not found: {concept.lora}")
+        check_safetensors_file(Path(concept.lora))  # empty, truncated or renamed files: refused before the model loads
     model = load_model(args.model or spec.base_model, device=args.device, dtype=args.dtype, attention=args.attention)
 
     def progress(step: int, total: int) -> None:

@@ -10,7 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, check_text
 from .schedulers import MODEL_DEFAULT
 
 Box = tuple[float, float, float, float]
@@ -78,7 +78,7 @@ def _field(data: dict, name: str, where: str, kind, default=None, required: bool
     if kind is str:
         if not isinstance(value, str):
             raise UserError(f"{where}{name}: must be text (got {type(value).__name__})")
-        return value
+        return check_text(value, f"{where}{name} field")
     raise TypeError(kind)
 
 
@@ -187,8 +187,11 @@ def read_composition(path: Path) -> CompositionSpec:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"cannot read the composition {path.name}: {exc.__class__.__name__}") from exc
+    except UnicodeDecodeError as exc:
+        raise UserError(f"cannot read the composition {path.name}: not UTF-8 text (byte {exc.start}); save it as "
+                        "UTF-8") from exc
+    except OSError as exc:
+        raise UserError(f"cannot read the composition {path.name}: {exc.strerror or exc.__class__.__name__}") from exc
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

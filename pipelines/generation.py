@@ -11,12 +11,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 
-from .errors import UserError
+from .errors import UserError, check_text
 from .loading import LoadedModel
 from .png_metadata import format_parameters, save_png_with_parameters
 from .schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
@@ -47,8 +47,10 @@ class GenerationRequest:
 
     def resolved(self, model: LoadedModel) -> "GenerationRequest":
         """Check every field and fill the defaults that depend on the model; raises ``UserError``."""
-        if not isinstance(self.prompt, str):
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt or "", str):
             raise UserError("the prompt must be text")
+        check_text(self.prompt, "prompt")
+        check_text(self.negative_prompt or "", "negative prompt")
         if not 1 <= int(self.steps) <= MAX_STEPS:
             raise UserError(f"steps must be between 1 and {MAX_STEPS} (got {self.steps})")
         if not 0.0 <= float(self.guidance) <= 30.0:
@@ -88,14 +90,18 @@ class GeneratedImage:
     record: dict  # everything, for the JSON sidecar
 
 
-def prompt_warnings(model: LoadedModel, req: GenerationRequest) -> list[str]:
-    tok = model.pipe.tokenizer
+def token_warnings(tokenizer, texts: list[tuple[str, str]]) -> list[str]:
+    """One line per (label, text) longer than the text encoder reads: CLIP keeps the first 75 tokens."""
     out = []
-    for label, text in (("prompt", req.prompt), ("negative prompt", req.negative_prompt)):
-        n = len(tok(text).input_ids)
-        if n > tok.model_max_length:
-            out.append(f"the {label} has {n - 2} tokens; only the first {tok.model_max_length - 2} are used")
+    for label, text in texts:
+        n = len(tokenizer(text or "").input_ids)
+        if n > tokenizer.model_max_length:
+            out.append(f"the {label} has {n - 2} tokens; only the first {tokenizer.model_max_length - 2} are used")
     return out
+
+
+def prompt_warnings(model: LoadedModel, req: GenerationRequest) -> list[str]:
+    return token_warnings(model.pipe.tokenizer, [("prompt", req.prompt), ("negative prompt", req.negative_prompt)])
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -107,6 +113,29 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
         except ValueError:
             pass
     return text, 1.0
+
+
+def check_adapter_files(loras: Sequence[str], watermark: str | None = None) -> None:
+    """Read every adapter file of a request as far as it can be checked without the model (format, layers, the
+    watermark's decoder-only rule), so a bad file is refused at once, not after a model has loaded."""
+    from .adapter_files import load_lora
+    from .safetensors_files import read_header
+    from .sparse_delta import is_sparse_delta_file, load_sparse_delta
+    from .watermark.merge import is_watermark_file, load_watermark
+
+    for path in map(Path, loras):
+        if is_watermark_file(path):
+            raise UserError(f"{path.name} is a watermark adapter (VAE decoder): choose it as the watermark "
+                            "(--watermark), not as a LoRA")
+        if is_sparse_delta_file(path):
+            load_sparse_delta(path)
+        else:
+            load_lora(path)
+    if watermark:
+        read_header(Path(watermark))  # an empty or truncated file says so, not just "not a watermark adapter"
+        if not is_watermark_file(Path(watermark)):
+            raise UserError(f"{Path(watermark).name} is not a watermark adapter")
+        load_watermark(Path(watermark))
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from .adapter_files import LoraAdapter, check_base, delta, load_lora
 from .composer_latents import coarsest_maps, composer_losses, reinitialise, step_size
 from .composition import AUTO, CompositionSpec, ConceptSpec, Mechanisms
 from .errors import UserError
+from .generation import token_warnings
 from .region_attention import Box, ConceptDeltas, RegionState, region_processors
 
 INJECTED = {"to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}  # attn2 projection → ConceptDeltas field
@@ -347,9 +348,25 @@ def compose(model, spec: CompositionSpec, *, on_step=None, cancel=None) -> Compo
     concepts = load_concepts(spec.concepts, model)
     model.pipe.scheduler = make_scheduler(spec.scheduler, model.base_scheduler)
     composer = LoraComposerPipeline(model.pipe, attention=model.runtime.attention)
-    return composer(spec.prompt, concepts, negative_prompt=spec.negative_prompt, steps=spec.steps,
-                    guidance=spec.guidance, seed=spec.seed, width=spec.width, height=spec.height,
-                    mechanisms=spec.mechanisms, on_step=on_step, cancel=cancel)
+    output = composer(spec.prompt, concepts, negative_prompt=spec.negative_prompt, steps=spec.steps,
+                      guidance=spec.guidance, seed=spec.seed, width=spec.width, height=spec.height,
+                      mechanisms=spec.mechanisms, on_step=on_step, cancel=cancel)
+    if output is not None:
+        output.warnings = spec_warnings(spec, model.pipe.tokenizer) + output.warnings
+    return output
+
+
+def spec_warnings(spec: CompositionSpec, tokenizer) -> list[str]:
+    """What a composition runs with but the user may not expect: prompts cut to the token limit, boxes so alike
+    that their concepts can only be averaged (overlaps are allowed: the outputs are averaged where boxes meet)."""
+    texts = [("prompt", spec.prompt), ("negative prompt", spec.negative_prompt)]
+    texts += [(f"concepts[{i}].prompt", c.prompt) for i, c in enumerate(spec.concepts)]
+    out = token_warnings(tokenizer, texts)
+    for j, b in enumerate(spec.concepts):
+        for i, a in enumerate(spec.concepts[:j]):
+            if a.box == b.box:
+                out.append(f"concepts[{i}] and concepts[{j}] have the same box; they are blended over all of it")
+    return out
 
 
 def save_composition(output: ComposeOutput, spec: CompositionSpec, model, path: Path) -> Path:

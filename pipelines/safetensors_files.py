@@ -54,6 +54,19 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def load_tensors(path: Path) -> dict:
+    """All tensors of a checked file; what safetensors still refuses in a whole file (an unknown dtype, sizes that
+    do not match the shapes) is a ``ModelLoadError`` too."""
+    from safetensors.torch import load_file
+
+    read_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:120]
+        raise ModelLoadError(f"{Path(path).name}: the .safetensors file cannot be read ({first})") from exc
+
+
 def check_safetensors_file(path: Path) -> None:
     read_header(path)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 
 from .atomic_files import replacing
 from .errors import ModelLoadError, UserError
-from .safetensors_files import read_header, save_atomic
+from .image_files import open_image, rgb_image
+from .safetensors_files import load_tensors, read_header, save_atomic
 from .span import SPAN, SpanConfig
 
 PTH_SUFFIXES = (".pth", ".pt")
@@ -104,7 +104,7 @@ def load_sr_model(path: Path | None = None, *, device: str = "auto", allow_pth: 
             raise ModelLoadError(f"{path.name}: not a state dict of tensors")
     elif suffix == ".safetensors":
         metadata = dict(read_header(path).get("__metadata__") or {})
-        state = load_file(str(path))
+        state = load_tensors(path)  # refuses what safetensors cannot read in a whole file (an unknown dtype)
     else:
         raise ModelLoadError(f"{path.name}: SR models are .safetensors files (or an official .pth with opt-in)")
     state = {k.removeprefix("module."): v.float() for k, v in state.items()}
@@ -126,7 +126,7 @@ def save_sr_model(network: SPAN, path: Path, metadata: dict[str, str] | None = N
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return torch.from_numpy(np.asarray(rgb_image(image), dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
 
 
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
@@ -169,6 +169,8 @@ def upscale_image(model: SRModel, image: Image.Image, *, tile: int = DEFAULT_TIL
         raise UserError(f"{w}x{h} is larger than the upscale limit of {max_input_pixels()} pixels")
     if tile and tile < 16:
         raise UserError("tile size must be at least 16 pixels (or 0 for no tiling)")
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")  # a palette's transparent entries become a real alpha channel
     alpha = image.getchannel("A") if image.mode in ("RGBA", "LA") else None
     x = image_to_tensor(image).to(model.device)
     result = tensor_to_image(upscale_tensor(model.network, x, model.scale, tile, overlap))
@@ -245,14 +247,14 @@ def upscale_files(cache: SRModelCache, paths: list[Path], folder: Path, choice: 
         model = cache.get(choice, official)
         for path in paths:
             try:
-                with Image.open(path) as im:
-                    im.load()
-                    result = upscale_image(model, im, tile=tile, outscale=outscale)
+                image = open_image(path, max_input_pixels())  # its messages start with the file's name
+            except UserError as exc:
+                problems.append(str(exc))
+                continue
+            try:
+                result = upscale_image(model, image, tile=tile, outscale=outscale)
             except UserError as exc:
                 problems.append(f"{Path(path).name}: {exc}")
-                continue
-            except (OSError, ValueError, Image.DecompressionBombError) as exc:
-                problems.append(f"{Path(path).name}: not a readable image ({exc.__class__.__name__})")
                 continue
             done.append((Path(path), save_upscaled(result, folder, Path(path).name, outscale or model.scale)))
     return done, problems

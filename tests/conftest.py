@@ -195,3 +195,12 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 180):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=REPO)
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory):
+    """The bad-input corpus (tests/bad_inputs.py), written once per session: broken images, adapters, SR models,
+    composition specs, prompts, keys, a mixed dataset folder and hostile file names."""
+    from bad_inputs import build_corpus
+
+    return build_corpus(tmp_path_factory.mktemp("bad"))

@@ -16,6 +16,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import UserError
+from pipelines.image_files import rgb_image
 from pipelines.paths import safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -75,7 +76,9 @@ def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ValueError(f"too large ({w}x{h} > {max_pixels} pixels)")
-                im.verify()
+                # A full decode, not ``verify()``: that checks PNG chunks only, and a JPEG cut short passed it and
+                # then stopped the run when the training loop read it.
+                im.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ValueError("too large (decompression bomb guard)") from exc
         except ValueError:
@@ -99,10 +102,14 @@ class ImageFolderDataset:
         self.config = config
         self.report = DatasetReport()
         self.samples: list[Sample] = []
-        for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        files = sorted(p for p in folder.iterdir() if p.is_file())
+        image_stems = {p.stem for p in files if p.suffix.lower() in IMAGE_SUFFIXES}
+        for path in files:
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 if path.suffix.lower() not in (".txt", ".json", ".toml", ".caption"):
                     self.report.skipped.append((path.name, "not an image file"))
+                elif path.suffix.lower() == ".txt" and path.stem not in image_stems:
+                    self.report.notes.append(f"{path.name}: a caption without an image (ignored)")
                 continue
             try:
                 w, h = check_image(path, config.max_pixels)
@@ -142,7 +149,7 @@ class ImageFolderDataset:
         sample = self.samples[index % len(self.samples)]
         with Image.open(sample.path) as im:
             im = ImageOps.exif_transpose(im)
-            im = im.convert("RGB")
+            im = rgb_image(im)  # 16-bit grayscale scaled, not clipped to white
             im = ImageOps.fit(im, sample.size, method=Image.Resampling.BICUBIC, centering=(0.5, 0.5))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), sample.caption
@@ -221,6 +228,13 @@ def import_files(paths: list[str], folder: Path) -> list[str]:
         shutil.copyfile(src, folder / name)
         names.append(name)
     return names
+
+
+def scan_lines(config: DatasetConfig) -> list[str]:
+    """What a run on ``config.folder`` will skip (by name) or guess, one line each, read before any model loads;
+    a folder with no usable image is a ``UserError`` here already."""
+    report = ImageFolderDataset(config).report
+    return [f"skipped {name}: {reason}" for name, reason in report.skipped] + report.notes
 
 
 def dataset_summary(config: DatasetConfig, batch_size: int, grad_accum: int, steps: int) -> str:

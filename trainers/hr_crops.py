@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.image_files import rgb_image
 
 from .dataset import IMAGE_SUFFIXES, DatasetReport, check_image
 
@@ -37,7 +38,7 @@ class HRCrops:
                 self.report.skipped.append((path.name, f"smaller than one {hr}×{hr} crop"))
                 continue
             with Image.open(path) as im:
-                self.images.append(np.asarray(im.convert("RGB")))
+                self.images.append(np.asarray(rgb_image(im)))
             self.report.used.append(path.name)
         if not self.images:
             raise UserError(f"no usable HR images in {folder}")

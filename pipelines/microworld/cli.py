@@ -92,23 +92,12 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 
 
 def handle_judge(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from PIL import Image, UnidentifiedImageError
+    from pipelines.image_files import open_image, rgb_image
 
     from .judge import judge_images, load_judge
 
     box = parse_box(args.box) if args.box else None
-    images = []
-    for name in args.images:
-        path = Path(name)
-        if not path.is_file():
-            raise UserError(f"no such image file: {name}")
-        try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
-        except (UnidentifiedImageError, OSError):
-            raise UserError(f"not a readable image: {name}") from None
+    images = [rgb_image(open_image(name)) for name in args.images]  # one-line refusals, size-guarded
     judge = load_judge(args.weights) if args.weights else None
     results = judge_images(images, boxes=[box] * len(images) if box else None, judge=judge)
     for name, result in zip(args.images, results):

@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from pipelines.errors import ModelLoadError, UserError
+from pipelines.image_files import rgb_image
 
 from .scenes import COLORS, FILLS, SHAPES
 
@@ -77,7 +78,7 @@ class Judge:
 def crop(image: ImageLike, box: Box | None = None) -> Image.Image:
     """The RGB region of ``image`` inside a normalised box (the whole image without one)."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, dtype=np.uint8))
-    pil = pil.convert("RGB")
+    pil = rgb_image(pil)
     if box is None:
         return pil
     w, h = pil.size
@@ -118,8 +119,7 @@ _CACHE: dict[str, Judge] = {}
 
 def load_judge(path: str | Path | None = None) -> Judge:
     """The judge from a weights file (default: the shipped one), cached per path."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from pipelines.safetensors_files import load_tensors, read_metadata
 
     file = Path(path) if path else DEFAULT_WEIGHTS
     key = str(file.resolve())
@@ -127,17 +127,16 @@ def load_judge(path: str | Path | None = None) -> Judge:
         return _CACHE[key]
     if not file.is_file():
         raise ModelLoadError(f"judge weights not found: {file}")
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        state = load_file(str(file))
-    except Exception as exc:  # a damaged or foreign file is the user's to fix, not a crash
-        raise ModelLoadError(f"cannot read judge weights {file}: {exc}") from None
+    metadata = read_metadata(file)  # empty, truncated, renamed files: one line naming what is wrong
     if metadata.get("format") != JUDGE_FORMAT:
-        raise ModelLoadError(f"{file} is not a micro world judge (format {metadata.get('format')!r})")
-    vocab = JudgeVocab.from_json(metadata["vocab"])
-    net = JudgeNet(vocab, width=int(metadata.get("width", 32)))
-    net.load_state_dict(state, strict=False)
+        raise ModelLoadError(f"{file.name} is not a micro world judge (format {metadata.get('format')!r})")
+    state = load_tensors(file)
+    try:
+        vocab = JudgeVocab.from_json(metadata["vocab"])
+        net = JudgeNet(vocab, width=int(metadata.get("width", 32)))
+        net.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:  # a judge file with damaged metadata or shapes
+        raise ModelLoadError(f"{file.name}: damaged judge weights ({str(exc).splitlines()[0][:120]})") from None
     net.eval()
     judge = Judge(net, vocab, hashlib.sha256(file.read_bytes()).hexdigest())
     _CACHE[key] = judge
@@ -185,7 +184,7 @@ def find_objects(image: ImageLike, threshold: float = 60.0, min_pixels: int = 12
     """Normalised boxes of blobs that differ from the background (the median border colour), largest first."""
     from scipy import ndimage
 
-    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    pixels = np.asarray(rgb_image(image) if isinstance(image, Image.Image) else image, dtype=np.float32)
     h, w = pixels.shape[:2]
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     background = np.median(border, axis=0)

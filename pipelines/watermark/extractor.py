@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from pipelines.errors import ModelLoadError
-from pipelines.safetensors_files import read_header, save_atomic
+from pipelines.safetensors_files import load_tensors, read_header, save_atomic
 
 FORMAT_VERSION = "2"
 
@@ -141,11 +141,12 @@ def load_extractor(path: Path, device: str | torch.device = "cpu") -> BitExtract
     try:
         config = ExtractorConfig(bits=int(meta["extractor.bits"]), filters=int(meta["extractor.filters"]),
                                  kernel=int(meta["extractor.kernel"]))
-    except (KeyError, ValueError) as exc:
-        raise ModelLoadError(f"{path.name}: the extractor's metadata is incomplete ({exc})") from exc
-    extractor = BitExtractor(config)
+        extractor = BitExtractor(config)
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # missing, non-numeric or impossible sizes
+        raise ModelLoadError(f"{path.name}: the extractor's metadata is incomplete or invalid ({exc})") from exc
+    state = load_tensors(path)
     try:
-        extractor.load_state_dict(load_file(str(path)))
+        extractor.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelLoadError(f"{path.name}: the extractor's tensors do not match its metadata") from exc
     recorded = meta.get("extractor.hash")

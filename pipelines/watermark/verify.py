@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.image_files import rgb_image
 
 from .attacks import ATTACKS, attack_image
 from .extractor import BitExtractor, extractor_hash, load_extractor
@@ -58,21 +59,16 @@ def open_extractor(path: str | Path | None, expected_hash: str | None = None,
 
 def load_image(path: str | Path) -> Image.Image:
     """An RGB image from a user's file, or a one-line reason it cannot be read (size-guarded)."""
-    from trainers.dataset import check_image
+    from pipelines.image_files import open_image, shown_name
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path.name}: no such file")
-    try:
-        check_image(path)
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{path.name}: {exc}") from exc
+    image = open_image(path)
+    if min(image.size) < 8:
+        raise UserError(f"{shown_name(path)}: too small ({image.width}x{image.height}) to carry a watermark")
+    return rgb_image(image)
 
 
 def image_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None].float() / 127.5 - 1
+    return torch.from_numpy(np.array(rgb_image(image))).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @torch.no_grad()
