@@ -10,6 +10,8 @@ from pipelines.errors import UserError
 from pipelines.library import export_adapter, import_adapter, list_adapters
 from pipelines.model_cache import ModelCache
 
+from .studio import serve_files
+
 COLUMNS = ["file", "method", "format", "rank", "trigger words", "base model", "KB"]
 
 
@@ -55,8 +57,10 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
                 target = export_adapter(folder / name, fmt_v, folder, model.pipe)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
+        serve_files(demo, target)  # the adapters folder is not served as a whole
         return str(target), *refresh(), f"Wrote **{target.name}** ({fmt_v} format)."
 
-    upload.upload(on_import, upload, [table, problems, chosen, status])
+    # hidden progress: a refused file leaves the table as it was, not covered by an error badge (the toast says why)
+    upload.upload(on_import, upload, [table, problems, chosen, status], show_progress="hidden")
     export.click(on_export, [chosen, fmt], [exported, table, problems, chosen, status])
-    demo.load(refresh, None, [table, problems, chosen])
+    demo.load(refresh, None, [table, problems, chosen], api_name="library_list")

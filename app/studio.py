@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 from pipelines.model_cache import ModelCache, ModelSpec
-from pipelines.paths import data_home, default_outputs
+from pipelines.paths import REPO_ROOT, data_home, default_outputs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -47,6 +47,31 @@ def exposure_warning(config: StudioConfig) -> str | None:
         return (f"warning: the studio is exposed on {where} without a login; anyone who can reach it can use this "
                 "machine. Add --auth user:password.")
     return None
+
+
+def served_folders(config: StudioConfig) -> list[str]:
+    """What Gradio may serve besides its own upload cache: the outputs folder, as a whole. One that would also serve
+    the home folder, the data folder (adapters, runs, datasets) or the studio's code is refused."""
+    outputs = config.outputs_dir.resolve()
+    for label, inner in (("your home folder", Path.home()), ("the data folder", data_home()),
+                         ("the studio's code", REPO_ROOT)):
+        if inner.resolve().is_relative_to(outputs):
+            raise UserError(f"--outputs {outputs} holds {label} ({inner}), and the page serves the outputs folder "
+                            "to everyone who can open it: choose a folder of its own")
+    return [str(outputs)]
+
+
+def serve_files(demo, *paths: Path) -> None:
+    """Let the page show ``paths`` (files or folders outside the outputs folder, e.g. a run's samples or an exported
+    adapter): Gradio copies only allowed files into its cache and serves nothing else, so the runs and adapters
+    folders are not served as a whole. Takes effect at once (Gradio reads the list on every request)."""
+    allowed = getattr(demo, "allowed_paths", None)
+    if allowed is None:
+        return
+    for path in paths:
+        text = str(Path(path).resolve())
+        if text not in allowed:
+            allowed.append(text)
 
 
 def build_studio(config: StudioConfig):
@@ -99,9 +124,10 @@ def serve(config: StudioConfig, *, block: bool = True):
     warning = exposure_warning(config)
     if warning:
         print(warning, file=sys.stderr)
+    allowed = served_folders(config)
     demo = build_studio(config)
     print(f"Atelier on http://{config.host}:{config.port}  (outputs: {config.outputs_dir})", flush=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=auth,
-                allowed_paths=[str(config.outputs_dir), str(data_home() / "runs")],
+                allowed_paths=allowed,
                 ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, inbrowser=False)
     return demo

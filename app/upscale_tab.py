@@ -27,8 +27,10 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
             status = gr.Markdown(elem_id="up-status")
         with gr.Column(scale=3):
             compare = gr.ImageSlider(label="Before (bicubic) / after", type="pil", elem_id="up-compare")
+            # whole thumbnails (contained, the columns kept): by default one wide result fills the width as a square
+            # crop of its middle
             gallery = gr.Gallery(label="Results (click to download)", columns=3, height=260, elem_id="up-gallery",
-                                 format="png")
+                                 format="png", object_fit="contain", fit_columns=False)
 
     def on_run(files_v, model_v, official_v, tile_v, outscale_v, progress=gr.Progress()):
         if not files_v:
@@ -51,4 +53,4 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
         return before_after, [(str(r), r.name) for _, r in done], "\n\n".join(lines)
 
     run.click(on_run, [files, model, official, tile, outscale], [compare, gallery, status], concurrency_id="upscale")
-    demo.load(lambda: gr.update(choices=sr_model_choices(home)), None, model, queue=False)
+    demo.load(lambda: gr.update(choices=sr_model_choices(home)), None, model, queue=False, api_name="sr_model_choices")

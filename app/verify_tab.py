@@ -80,4 +80,4 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
     def refresh():
         return gr.update(choices=watermark_adapter_choices(adapters)), gr.update(choices=extractor_choices(home))
 
-    demo.load(refresh, None, [adapter, extractor], queue=False)
+    demo.load(refresh, None, [adapter, extractor], queue=False, api_name="verify_choices")

@@ -25,9 +25,16 @@ def default_outputs() -> Path:
     return data_home() / "outputs"
 
 
+MAX_NAME = 120  # characters of a sanitised file name
+
+
 def safe_name(name: str, default: str = "file") -> str:
     """A file name with no folders, no leading dots and only portable characters (uploads, run names)."""
     base = Path(str(name).replace("\\", "/")).name
     base = unicodedata.normalize("NFKC", base)
     base = re.sub(r"[^\w.\- ]+", "_", base, flags=re.UNICODE).strip(" .")
-    return base[:120] or default
+    if len(base) > MAX_NAME:  # shortened before the suffix, so an image stays an image
+        stem, dot, suffix = base.rpartition(".")
+        keep = f".{suffix}" if dot and stem and len(suffix) <= 10 else ""
+        base = base[:MAX_NAME - len(keep)].rstrip(" .") + keep
+    return base or default

@@ -46,6 +46,7 @@ class SparseTensorDelta:
 class SparseDelta:
     tensors: dict[str, SparseTensorDelta]  # "unet.down_blocks.0.resnets.0.conv1.weight" -> its delta
     metadata: dict[str, str] = field(default_factory=dict)
+    source: str = ""  # the file it was read from (its name), for messages
 
     @property
     def count(self) -> int:
@@ -129,7 +130,7 @@ def load_sparse_delta(path: Path) -> SparseDelta:
         tensors[canonical_name(name)] = SparseTensorDelta(shape=shape, index=index, values=values.float())
     if not tensors:
         raise UserError(f"{path.name}: the SaRA file changes no weights")
-    return SparseDelta(tensors=tensors, metadata=metadata)
+    return SparseDelta(tensors=tensors, metadata=metadata, source=path.name)
 
 
 def check_same_base(delta: SparseDelta, fingerprint: str, label: str = "this SaRA delta") -> None:
@@ -168,7 +169,7 @@ def _checked_plans(pipe, deltas: Sequence[tuple[SparseDelta, float]], fingerprin
     """(weight, tensor delta) pairs and the strength of every delta, after every check has passed."""
     plans = []
     for i, (delta, strength) in enumerate(deltas, start=1):
-        label = delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
+        label = delta.source or delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
         if fingerprint is not None:
             check_same_base(delta, fingerprint, label)
         plans.append((_plan(pipe, delta, label), float(strength)))
@@ -227,9 +228,9 @@ def merge_into_folder(model: str | Path | None, deltas: Sequence[tuple[Path, flo
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: the folder exists and is not empty")
+    read = [(load_sparse_delta(Path(p)), s) for p, s in deltas]  # a bad file is refused before the model loads
     loaded = load_model(str(model) if model else None, dtype="fp32")
-    merge_sparse_deltas(loaded.pipe, [(load_sparse_delta(Path(p)), s) for p, s in deltas],
-                        fingerprint=loaded.fingerprint)
+    merge_sparse_deltas(loaded.pipe, read, fingerprint=loaded.fingerprint)
     loaded.pipe.save_pretrained(out, safe_serialization=True)
     return out
 

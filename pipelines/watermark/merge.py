@@ -36,18 +36,26 @@ def load_watermark(path: Path):
     return adapter
 
 
+def _merge(pipe, adapter, path: Path) -> None:
+    """``merge_lora`` with the file named in its refusals (a decoder of another shape)."""
+    from pipelines.lora import merge_lora
+
+    try:
+        merge_lora(pipe, adapter)
+    except UserError as exc:
+        raise UserError(f"{Path(path).name}: {exc}") from exc
+
+
 @contextmanager
 def watermark_applied(pipe, path: Path | None) -> Iterator[None]:
     """Merge the watermark into ``pipe``'s decoder for the block; the exact decoder weights come back after."""
     if path is None:
         yield
         return
-    from pipelines.lora import merge_lora
-
     adapter = load_watermark(Path(path))
     saved = {name: module.weight.detach().clone() for name, module in pipe.vae.named_modules()
              if f"vae.{name}" in adapter.layers}
-    merge_lora(pipe, adapter)
+    _merge(pipe, adapter, path)
     try:
         yield
     finally:
@@ -59,7 +67,6 @@ def watermark_applied(pipe, path: Path | None) -> Iterator[None]:
 
 def merge_into_folder(adapter_path: Path, out: Path, model: str | None = None) -> Path:
     """A full diffusers pipeline folder whose decoder carries the watermark (the key stays in the adapter only)."""
-    from pipelines.lora import merge_lora
     from pipelines.loading import load_model
 
     out = Path(out)
@@ -67,6 +74,6 @@ def merge_into_folder(adapter_path: Path, out: Path, model: str | None = None) -
         raise UserError(f"{out}: the folder exists and is not empty")
     adapter = load_watermark(adapter_path)
     loaded = load_model(model, dtype="fp32")
-    merge_lora(loaded.pipe, adapter)
+    _merge(loaded.pipe, adapter, adapter_path)
     loaded.pipe.save_pretrained(out, safe_serialization=True)
     return out
