@@ -81,7 +81,9 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                 cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Example prompts")
         with gr.Column(scale=4):
-            gallery = gr.Gallery(label="Results", columns=4, height=420, elem_id="gen-gallery", format="png")
+            # No fixed height and images contained: with one, the grid shows a single result as a full-width square,
+            # which a fixed height cut (and object-fit: cover crops images that are not square).
+            gallery = gr.Gallery(label="Results", columns=4, elem_id="gen-gallery", format="png", object_fit="contain")
             upscale = gr.Button("Upscale these ×4", size="sm", elem_id="gen-upscale")
             status = gr.Markdown(elem_id="gen-status")
             info = gr.Textbox(label="Parameters of the last image", lines=4, elem_id="gen-info")

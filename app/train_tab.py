@@ -11,11 +11,13 @@ from pipelines.errors import UserError
 from pipelines.library import adapters_folder
 from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from pipelines.paths import safe_name
-from trainers.dataset import DatasetConfig, dataset_summary, import_files
+from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
+from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, import_files
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 
 from .b4m_wizard import build_b4m_wizard
+from .studio import serve_files
 
 METHODS = {"LoRA": "lora", "SaRA": "sara"}
 LORA_LR = 1e-4
@@ -28,6 +30,9 @@ def _progress_html(info) -> str:
     eta = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(info.eta_s))}" if info.eta_s and info.status == "running" else ""
     loss = f" · loss {info.loss:.4f}" if isinstance(info.loss, (int, float)) else ""
     extra = f"<div>⚠ {info.message}</div>" if info.message else ""
+    if info.method == "watermark" and info.status == "stopped":
+        extra += ("<div>A watermark run cannot be resumed: the adapter below holds the key as far as training got; "
+                  "start a new run to train longer.</div>")
     done = f"<div>Adapter: <code>{info.artifact}</code></div>" if info.artifact else ""
     return (f"<div id='train-progress'><b>{info.name}</b> — {info.status} · step {info.step}/{info.total}{loss}{eta}"
             f"<div style='background:#eee;height:10px;border-radius:5px;margin:6px 0'>"
@@ -50,7 +55,12 @@ def _log_tail(run_dir: Path, n: int = 12) -> str:
     for e in read_events(run_dir):
         kind = e.get("event")
         if kind == "step":
-            lines.append(f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}  lr {e['lr']:.2e}")
+            line = f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}"
+            if "lr" in e:
+                line += f"  lr {e['lr']:.2e}"
+            if "bit_accuracy" in e:  # a watermark run
+                line += f"  bits {e['bit_accuracy']:.0%}  PSNR {e['psnr']:.1f} dB"
+            lines.append(line)
         else:
             detail = {k: v for k, v in e.items() if k not in ("time", "event")}
             lines.append(f"{kind}: {detail}")
@@ -60,6 +70,25 @@ def _log_tail(run_dir: Path, n: int = 12) -> str:
         errors = [line for line in text if line.startswith("error:")]
         lines += errors[-3:]
     return "\n".join(reversed(lines[-n:]))
+
+
+def _whole(value, label: str, minimum: int) -> int:
+    """A number field as an int, or a readable refusal (an emptied field arrives as None)."""
+    if value is None:
+        raise gr.Error(f"{label}: type a number.")
+    if int(value) < minimum:
+        raise gr.Error(f"{label} must be at least {minimum} (got {int(value)}).")
+    return int(value)
+
+
+def _submit(queue: JobQueue, run_name: str, kind: str, args: list[str]) -> None:
+    """Queue a job, or a readable refusal (a run of that name exists; the disk is full)."""
+    try:
+        queue.submit(run_name, kind, args)
+    except (FileExistsError, UserError) as exc:
+        raise gr.Error(str(exc)) from exc
+    except OSError as exc:
+        raise gr.Error(f"could not start {run_name}: {exc.strerror or exc}") from exc
 
 
 def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
@@ -117,6 +146,22 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                     sr_affinity = gr.Number(value=0.01, label="λ affinity (0 = off)", elem_id="train-sr-affinity")
                 sr_name = gr.Textbox(label="Output name", value="my-upscaler", elem_id="train-sr-name")
                 sr_start = gr.Button("Start upscaler fine-tuning", elem_id="train-sr-start")
+            with gr.Accordion("Watermark (your key in every image the model decodes)", open=False, elem_id="train-wm"):
+                gr.Markdown("A watermark LoRA on the VAE decoder for your key: images generated with it (Generate → "
+                            "Adapters → Watermark) carry the key, and the Verify tab reads it back. **Keep the key**: "
+                            "it is also stored in the adapter file. A stopped watermark run keeps the adapter as far "
+                            "as it got and cannot be resumed.")
+                with gr.Row():
+                    wm_key = gr.Textbox(value=lambda: new_key(DEFAULT_BITS), scale=4, elem_id="train-wm-key",
+                                        label=f"Key ({DEFAULT_BITS // 4} hex digits; a fresh random one, write it down)")
+                    wm_new_key = gr.Button("New random key", size="sm", scale=1, elem_id="train-wm-new-key")
+                with gr.Row():
+                    wm_steps = gr.Number(value=200, precision=0, label="Steps (at most: stops once the key reads back)",
+                                         elem_id="train-wm-steps")
+                    wm_images = gr.Textbox(label="Images to train on (a folder; empty: 64 samples of the model)",
+                                           elem_id="train-wm-images")
+                wm_name = gr.Textbox(label="Output name", value="my-watermark", elem_id="train-wm-name")
+                wm_start = gr.Button("Start watermark training", elem_id="train-wm-start")
         with gr.Column(scale=4):
             gr.Markdown("### Runs")
             with gr.Row():
@@ -205,22 +250,27 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
     def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, rank_v, lr_v,
                  sample_v, ckpt_v, prompts_v, method_v, budget_v, threshold_v, lambda_v, progressive_v):
         kind = METHODS.get(method_v, "lora")
+        # the job's own checks, here: a bad number is refused on the page, not by a job failing in the background
+        steps_n, repeats_n, batch_n, accum_n, ckpt_n = (_whole(v, label, 1) for v, label in (
+            (steps_v, "Steps"), (repeats_v, "Repeats"), (batch_v, "Batch size"), (accum_v, "Grad. accumulation"),
+            (ckpt_v, "Checkpoint every")))
+        _whole(sample_v or 0, "Preview every N steps", 0)
+        if lr_v is not None and float(lr_v) < 0:
+            raise gr.Error("Learning rate must be positive (0 or empty: the method's default).")
         path = resolve_folder(folder_v, files_v, name_v)
         try:
-            summary = dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
-                                                    trigger=trigger_v or None),
-                                      int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
+            summary = dataset_summary(DatasetConfig(path, repeats=repeats_n, caption=caption_v or None,
+                                                    trigger=trigger_v or None), batch_n, accum_n, steps_n)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         stem = safe_name(name_v or DEFAULT_NAMES.get(method_v, "my-lora"))
         out = adapters_folder(data_root) / f"{stem}.safetensors"
-        args = ["--data", path, "--out", str(out), "--steps", str(int(steps_v)), "--repeats", str(int(repeats_v)),
-                "--batch-size", str(int(batch_v)), "--grad-accum", str(int(accum_v)),
-                "--checkpoint-every", str(int(ckpt_v))]
+        args = ["--data", path, "--out", str(out), "--steps", str(steps_n), "--repeats", str(repeats_n),
+                "--batch-size", str(batch_n), "--grad-accum", str(accum_n), "--checkpoint-every", str(ckpt_n)]
         if lr_v:  # empty/0: the method's default (LoRA 1e-4; SaRA derived from θ)
             args += ["--lr", str(float(lr_v))]
         if kind == "lora":
-            args += ["--rank", str(int(rank_v))]
+            args += ["--rank", str(_whole(rank_v, "Rank", 1))]
         else:
             from trainers.sara import SaraOptions
 
@@ -246,29 +296,65 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         if model_source:
             args += ["--model", model_source]
         run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{stem}"
-        try:
-            queue.submit(run_name, kind, args)
-        except FileExistsError as exc:
-            raise gr.Error(str(exc)) from exc
+        _submit(queue, run_name, kind, args)
         return gr.update(choices=choices(), value=run_name), summary
 
     start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts, method, sara_budget, sara_threshold,
                                     sara_lambda, sara_progressive], [runs, arithmetic])
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
+        folder_v = (folder_v or "").strip()
         if not folder_v:
             raise gr.Error("Choose a folder of high-resolution images.")
+        # refused here, not by a job that fails in the background: a missing folder, one without images, no steps
+        root = Path(folder_v).expanduser()
+        if not root.is_dir():
+            raise gr.Error(f"HR folder {folder_v} does not exist (or is not a folder).")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+            raise gr.Error(f"HR folder {folder_v} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        if int(steps_v or 0) < 1:
+            raise gr.Error("Steps must be at least 1.")
+        teacher = 0.1 if teacher_v is None else float(teacher_v)
+        affinity = 0.01 if affinity_v is None else float(affinity_v)
         stem = safe_name(name_v or "my-upscaler")
         args = ["--data", folder_v, "--out", str(sr_models_folder(data_root) / f"{stem}.safetensors"),
-                "--steps", str(int(steps_v)), "--lambda-teacher", str(float(teacher_v)),
-                "--lambda-affinity", str(float(affinity_v))]
+                "--steps", str(int(steps_v)), "--lambda-teacher", str(teacher), "--lambda-affinity", str(affinity)]
         if base_v and base_v != SHIPPED:
             args += ["--model", str(sr_models_folder(data_root) / safe_name(base_v))]
         run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-sr-{stem}"
-        queue.submit(run_name, "sr", args)
+        _submit(queue, run_name, "sr", args)
         return gr.update(choices=choices(), value=run_name)
 
     sr_start.click(on_sr_start, [sr_folder, sr_base, sr_steps, sr_teacher, sr_affinity, sr_name], runs)
+
+    def on_wm_start(key_v, steps_v, images_v, name_v):
+        """``launch.py train watermark`` (= ``watermark train``) as a job; an empty key becomes a new one, shown."""
+        key = (key_v or "").strip() or new_key(DEFAULT_BITS)
+        try:
+            parse_key(key, DEFAULT_BITS)  # the shipped extractor's bit count
+        except UserError as exc:
+            raise gr.Error(str(exc)) from exc
+        steps_n = _whole(steps_v, "Steps", 1)
+        images = (images_v or "").strip()
+        if images:
+            root = Path(images).expanduser()
+            if not root.is_dir():
+                raise gr.Error(f"Images folder {images} does not exist (or is not a folder).")
+            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+                raise gr.Error(f"Images folder {images} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        stem = safe_name(name_v or "my-watermark")
+        args = ["--out", str(adapters_folder(data_root) / f"{stem}.safetensors"), "--key", key,
+                "--steps", str(steps_n)]
+        if images:
+            args += ["--images", str(Path(images).expanduser())]
+        if model_source:
+            args += ["--model", model_source]
+        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-watermark-{stem}"
+        _submit(queue, run_name, "watermark", args)
+        return gr.update(choices=choices(), value=run_name), key
+
+    wm_start.click(on_wm_start, [wm_key, wm_steps, wm_images, wm_name], [runs, wm_key])
+    wm_new_key.click(lambda: new_key(DEFAULT_BITS), None, wm_key, queue=False)
 
     def on_refresh(current):
         names = choices()
@@ -279,13 +365,17 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
 
     def on_tick(current):
         if not current:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         run_dir = queue.runs_root / current
         info = job_info(run_dir)
-        return _progress_html(info), _loss_frame(run_dir), _samples(run_dir), _log_tail(run_dir)
+        serve_files(demo, run_dir / "samples")  # only the samples: the rest of a run folder is not served
+        # Stop and Resume are offered only where they can work: Stop while a run waits or runs, Resume for a stopped
+        # or interrupted run with a checkpoint (never a watermark run, which keeps no checkpoints).
+        return (_progress_html(info), _loss_frame(run_dir), _samples(run_dir), _log_tail(run_dir),
+                gr.update(interactive=info.status in ("running", "queued")), gr.update(interactive=info.resumable))
 
-    timer.tick(on_tick, runs, [progress, plot, samples, tail], queue=False)
-    runs.change(on_tick, runs, [progress, plot, samples, tail], queue=False)
+    timer.tick(on_tick, runs, [progress, plot, samples, tail, stop, resume], queue=False)
+    runs.change(on_tick, runs, [progress, plot, samples, tail, stop, resume], queue=False)
 
     def on_stop(current):
         if not current:
@@ -293,7 +383,10 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         info = job_info(queue.runs_root / current)
         if info.status not in ("running", "queued"):
             raise gr.Error(f"{current} is not running ({info.status}).")
-        request_stop(info.run_dir)
+        try:
+            request_stop(info.run_dir)
+        except OSError as exc:  # a full disk
+            raise gr.Error(f"could not ask {current} to stop: {exc.strerror or exc}") from exc
         gr.Info("Stopping after the current step; a checkpoint will be saved.")
 
     def on_resume(current):

@@ -186,3 +186,40 @@ def test_cli_train_mode_reaches_the_trainer(monkeypatch, tmp_path):
         assert seen.pop("mode") == mode
     with pytest.raises(SystemExit):
         parser.parse_args(["watermark", "train", "--out", "x.safetensors", "--mode", "decoder"])
+
+
+def test_train_watermark_is_the_watermark_train_command(tmp_path):
+    """The Train tab's jobs run ``launch.py train watermark``: the same options and the same handler."""
+    import launch
+    from pipelines.watermark.cli import handle_train
+
+    parser = launch.build_parser()
+    argv = ["--out", str(tmp_path / "x.safetensors"), "--key", "beef", "--steps", "3", "--images", "pics"]
+    alias, original = parser.parse_args(["train", "watermark", *argv]), parser.parse_args(["watermark", "train", *argv])
+    assert alias.func is original.func is handle_train
+    assert {k: v for k, v in vars(alias).items() if k not in ("command", "method", "watermark_command")} == \
+        {k: v for k, v in vars(original).items() if k not in ("command", "method", "watermark_command")}
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_a_stopped_watermark_run_keeps_its_adapter_and_is_not_resumable(tmp_path, tiny_extractor):
+    """A stop asked for before the first step (the job still loading) ends the run after that step with the adapter
+    saved and the request removed; the run is not offered for resuming (it keeps no checkpoints)."""
+    from conftest import MICRO_MODEL
+    from pipelines.loading import load_model
+    from pipelines.safetensors_files import read_metadata
+    from trainers.jobs import job_info
+    from trainers.loop import STOP_FILE
+    from trainers.watermark_lora import WatermarkConfig, train_watermark
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STOP_FILE).write_text("stop requested\n")
+    config = WatermarkConfig(out=str(tmp_path / "wm.safetensors"), key="beef", extractor=str(tiny_extractor),
+                             latents=2, sample_steps=2, max_steps=5, batch_size=1)
+    run = train_watermark(config, run_dir, model=load_model(MICRO_MODEL))
+    assert run.result.status == "stopped" and run.result.step == 1
+    assert read_metadata(tmp_path / "wm.safetensors")["atelier.watermark_steps"] == "1"
+    assert not (run_dir / STOP_FILE).exists()
+    info = job_info(run_dir)
+    assert info.status == "stopped" and not info.resumable and info.artifact == str(tmp_path / "wm.safetensors")

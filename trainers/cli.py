@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
-METHODS = ("lora", "sara", "b4m-content", "b4m-style", "b4m-combine", "sr")
+METHODS = ("lora", "sara", "b4m-content", "b4m-style", "b4m-combine", "sr", "watermark")
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -139,6 +139,15 @@ def register(subparsers) -> None:
     sr.add_argument("--resume", metavar="RUN_DIR")
     sr.set_defaults(func=run_train_sr)
 
+    # The same command as `watermark train` (one set of options, one handler), named here so the Train tab's job
+    # queue, which runs `launch.py train METHOD`, can run it too.
+    from pipelines.watermark.cli import TRAIN_DESCRIPTION, add_train_options, handle_train
+
+    watermark = methods.add_parser("watermark", help="the watermark LoRA for your key (= `watermark train`)",
+                                   description=TRAIN_DESCRIPTION)
+    add_train_options(watermark)
+    watermark.set_defaults(func=handle_train)
+
 
 B4M_OPTION_NAMES = ("rank", "alpha", "plp_seed", "targets", "preconditioned", "format")
 
@@ -242,16 +251,37 @@ def run_train_b4m(args: argparse.Namespace) -> int:
     return run_train(args)
 
 
+def warn_dataset(config, label: str = "") -> None:
+    """Name on stderr every file the run will skip (and captions it will guess) before any model loads: bad files
+    never stop a run, and the user hears of them at once, not only in the run's events."""
+    import os
+    import sys
+
+    from trainers.dataset import scan_lines
+
+    lines = scan_lines(config)
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun
+        for line in lines:
+            print(f"warning: {label}{line}", file=sys.stderr, flush=True)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from trainers.checkpoints import latest_checkpoint
     from trainers.events import EventLog
     from trainers.loop import train
 
     config = config_from_args(args)
     run_dir = Path(args.resume or args.run_dir or default_run_dir_for(config.method, config.out)).expanduser().resolve()
-    if not args.resume and (run_dir / "checkpoints").exists():
+    # A run killed before its first checkpoint has nothing to resume: the same command may start it again.
+    if not args.resume and latest_checkpoint(run_dir / "checkpoints") is not None:
         raise UserError(f"{run_dir} already holds a run; use --resume {run_dir} or another --run-dir")
     print(f"run folder: {run_dir}", flush=True)
     try:
+        from trainers.dataset import DatasetConfig
+
+        warn_dataset(DatasetConfig(config.data, caption=config.caption, trigger=config.trigger))
+        if config.prior_data:
+            warn_dataset(DatasetConfig(config.prior_data, trigger=config.prior_trigger), "prior: ")
         result = train(config, make_method(config.method), run_dir, resume=bool(args.resume))
     except UserError as exc:
         EventLog(run_dir).write("error", message=str(exc))
@@ -288,6 +318,9 @@ def run_train_sr(args: argparse.Namespace) -> int:
     config = DscLoraConfig(**{**base.__dict__, **{k: v for k, v in values.items() if k in names}}).validate()
     run_dir = Path(args.resume or args.run_dir or default_run_dir_for("sr", config.out)).expanduser().resolve()
     print(f"run folder: {run_dir}", flush=True)
+    from trainers.dataset import DatasetConfig
+
+    warn_dataset(DatasetConfig(config.hr_folder, caption=""))  # HR images need no captions
     result = train_dsclora(config, run_dir, resume=bool(args.resume))
     if result.status == "stopped":
         print(f"stopped at step {result.step}; continue with: python launch.py train sr --resume {run_dir}")

@@ -257,8 +257,9 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    # A STOP file here was written after the job was spawned (which clears it), while this process started: it is
+    # honoured after the first step, and removed once acted on.
     log, stop = EventLog(run_dir), StopFlag(run_dir)
-    stop.file.unlink(missing_ok=True)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     model = model or load_model(config.model, device=config.device, dtype="fp32")
@@ -287,9 +288,6 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
         recent_acc: list[float] = []
         step, status = 0, "done"
         while step < config.max_steps:
-            if stop:
-                status = "stopped"
-                break
             step += 1
             idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
             marked = decode(vae, latents[idx])
@@ -321,6 +319,9 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
                 log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
                                                           f"{config.stop_psnr} dB for {streak} steps")
                 break
+            if stop and step < config.max_steps:
+                status = "stopped"
+                break
         if full:
             trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
         else:
@@ -344,6 +345,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     else:
         out = save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
     log.write("done" if status == "done" else "stopped", step=step, artifact=str(out), seconds_to_99=seconds_to_99)
+    stop.file.unlink(missing_ok=True)  # acted on (or asked for during the last step): a new run must not stop
     return WatermarkRun(result=TrainResult(status=status, step=step, artifact=str(out),
                                            losses=[h["loss"] for h in history]),
                         key=key_hex, seconds_to_99=seconds_to_99, history=history)

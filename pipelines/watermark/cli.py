@@ -6,6 +6,33 @@ import json
 from pathlib import Path
 
 
+TRAIN_HELP = "train a watermark LoRA on the VAE decoder for your key"
+TRAIN_DESCRIPTION = ("Train the watermark LoRA (decoder up-block convs) so every decoded image carries the key; the "
+                     "loss weights follow the dynamic scheduler, logged each step in the run folder's events.jsonl. "
+                     "A stopped run saves the adapter as far as it got and cannot be resumed: start a new run.")
+
+
+def add_train_options(train: argparse.ArgumentParser) -> None:
+    """The options of ``watermark train`` and of its alias ``train watermark`` (what the Train tab's jobs run)."""
+    train.add_argument("--out", required=True, help="the adapter .safetensors file")
+    train.add_argument("--key", help="hex key (default: a fresh random one, printed)")
+    train.add_argument("--secret", action="store_true", help="do not store the key in the file's metadata")
+    train.add_argument("--model", help="base model (default: the embedded model)")
+    train.add_argument("--extractor", help="extractor file (default: the shipped one)")
+    train.add_argument("--images", help="folder of images whose latents to train on (default: samples of the model)")
+    train.add_argument("--latents", type=int, default=64)
+    train.add_argument("--rank", type=int, default=4)
+    train.add_argument("--alpha", type=float, default=32.0)
+    train.add_argument("--steps", type=int, default=1500, help="maximum steps (training stops early on its targets)")
+    train.add_argument("--lr", type=float, default=5e-4)
+    train.add_argument("--noise", type=float, default=0.0, help="share of steps trained through the noise layer")
+    train.add_argument("--mode", choices=("lora", "full_decoder"), default="lora",
+                       help="lora (default): the watermark LoRA; full_decoder: fine-tune every decoder weight "
+                            "(the Stable Signature baseline; writes the decoder's state, not an adapter)")
+    train.add_argument("--run-dir", help="run folder (default: next to --out)")
+    train.add_argument("--device", default="auto")
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "watermark", help="watermark a model's VAE decoder with your key, and verify images",
@@ -39,27 +66,8 @@ def register(subparsers) -> None:
     robust.add_argument("--json", action="store_true")
     robust.set_defaults(func=handle_robustness)
 
-    train = sub.add_parser("train", help="train a watermark LoRA on the VAE decoder for your key",
-                           description="Train the watermark LoRA (decoder up-block convs) so every decoded image "
-                                       "carries the key; the loss weights follow the dynamic scheduler, logged each "
-                                       "step in the run folder's events.jsonl.")
-    train.add_argument("--out", required=True, help="the adapter .safetensors file")
-    train.add_argument("--key", help="hex key (default: a fresh random one, printed)")
-    train.add_argument("--secret", action="store_true", help="do not store the key in the file's metadata")
-    train.add_argument("--model", help="base model (default: the embedded model)")
-    train.add_argument("--extractor", help="extractor file (default: the shipped one)")
-    train.add_argument("--images", help="folder of images whose latents to train on (default: samples of the model)")
-    train.add_argument("--latents", type=int, default=64)
-    train.add_argument("--rank", type=int, default=4)
-    train.add_argument("--alpha", type=float, default=32.0)
-    train.add_argument("--steps", type=int, default=1500, help="maximum steps (training stops early on its targets)")
-    train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--noise", type=float, default=0.0, help="share of steps trained through the noise layer")
-    train.add_argument("--mode", choices=("lora", "full_decoder"), default="lora",
-                       help="lora (default): the watermark LoRA; full_decoder: fine-tune every decoder weight "
-                            "(the Stable Signature baseline; writes the decoder's state, not an adapter)")
-    train.add_argument("--run-dir", help="run folder (default: next to --out)")
-    train.add_argument("--device", default="auto")
+    train = sub.add_parser("train", help=TRAIN_HELP, description=TRAIN_DESCRIPTION)
+    add_train_options(train)
     train.set_defaults(func=handle_train)
 
     merge = sub.add_parser("merge", help="write a pipeline folder whose VAE decoder has the watermark merged in")
@@ -150,13 +158,32 @@ def handle_robustness(args: argparse.Namespace) -> int:
 def handle_train(args: argparse.Namespace) -> int:
     from trainers.watermark_lora import WatermarkConfig, train_watermark
 
+    if args.key is not None:
+        from pipelines.errors import UserError
+
+        from .keys import parse_key
+        from .verify import open_extractor
+
+        # An unset shell variable (--key "$KEY") must not silently give a fresh random key the owner never sees.
+        if not args.key.strip():
+            raise UserError("--key is empty; give your hex key, or leave --key out for a fresh random one")
+        parse_key(args.key, open_extractor(args.extractor).config.bits)  # a bad key is refused before the model loads
     out = Path(args.out)
     config = WatermarkConfig(out=str(out), model=args.model, key=args.key, keep_key_secret=args.secret,
                              extractor=args.extractor, images=args.images, latents=args.latents, rank=args.rank,
                              alpha=args.alpha, max_steps=args.steps, lr=args.lr, noise_probability=args.noise,
                              device=args.device, mode=args.mode)
     run_dir = Path(args.run_dir) if args.run_dir else out.with_name(out.stem + "-run")
-    run = train_watermark(config, run_dir)
+    try:
+        run = train_watermark(config, run_dir)
+    except Exception as exc:  # the run folder says why it ended (the Train tab shows "error" and this message)
+        from pipelines.errors import UserError
+        from trainers.events import EventLog
+
+        if run_dir.is_dir():  # not made for a refused --out
+            EventLog(run_dir).write("error", message=str(exc) if isinstance(exc, UserError)
+                                    else f"{exc.__class__.__name__}: {exc}")
+        raise
     last = run.history[-1] if run.history else {}
     print(json.dumps({"artifact": run.result.artifact, "key": run.key, "steps": run.result.step,
                       "bit_accuracy": last.get("bit_accuracy"), "psnr": last.get("psnr"),
