@@ -11,6 +11,10 @@ from pipelines.model_cache import ModelCache, ModelSpec
 from pipelines.paths import REPO_ROOT, data_home, default_outputs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Gradio keeps each session (every page load, every API client) in memory until this many newer ones exist: about
+# 0.5 MiB each for this page, so its default of 10 000 would let the studio grow by ~5 GiB. The least recently used
+# session beyond this number is dropped (its gr.State values, e.g. the last seed, start from the defaults again).
+SESSIONS_KEPT = 100
 
 
 @dataclass
@@ -129,5 +133,6 @@ def serve(config: StudioConfig, *, block: bool = True):
     print(f"Atelier on http://{config.host}:{config.port}  (outputs: {config.outputs_dir})", flush=True)
     demo.launch(server_name=config.host, server_port=config.port, share=config.share, auth=auth,
                 allowed_paths=allowed,
-                ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, inbrowser=False)
+                ssr_mode=False, show_error=True, quiet=True, prevent_thread_lock=not block, inbrowser=False,
+                state_session_capacity=SESSIONS_KEPT)
     return demo
