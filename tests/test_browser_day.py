@@ -144,7 +144,6 @@ def test_a_new_users_day(browser, tmp_path):
         pick(page, "compose-lora-0", re.compile(rf"^{NAME}\.safetensors"))
         page.locator("#compose-prompt-0 textarea").fill("sks a red star in the center, gray background")
         assert "heart.safetensors" in page.locator("#compose-lora-1 input").input_value()
-        type_number(page, "compose-x1-0", 0.40)  # a narrower box, typed...
         canvas = page.locator("#compose-canvas canvas").first
         canvas.wait_for()
         page.wait_for_timeout(800)
@@ -152,14 +151,22 @@ def test_a_new_users_day(browser, tmp_path):
         scale = bb["height"] / 256  # the 128×64 canvas is drawn 512×256, centred
         left = bb["x"] + (bb["width"] - 512 * scale) / 2
         x, y = left + 0.21 * 512 * scale, bb["y"] + bb["height"] / 2  # the middle of concept 1's box
-        page.mouse.move(x, y)  # ...then dragged right on the canvas
+        page.mouse.move(x, y)  # the box dragged right on the canvas...
         page.mouse.down()
         page.mouse.move(x + 20 * scale, y, steps=6)
         page.mouse.up()
-        page.wait_for_function("parseFloat(document.querySelector('#compose-x0-0 input').value) > 0.04",
+        page.wait_for_function("parseFloat(document.querySelector('#compose-x0-0 input').value) > 0.05",
                                timeout=15_000)
+        settled = None  # each step of the drag is a round trip to the server: wait until the last one has landed
+        for _ in range(30):
+            now = [number(page, f"compose-{n}-0").input_value() for n in ("x0", "x1")]
+            if now == settled:
+                break
+            settled = now
+            page.wait_for_timeout(1000)
+        type_number(page, "compose-x1-0", 0.44)  # ...then its right edge typed
         box = [float(number(page, f"compose-{n}-0").input_value()) for n in ("x0", "y0", "x1", "y1")]
-        assert 0.04 < box[0] < 0.09 and 0.42 < box[2] < 0.47 and box[1] == pytest.approx(0.05, abs=0.01)
+        assert 0.05 < box[0] < 0.1 and box[2] == 0.44 and box[1] == pytest.approx(0.05, abs=0.01)
         type_number(page, "compose-steps", 6)
         page.locator("#compose-run").click()
         page.wait_for_function("document.querySelector('#compose-status').innerText.includes('Saved')",
