@@ -205,17 +205,18 @@ def test_a_new_users_day(browser, tmp_path):
         assert page.locator("#train-stop").is_disabled()
         shot(page, "watermark-trained")
 
-        page.reload()  # the new adapter in the Generate tab's watermark list
-        page.locator("#gen-prompt textarea").fill("a blue square in the center, gray background")
+        page.reload()  # the new adapters in the Generate tab: the day's LoRA applied, the watermark on every image
+        page.locator("#gen-prompt textarea").fill("sks a blue star in the center, gray background")
         page.locator("#gen-steps input[type=number]").fill("4")
         page.locator("#gen-seed input").fill("11")
         page.get_by_text("Adapters (LoRA, SaRA, watermark)").click()
+        pick(page, "gen-lora-0", f"{NAME}.safetensors")
         pick(page, "gen-watermark", f"{MARK}.safetensors")
         page.locator("#gen-run").click()
         page.wait_for_function("document.querySelector('#gen-status').innerText.includes('00001-11.png')",
                                timeout=90_000)
         info = page.locator("#gen-info textarea").input_value()
-        assert f"Watermark: {MARK}" in info and key not in info
+        assert f'Lora: "{NAME}:1"' in info and f"Watermark: {MARK}" in info and key not in info
         marked = outputs / "00001-11.png"
         shot(page, "generate-watermarked")
 

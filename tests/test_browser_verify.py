@@ -62,40 +62,4 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
         page.screenshot(path=str(tmp_path / "identify.png"), full_page=True)
 
 
-@pytest.mark.usefixtures("fresh_accelerator_state")
-def test_generate_with_a_watermark_then_verify_by_its_adapter(browser, atelier_home, tmp_path):
-    from conftest import MICRO_MODEL
-    from pipelines.library import adapters_folder
-    from pipelines.loading import load_model
-    from pipelines.watermark.shipped import ASSETS, EXTRACTOR_FILE
-    from trainers.watermark_lora import WatermarkConfig, train_watermark
-
-    if not (MICRO_MODEL / "model_index.json").is_file() or not (ASSETS / EXTRACTOR_FILE).is_file():
-        pytest.skip("needs the micro model and the shipped extractor")
-    mark = adapters_folder(atelier_home) / "page-mark.safetensors"
-    train_watermark(WatermarkConfig(out=str(mark), key=KEY, latents=2, sample_steps=4, max_steps=5, batch_size=2),
-                    tmp_path / "run", model=load_model(MICRO_MODEL))
-    outputs = tmp_path / "outputs"
-    with running_studio(MICRO_MODEL, outputs) as url:
-        page = open_tab(browser, url)
-        page.locator("#gen-prompt textarea").fill("a red circle in the center, gray background")
-        page.locator("#gen-steps input[type=number]").fill("4")
-        page.get_by_text("Adapters (LoRA, SaRA, watermark)").click()
-        page.locator("#gen-watermark input").click()
-        page.get_by_role("option", name="page-mark.safetensors").click()
-        page.locator("#gen-run").click()
-        page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
-        info = page.locator("#gen-info textarea").input_value()
-        assert "Watermark: page-mark" in info and KEY not in info
-        image = sorted(outputs.glob("*.png"))[0]
-        expected = verify([(image.name, load_image(image))], KEY, load_extractor(ASSETS / EXTRACTOR_FILE), 1e-6)
-
-        page.get_by_role("tab", name="Verify").click()
-        page.locator("#wm-files input[type=file]").set_input_files([str(image)])
-        page.wait_for_timeout(500)
-        page.locator("#wm-adapter input").click()
-        page.get_by_role("option", name="page-mark.safetensors").click()
-        page.locator("#wm-verify").click()
-        page.wait_for_function(f"document.querySelector('#wm-summary').innerText.includes('{KEY}')", timeout=60_000)
-        assert f"{expected.per_image[0][1].matched}/48" in page.locator("#wm-table").inner_text()
-        page.screenshot(path=str(tmp_path / "generate-verify.png"), full_page=True)
+# Generating with a watermark adapter and verifying by that adapter: tests/test_browser_day.py (step 5).
