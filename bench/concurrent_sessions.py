@@ -44,12 +44,10 @@ import hashlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
@@ -63,6 +61,7 @@ if str(BENCH) not in sys.path:
     sys.path.insert(0, str(BENCH))
 
 from report import describe_machine, machine, write_report  # noqa: E402  (bench/, the script's folder)
+from studio_process import start_studio  # noqa: E402
 
 MICRO_MODEL = REPO / "assets" / "micro-sd"
 DEFAULT_OUT = REPO / "bench" / "results" / "concurrent_sessions"
@@ -322,27 +321,6 @@ def mib(n: int) -> float:
 
 
 # --- the studio ---------------------------------------------------------------------------------------------------
-def start_studio(model: Path, outputs: Path, home: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """``launch.py`` on ``model`` with its own data folder; returns the process and its URL once it answers."""
-    env = {**os.environ, "ATELIER_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False",
-           "TOKENIZERS_PARALLELISM": "false"}
-    log = open(outputs.parent / "studio.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model),
-                             "--outputs", str(outputs)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("studio did not start within 180 s")
-
-
 def saved_files(outputs: Path) -> set[Path]:
     """The images the studio saved: generated and composed PNGs, and the upscaled ones."""
     return set(outputs.glob("*.png")) | set((outputs / "upscaled").glob("*.png"))
@@ -359,20 +337,14 @@ def expected_saves(requests: list[SessionRequest]) -> int:
     return sum(r.action != "verify" for r in requests)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # --- the measurement ----------------------------------------------------------------------------------------------
 def measure(model: Path, sessions: int, steps: int, rounds: int = 2, same: bool = False) -> dict:
     work = Path(tempfile.mkdtemp(prefix="atelier-load-"))
     outputs = work / "outputs"
     requests = session_requests(sessions, work / "inputs", steps, same)
-    proc, url = start_studio(model, outputs, work / "home", free_port())
+    env = {**os.environ, "ATELIER_HOME": str(work / "home"), "HF_HUB_OFFLINE": "1",
+           "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+    proc, url = start_studio(model, outputs, env=env, timeout=180)
     concurrent: list[list[Outcome]] = []
     walls: list[float] = []
     saved: list[int] = []

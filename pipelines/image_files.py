@@ -62,7 +62,7 @@ def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > max_pixels:
-                    raise UserError(f"{name}: {w}x{h} is larger than the limit of {max_pixels} pixels")
+                    raise UserError(f"{name}: too large, {w}x{h} is larger than the limit of {max_pixels} pixels")
                 im.load()
                 return im.copy()
         except UserError:

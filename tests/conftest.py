@@ -3,12 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from bench.studio_process import free_port, start_studio  # noqa: E402,F401  (re-exported to the tests)
 
 # Isolate every test run from the user's real data folder and from the network before anything imports the stack.
 _HOME = Path(tempfile.mkdtemp(prefix="atelier-test-home-"))
@@ -74,34 +74,19 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_for(predicate, timeout: float = 180, every: float = 0.3):
+    """``predicate()``'s first truthy value, polled every ``every`` seconds; TimeoutError after ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise TimeoutError("condition not reached")
 
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-
-
-def start_studio(model_dir: Path, outputs: Path, *extra: str):
-    port = free_port()
-    log = open(outputs.parent / f"studio-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model_dir),
-                             "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("studio did not start within 120 s")
 
 
 @contextmanager

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, start_studio
+from conftest import REPO, start_studio, wait_for
 from pipelines.errors import UserError
 from trainers.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainers.events import EventLog, read_events
@@ -33,14 +33,9 @@ SEED = 20240610
 ENOSPC = os.strerror(errno.ENOSPC)
 
 
+
 def _wait(predicate, timeout: float = 240, every: float = 0.05):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
+    return wait_for(predicate, timeout, every)
 
 
 def _hashes(folder: Path) -> dict[str, str]:

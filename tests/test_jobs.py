@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import one_and_two_processes, run_cli
+from conftest import one_and_two_processes, run_cli, wait_for
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
@@ -20,14 +19,6 @@ def data(tmp_path_factory) -> Path:
     return draw_dataset(tmp_path_factory.mktemp("jobdata") / "circles", n=6)
 
 
-def _wait(predicate, timeout: float = 180, every: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise TimeoutError("condition not reached")
 
 
 def test_cli_train_lora_writes_a_loadable_adapter(data, tiny_model_dir, tmp_path):
@@ -59,9 +50,9 @@ def test_stop_and_resume_through_the_job_queue(data, tiny_model_dir, tmp_path):
     run_dir = queue.submit("job1", "lora", ["--data", str(data), "--out", str(out), "--model", str(tiny_model_dir),
                                             "--steps", "400", "--rank", "4", "--checkpoint-every", "1000"])
     assert job_info(run_dir).status == "running"
-    _wait(lambda: job_info(run_dir).step >= 3)
+    wait_for(lambda: job_info(run_dir).step >= 3)
     request_stop(run_dir)
-    info = _wait(lambda: (i := job_info(run_dir)).status == "stopped" and i)
+    info = wait_for(lambda: (i := job_info(run_dir)).status == "stopped" and i)
     assert info.resumable and not out.exists()
     stopped_at = info.step
     assert latest_checkpoint(run_dir / "checkpoints").name == f"step-{stopped_at:07d}"
@@ -74,7 +65,7 @@ def test_stop_and_resume_through_the_job_queue(data, tiny_model_dir, tmp_path):
     cfg["steps"] = stopped_at + 3
     (run_dir / "config.json").write_text(json.dumps(cfg))
     queue.resume(run_dir)
-    info = _wait(lambda: (i := job_info(run_dir)).status == "done" and i)
+    info = wait_for(lambda: (i := job_info(run_dir)).status == "done" and i)
     assert info.step == stopped_at + 3 and out.is_file()
     kinds = [e["event"] for e in read_events(run_dir)]
     assert kinds.count("start") == 2 and "resumed" in kinds
@@ -85,7 +76,7 @@ def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_di
     run_dir = queue.submit("job2", "lora", ["--data", str(data), "--out", str(tmp_path / "k.safetensors"),
                                             "--model", str(tiny_model_dir), "--steps", "400", "--rank", "4",
                                             "--checkpoint-every", "2"])
-    _wait(lambda: latest_checkpoint(run_dir / "checkpoints") is not None)
+    wait_for(lambda: latest_checkpoint(run_dir / "checkpoints") is not None)
     import json
     import signal
 
@@ -94,7 +85,7 @@ def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_di
     assert [j.status for j in list_jobs(tmp_path / "runs")] == ["running"]
     pid = json.loads((run_dir / "job.json").read_text())["pid"]
     os.kill(pid, signal.SIGKILL)
-    info = _wait(lambda: (i := job_info(run_dir)).status == "interrupted" and i)
+    info = wait_for(lambda: (i := job_info(run_dir)).status == "interrupted" and i)
     assert info.resumable
 
 
@@ -123,8 +114,8 @@ def test_a_chained_job_waits_until_the_runs_it_needs_are_done(data, tiny_model_d
     assert job_info(first).status == "running"
     info = job_info(second)
     assert info.status == "queued" and info.message == "waits for first"
-    _wait(lambda: job_info(first).status == "done")
+    wait_for(lambda: job_info(first).status == "done")
     assert job_info(second).status == "queued"  # nothing starts it until the queue looks again
     queue.tick()
-    _wait(lambda: job_info(second).status == "done")
+    wait_for(lambda: job_info(second).status == "done")
     assert (tmp_path / "b.safetensors").is_file()

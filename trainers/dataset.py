@@ -7,7 +7,6 @@ when several processes each take their slice of every global batch.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,11 +15,10 @@ import torch
 from PIL import Image, ImageOps
 
 from pipelines.errors import UserError
-from pipelines.image_files import rgb_image
+from pipelines.image_files import DEFAULT_MAX_PIXELS, open_image, rgb_image, shown_name
 from pipelines.paths import safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DEFAULT_MAX_PIXELS = 4096 * 4096
 # Aspect buckets as (width, height) ratios; each image goes to the bucket nearest its aspect ratio.
 BUCKET_ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 
@@ -66,25 +64,12 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tupl
 
 
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(width, height) of a usable image file, or ValueError saying why it is not usable."""
-    if path.stat().st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ValueError(f"too large ({w}x{h} > {max_pixels} pixels)")
-                # A full decode, not ``verify()``: that checks PNG chunks only, and a JPEG cut short passed it and
-                # then stopped the run when the training loop read it.
-                im.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ValueError("too large (decompression bomb guard)") from exc
-        except ValueError:
-            raise
-        except Exception as exc:
-            raise ValueError(f"unreadable image ({exc.__class__.__name__})") from exc
+    """(width, height) of a usable image file, or ValueError saying why it is not usable. The image is decoded in
+    full (PIL's ``verify()`` checks PNG chunks only: a JPEG cut short passed it and then stopped the run)."""
+    try:
+        w, h = open_image(path, max_pixels).size
+    except UserError as exc:  # the reason, without the file's name (the report pairs them)
+        raise ValueError(str(exc).removeprefix(f"{shown_name(path)}: ")) from None
     if w < 8 or h < 8:
         raise ValueError(f"too small ({w}x{h})")
     return w, h
