@@ -119,3 +119,16 @@ def test_extractor_training_writes_a_whitened_extractor_and_its_encoder(tmp_path
     assert read_metadata(tmp_path / "ex.safetensors")["extractor.whitened"] == "true"
     encoder = load_encoder(tmp_path / "ex.encoder.safetensors")
     assert encoder.config.bits == 16 and logged and logged[-1]["step"] == 4
+
+
+def test_the_owners_folder_keeps_16_bit_images_and_names_the_files_it_skips(tmp_path):
+    from trainers.watermark_extractor import ExtractorTrainConfig, image_pool
+
+    values = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 8)  # a 16-bit ramp, 0 … 32760
+    Image.fromarray(values).save(tmp_path / "deep.png")  # PIL stores it as I;16
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    logged: list[dict] = []
+    pool = image_pool(ExtractorTrainConfig(out=str(tmp_path / "x.safetensors"), folder=str(tmp_path)), logged.append)
+    assert len(pool) == 1 and pool[0].shape == (64, 64, 3)
+    assert 40 < pool[0].mean() < 90  # a ramp to half of full scale, not clipped to white
+    assert [(e["event"], e["file"]) for e in logged] == [("skipped", "broken.png")]

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.image_files import open_image, rgb_image
 from pipelines.safetensors_files import save_atomic
 from pipelines.watermark.attacks import noise_layer
 from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, save_extractor
@@ -49,8 +50,9 @@ class ExtractorTrainConfig:
     seed: int = 0
 
 
-def image_pool(config: ExtractorTrainConfig) -> list[np.ndarray]:
-    """uint8 (H, W, 3) arrays: the owner's folder, or micro-world scenes plus scikit-image's photos."""
+def image_pool(config: ExtractorTrainConfig, log: Callable[[dict], None] = print) -> list[np.ndarray]:
+    """uint8 (H, W, 3) arrays: the owner's folder (bad files named in ``log`` and skipped), or micro-world scenes plus
+    scikit-image's photos."""
     pool: list[np.ndarray] = []
     if config.folder:
         root = Path(config.folder).expanduser()
@@ -59,10 +61,9 @@ def image_pool(config: ExtractorTrainConfig) -> list[np.ndarray]:
         for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             try:
                 check_image(path)
-                with Image.open(path) as im:
-                    pool.append(np.asarray(im.convert("RGB")))
-            except (ValueError, OSError):
-                continue
+                pool.append(np.asarray(rgb_image(open_image(path))))  # 16-bit scaled, not clipped to white
+            except (ValueError, UserError) as exc:
+                log({"event": "skipped", "file": path.name, "reason": str(exc)})
         if not pool:
             raise UserError(f"{config.folder} holds no readable images")
         return pool
@@ -108,7 +109,7 @@ def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = 
         raise UserError("the key length must be a multiple of 4 bits between 8 and 256")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    pool = image_pool(config)
+    pool = image_pool(config, log)
     spec = ExtractorConfig(bits=config.bits, filters=config.filters, kernel=config.kernel)
     encoder = BitEncoder(spec, strength=config.strength, tile=config.tile)
     extractor = BitExtractor(spec)
