@@ -12,7 +12,7 @@ from pipelines.library import adapters_folder
 from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from pipelines.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
-from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, import_files
+from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 
@@ -179,9 +179,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
 
     def resolve_folder(folder_v, files_v, name_v) -> str:
         if files_v:
-            target = data_root / "datasets" / safe_name(name_v or "dataset")
-            import_files([getattr(f, "name", f) for f in files_v], target)
-            return str(target)
+            return str(upload_dataset([getattr(f, "name", f) for f in files_v], data_root / "datasets", name_v))
         return folder_v or ""
 
     def on_preview(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v):

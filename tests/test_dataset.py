@@ -84,3 +84,23 @@ def test_upload_names_are_sanitised(tmp_path):
     assert safe_name("../../x.png") == "x.png" and safe_name("..") == "file" and safe_name("été.png") == "été.png"
     names = import_files([str(src / "a.png")], tmp_path / "dest")
     assert names == ["a.png"] and (tmp_path / "dest" / "a.png").is_file()
+
+
+def test_an_upload_never_changes_a_dataset_saved_before(tmp_path):
+    from trainers.dataset import upload_dataset
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, colour in ((first, "red"), (second, "blue")):
+        folder.mkdir()
+        Image.new("RGB", (16, 16), colour).save(folder / "a.png")
+        (folder / "a.txt").write_text(f"a {colour} square")
+    datasets = tmp_path / "datasets"
+    kept = upload_dataset([str(first / "a.png"), str(first / "a.txt")], datasets, "mine")
+    assert kept == datasets / "mine"
+    before = {p.name: p.read_bytes() for p in kept.iterdir()}
+    # the same upload again (the Train tab re-reads it on every preview): the same folder
+    assert upload_dataset([str(first / "a.png"), str(first / "a.txt")], datasets, "mine") == kept
+    # other pictures under the same name: a folder of their own, the first one untouched
+    other = upload_dataset([str(second / "a.png"), str(second / "a.txt")], datasets, "mine")
+    assert other == datasets / "mine-2" and (other / "a.txt").read_text() == "a blue square"
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == before

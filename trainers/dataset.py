@@ -206,13 +206,33 @@ def import_files(paths: list[str], folder: Path) -> list[str]:
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
-    for src in paths:
-        name = safe_name(Path(src).name)
-        if Path(name).suffix.lower() not in IMAGE_SUFFIXES + (".txt",):
-            continue
+    for name, src in _upload_names(paths).items():
         shutil.copyfile(src, folder / name)
         names.append(name)
     return names
+
+
+def _upload_names(paths: list[str]) -> dict[str, str]:
+    """Sanitised name → uploaded file, for the images and captions of an upload."""
+    names = {safe_name(Path(src).name): src for src in paths}
+    return {n: src for n, src in names.items() if Path(n).suffix.lower() in IMAGE_SUFFIXES + (".txt",)}
+
+
+def upload_dataset(paths: list[str], datasets: Path, name: str) -> Path:
+    """The folder an upload is kept in: ``datasets/NAME``, or ``NAME-2``, ``NAME-3``, … when ``NAME`` holds other
+    files, so an upload never changes a dataset saved before; the same upload again lands in the same folder."""
+    import filecmp
+
+    wanted = _upload_names(paths)
+    base = safe_name(name or "dataset", "dataset")
+    index = 1
+    while True:
+        folder = datasets / (base if index == 1 else f"{base}-{index}")
+        if not folder.exists() or all(p.name in wanted and filecmp.cmp(p, wanted[p.name], shallow=False)
+                                      for p in folder.iterdir()):
+            import_files(list(wanted.values()), folder)
+            return folder
+        index += 1
 
 
 def scan_lines(config: DatasetConfig) -> list[str]:
