@@ -485,6 +485,24 @@ def test_train_dataset_folders(studio, bad_corpus):
     assert studio.unexpected_errors() == []
 
 
+def test_train_watermark_start(studio, bad_corpus):
+    """The Train tab's watermark section: every bad key is refused (an empty one is not bad here: a fresh key is drawn
+    and shown), as are no steps and a missing or image-less folder; no job is queued for any of them."""
+    client = studio.client()
+    runs = studio.home / "runs"
+    mixed = next(i for i in bad_corpus if i.kind == "dataset").path
+    no_images = of_kind(bad_corpus, "spec")[0].path.parent
+    cases = [(item.value, 4, "", "key") for item in of_kind(bad_corpus, "key") if item.value.strip()]
+    cases += [("3fa9c0d21b7e", 0, "", "steps"), ("3fa9c0d21b7e", 4, str(mixed / "no-such-folder"), "does not exist"),
+              ("3fa9c0d21b7e", 4, str(no_images), "no images")]
+    for key, steps, images, fragment in cases:
+        TRIED["Train: watermark start", "client"] += 1
+        assert_readable(refused(client, "/on_wm_start", key, steps, images, "x"), fragment)
+        assert not runs.is_dir() or not any(runs.iterdir()), "a job was queued for bad settings"
+        studio.check()
+    assert studio.unexpected_errors() == []
+
+
 def upload_named(url: str, name: str, data: bytes) -> dict | None:
     """Upload ``data`` under the file name ``name`` through Gradio's upload route (what a browser sends), as the
     FileData a handler receives; None when the route refuses the name."""
@@ -622,3 +640,7 @@ def test_still_serves_and_nothing_was_lost(studio):
     assert first and studio.saved[f"outputs/{first[0].name}"] == sha256(first[0])
     assert studio.saved["adapters/mine.safetensors"] == sha256(studio.adapters / "mine.safetensors")
     assert studio.unexpected_errors() == []
+    actions = {action for action, _ in TRIED}
+    print(f"\nbad input through the page: {sum(TRIED.values())} cases over {len(actions)} actions "
+          f"({sum(n for (_, via), n in TRIED.items() if via == 'client')} through Gradio's client, "
+          f"{sum(n for (_, via), n in TRIED.items() if via == 'page')} through the page)")
