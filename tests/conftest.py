@@ -123,6 +123,18 @@ def browser():
         b.close()
 
 
+def compose_canvas_point(page, fx: float, settle_ms: int = 500) -> tuple[float, float, float]:
+    """(x, y, scale) on the page of the point ``fx`` of the way across the Compose tab's default 128×64 canvas, at its
+    middle height; ``scale`` turns the canvas' 512-pixel drawing into page pixels."""
+    canvas = page.locator("#compose-canvas canvas").first
+    canvas.wait_for()
+    page.wait_for_timeout(settle_ms)
+    bb = canvas.bounding_box()
+    scale = bb["height"] / 256  # the 128×64 canvas is drawn 512×256, centred
+    left = bb["x"] + (bb["width"] - 512 * scale) / 2
+    return left + fx * 512 * scale, bb["y"] + bb["height"] / 2, scale
+
+
 def fill_train_form(page, data: Path, *, steps: int, images: int, name: str, batch: int | None = None) -> None:
     """Fill the Train tab's shared fields and wait for the arithmetic line that confirms the dataset was read."""
     page.locator("#train-folder textarea, #train-folder input").first.fill(str(data))

@@ -8,7 +8,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, open_tab, running_studio
+from conftest import MICRO_MODEL, compose_canvas_point, open_tab, running_studio
 
 pytestmark = pytest.mark.browser
 
@@ -44,13 +44,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         assert value_of(page, "compose-x0-1") == 0.52
 
         # Drag concept 2's box to the left on the canvas: its numbers follow.
-        canvas = page.locator("#compose-canvas canvas").first
-        canvas.wait_for()
-        page.wait_for_timeout(500)
-        bb = canvas.bounding_box()
-        scale = bb["height"] / 256  # the 128×64 canvas is drawn 512×256, centred
-        left = bb["x"] + (bb["width"] - 512 * scale) / 2
-        x, y = left + 0.75 * 512 * scale, bb["y"] + bb["height"] / 2
+        x, y, scale = compose_canvas_point(page, 0.75)
 
         def drag(dx: float, condition: str) -> None:
             page.mouse.move(x + (0 if dx < 0 else -dx) * scale, y)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, open_tab, running_studio
+from conftest import MICRO_MODEL, compose_canvas_point, open_tab, running_studio
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "day"
@@ -144,13 +144,7 @@ def test_a_new_users_day(browser, tmp_path):
         pick(page, "compose-lora-0", re.compile(rf"^{NAME}\.safetensors"))
         page.locator("#compose-prompt-0 textarea").fill("sks a red star in the center, gray background")
         assert "heart.safetensors" in page.locator("#compose-lora-1 input").input_value()
-        canvas = page.locator("#compose-canvas canvas").first
-        canvas.wait_for()
-        page.wait_for_timeout(800)
-        bb = canvas.bounding_box()
-        scale = bb["height"] / 256  # the 128×64 canvas is drawn 512×256, centred
-        left = bb["x"] + (bb["width"] - 512 * scale) / 2
-        x, y = left + 0.21 * 512 * scale, bb["y"] + bb["height"] / 2  # the middle of concept 1's box
+        x, y, scale = compose_canvas_point(page, 0.21, settle_ms=800)  # inside concept 1's box
         page.mouse.move(x, y)  # the box dragged right on the canvas...
         page.mouse.down()
         page.mouse.move(x + 20 * scale, y, steps=6)
