@@ -134,7 +134,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
             done, problems = upscale_files(sr_models, [Path(p) for p in paths], outputs / "upscaled", None, None, 256)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
-        lines = [f"Upscaled {len(done)} image(s) into `{outputs / 'upscaled'}`."] + [f"⚠ {p}" for p in problems]
+        lines = [f"Upscaled {len(done)} image(s) into: `{outputs / 'upscaled'}`"] + [f"⚠ {p}" for p in problems]
         return [(str(r), r.name) for _, r in done], "\n\n".join(lines)
 
     upscale.click(on_upscale, last_paths, [gallery, status], concurrency_id="upscale")

@@ -49,7 +49,7 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
             with Image.open(source) as im:
                 before_after = (im.convert("RGB").resize(upscaled.size, Image.Resampling.BICUBIC),
                                 upscaled.convert("RGB"))
-        lines = [f"Upscaled {len(done)} image(s) into `{folder}`."] + [f"⚠ {p}" for p in problems]
+        lines = [f"Upscaled {len(done)} image(s) into: `{folder}`"] + [f"⚠ {p}" for p in problems]
         return before_after, [(str(r), r.name) for _, r in done], "\n\n".join(lines)
 
     run.click(on_run, [files, model, official, tile, outscale], [compare, gallery, status], concurrency_id="upscale")
