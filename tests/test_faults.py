@@ -593,3 +593,18 @@ def test_a_stop_asked_for_while_the_job_starts_is_honoured(data, tiny_model_dir,
     assert not (run_dir / STOP_FILE).exists()
     result = train(config, LoraMethod(), run_dir, resume=True)
     assert result.status == "done" and result.step == 2
+
+
+def test_a_stop_during_the_last_step_lets_the_run_finish(data, tiny_model_dir, tmp_path, fresh_accelerator_state):
+    """Nothing is left to stop for: the run saves its adapter and ends done (not 'stopped' with no adapter)."""
+    from trainers.loop import STOP_FILE, TrainConfig, train
+    from trainers.lora import LoraMethod
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / STOP_FILE).write_text("stop requested\n")
+    out = tmp_path / "a.safetensors"
+    result = train(TrainConfig(data=str(data), out=str(out), model=str(tiny_model_dir), steps=1, checkpoint_every=100,
+                               method_options={"rank": 2}), LoraMethod(), run_dir)
+    assert (result.status, result.step) == ("done", 1) and out.is_file()
+    assert not (run_dir / STOP_FILE).exists()

@@ -119,3 +119,23 @@ def test_a_chained_job_waits_until_the_runs_it_needs_are_done(data, tiny_model_d
     queue.tick()
     wait_for(lambda: job_info(second).status == "done")
     assert (tmp_path / "b.safetensors").is_file()
+
+
+def test_a_queued_job_stopped_before_it_starts_never_starts(tmp_path):
+    """Stop on a job still waiting in the queue takes it out (starting it would clear the STOP file, and it ran)."""
+    import json
+
+    from trainers.events import EventLog
+
+    queue = JobQueue(tmp_path / "runs")
+    waiting = queue.submit("waits", "lora", ["--steps", "2"], after=("first",))
+    assert job_info(waiting).status == "queued"
+    request_stop(waiting)
+    info = job_info(waiting)
+    assert (info.status, info.message, info.resumable) == ("stopped", "stopped before it started", False)
+    first = tmp_path / "runs" / "first"  # what it waited for is done now: a queued job would start at this tick
+    first.mkdir()
+    (first / "job.json").write_text(json.dumps({"method": "lora", "state": "started"}))
+    EventLog(first).write("done", step=2)
+    queue.tick()
+    assert job_info(waiting).status == "stopped" and "pid" not in json.loads((waiting / "job.json").read_text())

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipelines.atomic_files import write_text
 
 from .checkpoints import latest_checkpoint
-from .events import read_events
+from .events import EventLog, read_events
 from .loop import STOP_FILE
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch.py"
@@ -142,8 +142,15 @@ def spawn(run_dir: Path, method: str, args: list[str]) -> int:
 
 
 def request_stop(run_dir: Path) -> None:
-    """Ask a running job to finish its step, save a checkpoint and end (a file, so it works on every OS)."""
-    (Path(run_dir) / STOP_FILE).write_text("stop requested\n")
+    """Ask a running job to finish its step, save a checkpoint and end (a file, so it works on every OS). A job still
+    waiting in the queue is taken out of it instead: starting it would clear the file."""
+    run_dir = Path(run_dir)
+    job = _read_json(run_dir / JOB_FILE)
+    if job.get("state") == "queued":
+        _write_json(run_dir / JOB_FILE, {**job, "state": "cancelled"})
+        EventLog(run_dir).write("stopped", step=0, message="stopped before it started")
+        return
+    (run_dir / STOP_FILE).write_text("stop requested\n")
 
 
 class JobQueue:

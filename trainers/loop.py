@@ -366,7 +366,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                   lr=lr_scheduler.get_last_lr()[0], epoch=pos.epoch, eta_s=round(eta, 1))
         if config.sample_every and step % config.sample_every == 0 and step < config.steps:
             _preview(pipe, config, run_dir, step, log, accelerator)
-        if stop_requested():
+        if step < config.steps and stop_requested():  # a stop during the last step: the run finishes
             checkpoint(step)
             log.write("stopped", step=step)
             if main:
