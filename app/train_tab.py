@@ -81,6 +81,19 @@ def _whole(value, label: str, minimum: int) -> int:
     return int(value)
 
 
+def _image_folder(text: str, label: str) -> Path:
+    """A folder that exists and holds images, or a readable refusal on the page (not a job failing later)."""
+    root = Path(text).expanduser()
+    try:
+        if not root.is_dir():
+            raise gr.Error(f"{label} {text} does not exist (or is not a folder).")
+        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
+            raise gr.Error(f"{label} {text} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+    except OSError as exc:  # not readable
+        raise gr.Error(f"{label} {text} cannot be read: {exc.strerror or exc}") from exc
+    return root
+
+
 def _submit(queue: JobQueue, run_name: str, kind: str, args: list[str]) -> None:
     """Queue a job, or a readable refusal (a run of that name exists; the disk is full)."""
     try:
@@ -305,11 +318,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         if not folder_v:
             raise gr.Error("Choose a folder of high-resolution images.")
         # refused here, not by a job that fails in the background: a missing folder, one without images, no steps
-        root = Path(folder_v).expanduser()
-        if not root.is_dir():
-            raise gr.Error(f"HR folder {folder_v} does not exist (or is not a folder).")
-        if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
-            raise gr.Error(f"HR folder {folder_v} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+        _image_folder(folder_v, "HR folder")
         if int(steps_v or 0) < 1:
             raise gr.Error("Steps must be at least 1.")
         teacher = 0.1 if teacher_v is None else float(teacher_v)
@@ -335,11 +344,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         steps_n = _whole(steps_v, "Steps", 1)
         images = (images_v or "").strip()
         if images:
-            root = Path(images).expanduser()
-            if not root.is_dir():
-                raise gr.Error(f"Images folder {images} does not exist (or is not a folder).")
-            if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
-                raise gr.Error(f"Images folder {images} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            _image_folder(images, "Images folder")
         stem = safe_name(name_v or "my-watermark")
         args = ["--out", str(adapters_folder(data_root) / f"{stem}.safetensors"), "--key", key,
                 "--steps", str(steps_n)]

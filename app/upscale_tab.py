@@ -7,6 +7,7 @@ import gradio as gr
 from PIL import Image
 
 from pipelines.errors import UserError
+from pipelines.image_files import rgb_image
 from pipelines.upscale import SHIPPED, SRModelCache, sr_model_choices, upscale_files
 
 
@@ -47,7 +48,7 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
             source, result = done[0]
             upscaled = Image.open(result)
             with Image.open(source) as im:
-                before_after = (im.convert("RGB").resize(upscaled.size, Image.Resampling.BICUBIC),
+                before_after = (rgb_image(im).resize(upscaled.size, Image.Resampling.BICUBIC),
                                 upscaled.convert("RGB"))
         lines = [f"Upscaled {len(done)} image(s) into: `{folder}`"] + [f"⚠ {p}" for p in problems]
         return before_after, [(str(r), r.name) for _, r in done], "\n\n".join(lines)

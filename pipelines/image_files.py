@@ -23,10 +23,12 @@ def eight_bit(image: Image.Image) -> Image.Image:
         return image
     values = np.asarray(image, dtype=np.float64)
     top = float(values.max(initial=0.0))
-    if image.mode == "F" and top <= 1.0:
+    if image.mode.startswith("I;16"):
+        full = 65535.0  # 16-bit samples, however dark the image
+    elif image.mode == "F" and top <= 1.0:
         full = 1.0  # float images in 0..1
     elif top > 255.0:
-        full = 65535.0  # 16-bit samples (PIL stores them as I;16 or I)
+        full = 65535.0  # 16-bit samples that PIL widened to 32-bit "I" (its mode for some 16-bit PNGs)
     else:
         full = 255.0
     return Image.fromarray(np.clip(values * (255.0 / full) + 0.5, 0, 255).astype(np.uint8), "L")
