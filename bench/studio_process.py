@@ -24,19 +24,21 @@ def start_studio(model: Path, outputs: Path, *extra: str, env: dict[str, str] | 
     Its output goes to ``studio-PORT.log`` beside the outputs folder."""
     port = free_port()
     outputs.parent.mkdir(parents=True, exist_ok=True)
-    log = open(outputs.parent / f"studio-{port}.log", "w")
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model),
-                             "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env=env if env is not None else os.environ.copy())
+    log_path = outputs.parent / f"studio-{port}.log"
+    with open(log_path, "w") as log:  # the process keeps its own copy of the handle
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "--port", str(port), "--model", str(model),
+                                 "--outputs", str(outputs), *extra], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                env=env if env is not None else os.environ.copy())
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"studio exited early:\n{Path(log.name).read_text()}")
+            raise RuntimeError(f"studio exited early:\n{log_path.read_text()}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return proc, url
         except OSError:
             time.sleep(0.5)
     proc.kill()
+    proc.wait()
     raise RuntimeError(f"studio did not start within {timeout:.0f} s")

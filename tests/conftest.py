@@ -97,7 +97,11 @@ def running_studio(model_dir: Path, outputs: Path, *extra: str):
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def open_tab(browser, url: str, tab: str | None = None, width: int = 1400, height: int = 1000):

@@ -360,6 +360,7 @@ def test_table_covers_the_corpus(bad_corpus):
 
 
 @pytest.mark.parametrize("command,name,verdict", CASES, ids=[f"{c}-{n}" for c, n, _ in CASES])
+@pytest.mark.usefixtures("fresh_accelerator_state")  # in-process trainings: not the accelerate state of a test before
 def test_bad_input(command, name, verdict, bad_corpus, env, tmp_path, capsys):
     item = by_name(bad_corpus, name)
     work = tmp_path / "work"

@@ -5,7 +5,6 @@ step is kept in tests/artifacts/day/ (gitignored) to be looked at."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ def pick(page, elem_id: str, option) -> None:
     page.get_by_role("option", name=option).click()
 
 
-def test_a_new_users_day(browser, tmp_path):
+def test_a_new_users_day(browser, tmp_path, monkeypatch):
     from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
     from pipelines.safetensors_files import read_metadata
     from pipelines.upscale import default_sr_model_path
@@ -70,7 +69,8 @@ def test_a_new_users_day(browser, tmp_path):
         shots.append(f"{path.name} {now - last[0]:.0f} s")
         last[0] = now
 
-    home = Path(os.environ["ATELIER_HOME"])
+    home = tmp_path / "home"  # a new user: a data folder of their own (no other test's runs in its queue)
+    monkeypatch.setenv("ATELIER_HOME", str(home))
     adapters = home / "adapters"
     pictures = tmp_path / "my-pictures"  # the user's own pictures: a shape the base model does not know
     write_dataset(pictures, 6, seed=3, config=restrict(SceneConfig(), shape="star", objects=1))
@@ -217,7 +217,7 @@ def test_a_new_users_day(browser, tmp_path):
         expected = verify([(marked.name, load_image(marked))], key, load_extractor(ASSETS / EXTRACTOR_FILE), 1e-6)
         page.get_by_role("tab", name="Verify").click()
         page.locator("#wm-files input[type=file]").set_input_files([str(marked)])
-        page.wait_for_timeout(500)
+        page.locator(f'#wm-files td.filename[aria-label="{marked.name}"]').wait_for(timeout=30_000)  # uploaded
         pick(page, "wm-adapter", f"{MARK}.safetensors")
         page.locator("#wm-verify").click()
         page.wait_for_function(f"document.querySelector('#wm-summary').innerText.includes('{key}')", timeout=60_000)
@@ -228,7 +228,7 @@ def test_a_new_users_day(browser, tmp_path):
         # 6. Upscale the composition ×4 in the Upscale tab.
         page.get_by_role("tab", name="Upscale").click()
         page.locator("#up-files input[type=file]").set_input_files([str(composed[0])])
-        page.wait_for_timeout(500)
+        page.locator(f'#up-files td.filename[aria-label="{composed[0].name}"]').wait_for(timeout=30_000)
         page.locator("#up-run").click()
         page.wait_for_function("document.querySelector('#up-status').innerText.includes('Upscaled 1')",
                                timeout=120_000)
