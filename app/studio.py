@@ -11,9 +11,9 @@ from pipelines.model_cache import ModelCache, ModelSpec
 from pipelines.paths import REPO_ROOT, data_home, default_outputs
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# Gradio keeps each session (every page load, every API client) in memory until this many newer ones exist: about
-# 0.5 MiB each for this page, so its default of 10 000 would let the studio grow by ~5 GiB. The least recently used
-# session beyond this number is dropped (its gr.State values, e.g. the last seed, start from the defaults again).
+# Gradio keeps each session (every page load, every API client) in memory until this many newer ones exist; with its
+# default of 10 000 the studio's memory grew with every session in bench/concurrent_sessions.py. The least recently
+# used session beyond this number is dropped (its gr.State values, e.g. the last seed, start from the defaults again).
 SESSIONS_KEPT = 100
 
 

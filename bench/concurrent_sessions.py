@@ -23,9 +23,9 @@ upscale request into the outputs folder.
 Memory: the server's resident set (RSS; its child processes included) sampled every 0.2 s with psutil: the
 baseline after start, the peak during the serial phase and during each concurrent round. The serial phase comes
 first and so also pays the first loads (SR model, extractor, LoRA files). Freed memory is mostly kept by the
-allocator, so each phase starts at the previous one's level; bounded = the peaks level off over the rounds. Two
-things rise before they level off: Gradio keeps every session's state (about 0.5 MiB for this page) until
-``app.studio.SESSIONS_KEPT`` newer sessions exist, which the default 16 rounds of 8 sessions pass; and glibc gives
+allocator, so each phase starts at the previous one's level; bounded = the peaks level off over the rounds. Gradio
+keeps every session's state until ``app.studio.SESSIONS_KEPT`` newer sessions exist, which the default 16 rounds of
+8 sessions pass; and glibc gives
 the queue's worker threads malloc arenas of their own (run with ``MALLOC_ARENA_MAX=2`` in the environment to see the
 difference; recorded in the JSON).
 
@@ -464,14 +464,12 @@ def table(result: dict) -> str:
         "upscale the same pixels. Latency = from submit to result, summed over the requests for serial s; "
         "the queue wait = from submit to the first \"processing\" status the client saw (polled every 20 ms). "
         "Generate and compose share one queue slot (the model), verify and upscale have one slot each, so at most "
-        "three requests run at a time; on two cores they share the CPU, which is why concurrent is not faster "
-        "than serial. RSS is sampled every 0.2 s; the serial phase runs first and also pays the first loads (SR "
-        "model, extractor, LoRA files); freed memory mostly stays with the allocator, so each phase starts at the "
-        "previous one's level. Two things rise before they level off: Gradio keeps each session's state (about "
-        f"0.5 MiB for this page) until {result['sessions_kept']} newer sessions exist (`app.studio.SESSIONS_KEPT`; "
-        "Gradio's default is 10 000), and glibc gives the queue's worker threads malloc arenas of their own "
-        "(`MALLOC_ARENA_MAX=2 python bench/concurrent_sessions.py --out bench/results/concurrent_sessions_arena2` "
-        "rises less). Bounded = the peak levels off over the rounds instead of climbing with each one.",
+        "three requests run at a time, sharing the machine's cores. RSS is sampled every 0.2 s; the serial phase "
+        "runs first and also pays the first loads (SR model, extractor, LoRA files); freed memory mostly stays "
+        "with the allocator, so each phase starts at the previous one's level. Gradio keeps each session's state "
+        f"until {result['sessions_kept']} newer sessions exist (`app.studio.SESSIONS_KEPT`; Gradio's default is "
+        "10 000), and glibc gives the queue's worker threads malloc arenas of their own (compare a run with "
+        "`MALLOC_ARENA_MAX=2` in the environment). Bounded = the per-round peaks stop rising over the last rounds.",
         "",
     ]
     return "\n".join(lines)

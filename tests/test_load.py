@@ -69,9 +69,9 @@ def test_the_model_lock_may_be_left_from_another_thread(monkeypatch):
 
 
 def test_the_studio_keeps_a_bounded_number_of_sessions(monkeypatch, tmp_path):
-    """Gradio keeps every session's state (about 0.5 MiB for this page: the benchmark's server memory climbed by that
-    much per session) until ``state_session_capacity`` newer ones exist; its default of 10 000 let a long-running
-    studio grow by gigabytes. The studio launches with its own, smaller number."""
+    """Gradio keeps every session's state until ``state_session_capacity`` newer ones exist; with its default of
+    10 000 the benchmark's server memory went on rising with every round of new sessions. The studio launches with its
+    own, smaller number."""
     import app.studio as studio
 
     launched = {}
