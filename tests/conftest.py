@@ -127,6 +127,27 @@ def browser():
         b.close()
 
 
+def number(page, elem_id: str):
+    """The typed box of a Gradio number or slider component."""
+    return page.locator(f"#{elem_id} input[type=number]")
+
+
+def type_number(page, elem_id: str, value) -> None:
+    """Type ``value`` into a number or slider component and leave it, as a user does (the change event fires)."""
+    box = number(page, elem_id)
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def run_compose(page, timeout_ms: int) -> None:
+    """Click Compose and wait until the status says Saved and both result images have loaded."""
+    page.locator("#compose-run").click()
+    page.wait_for_function("document.querySelector('#compose-status').innerText.includes('Saved')", timeout=timeout_ms)
+    page.wait_for_function("(() => ['compose-result', 'compose-overlay'].every(id => { "
+                           "const i = document.querySelector('#' + id + ' img'); "
+                           "return i && i.complete && i.naturalWidth > 0; }))()", timeout=15_000)
+
+
 def compose_canvas_point(page, fx: float, settle_ms: int = 500) -> tuple[float, float, float]:
     """(x, y, scale) on the page of the point ``fx`` of the way across the Compose tab's default 128×64 canvas, at its
     middle height; ``scale`` turns the canvas' 512-pixel drawing into page pixels."""

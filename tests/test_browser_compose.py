@@ -8,23 +8,13 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, compose_canvas_point, open_tab, running_studio
+from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, run_compose, running_studio, type_number
 
 pytestmark = pytest.mark.browser
 
 
-def number(page, elem_id: str):
-    return page.locator(f"#{elem_id} input[type=number]")
-
-
 def value_of(page, elem_id: str) -> float:
     return float(number(page, elem_id).input_value())
-
-
-def type_number(page, elem_id: str, value) -> None:
-    box = number(page, elem_id)
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def image_loaded(page, elem_id: str) -> bool:
@@ -68,12 +58,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         page.wait_for_timeout(500)
         assert value_of(page, "compose-x0-1") == 0.52
 
-        page.locator("#compose-run").click()
-        page.wait_for_function("document.querySelector('#compose-status').innerText.includes('Saved')",
-                               timeout=60_000)
-        page.wait_for_function("(() => ['compose-result', 'compose-overlay'].every(id => { "
-                               "const i = document.querySelector('#' + id + ' img'); "
-                               "return i && i.complete && i.naturalWidth > 0; }))()", timeout=15_000)
+        run_compose(page, 60_000)
         assert image_loaded(page, "compose-result") and image_loaded(page, "compose-overlay")
         pngs = sorted(outputs.glob("compose-*.png"))
         assert len(pngs) == 1 and pngs[0].name in page.locator("#compose-status").inner_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, compose_canvas_point, open_tab, running_studio
+from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, run_compose, running_studio, type_number
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "day"
@@ -26,16 +26,6 @@ def progress_says(page, run: str, status: str, timeout: float) -> None:
     page.wait_for_function(f"(() => {{ const t = document.querySelector('#train-progress-box').innerText; "
                            f"return t.includes({json.dumps(run + ' —')}) && t.includes({json.dumps(status)}); }})()",
                            timeout=timeout)
-
-
-def number(page, elem_id: str):
-    return page.locator(f"#{elem_id} input[type=number]")
-
-
-def type_number(page, elem_id: str, value) -> None:
-    box = number(page, elem_id)
-    box.fill(str(value))
-    box.press("Tab")
 
 
 def pick(page, elem_id: str, option) -> None:
@@ -162,12 +152,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         box = [float(number(page, f"compose-{n}-0").input_value()) for n in ("x0", "y0", "x1", "y1")]
         assert 0.05 < box[0] < 0.1 and box[2] == 0.44 and box[1] == pytest.approx(0.05, abs=0.01)
         type_number(page, "compose-steps", 6)
-        page.locator("#compose-run").click()
-        page.wait_for_function("document.querySelector('#compose-status').innerText.includes('Saved')",
-                               timeout=90_000)
-        page.wait_for_function("(() => ['compose-result', 'compose-overlay'].every(id => { "
-                               "const i = document.querySelector('#' + id + ' img'); "
-                               "return i && i.complete && i.naturalWidth > 0; }))()", timeout=15_000)
+        run_compose(page, 90_000)
         composed = sorted(outputs.glob("compose-*.png"))
         assert len(composed) == 1 and composed[0].name in page.locator("#compose-status").inner_text()
         assert Image.open(composed[0]).size == (128, 64)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MICRO_MODEL, REPO, start_studio
+from conftest import MICRO_MODEL, REPO, start_studio, type_number
 
 # Concurrent peak ≤ this × the serial peak. The benchmark measured about 1.1 for one round of 4-8 sessions and 1.48
 # at most after 16 rounds (137 sessions), where it levels off. Coarse: most of the ~700 MiB is Python, torch and
@@ -85,12 +85,6 @@ def test_the_studio_keeps_a_bounded_number_of_sessions(monkeypatch, tmp_path):
     assert launched["state_session_capacity"] == studio.SESSIONS_KEPT <= 200
 
 
-def fill_number(page, elem_id: str, value) -> None:
-    box = page.locator(f"#{elem_id} input[type=number]")
-    box.fill(str(value))
-    box.press("Tab")
-
-
 def open_session(browser, url: str, tab: str):
     """A browser context of its own (cookies, storage: one user) with a page on ``tab``."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
@@ -125,10 +119,10 @@ def test_four_browser_sessions_at_once(browser, tmp_path):
             gen, comp, ver, up = (pages[a] for a in ("generate", "compose", "verify", "upscale"))
             r = requests["generate"]
             gen.locator("#gen-prompt textarea").fill(r.prompt)
-            fill_number(gen, "gen-steps", r.steps)
-            fill_number(gen, "gen-seed", r.seed)
-            fill_number(comp, "compose-steps", requests["compose"].steps)
-            fill_number(comp, "compose-seed", requests["compose"].seed)
+            type_number(gen, "gen-steps", r.steps)
+            type_number(gen, "gen-seed", r.seed)
+            type_number(comp, "compose-steps", requests["compose"].steps)
+            type_number(comp, "compose-seed", requests["compose"].seed)
             ver.locator("#wm-files input[type=file]").set_input_files(requests["verify"].image)
             ver.locator("#wm-key textarea, #wm-key input").first.fill(bench.KEY)
             up.locator("#up-files input[type=file]").set_input_files(requests["upscale"].image)
