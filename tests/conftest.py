@@ -74,6 +74,16 @@ def tiny_model(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` by its path relative to it (temporaries included); {} when absent."""
+    import hashlib
+
+    if not folder.is_dir():
+        return {}
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def wait_for(predicate, timeout: float = 180, every: float = 0.3):
     """``predicate()``'s first truthy value, polled every ``every`` seconds; TimeoutError after ``timeout``."""
     deadline = time.time() + timeout

@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from bad_inputs import DATASET_BAD_FILES, DATASET_GOOD_FILES, BadInput, good_tiny_lora
+from conftest import file_hashes
 
 KEY, OTHER_KEY = "0123456789ab", "ba9876543210"
 PROGRESS = re.compile(r"^\s*step \d+/\d+\s*$")
@@ -303,11 +304,10 @@ def seed_outputs(work: Path, env: Env) -> None:
 
 
 def sha_tree(*roots: Path) -> dict[str, str]:
-    out = {}
+    """sha256 of each root that is a file and of every file under each root that is a folder, by absolute path."""
+    out = {str(r): hashlib.sha256(r.read_bytes()).hexdigest() for r in roots if r.is_file()}
     for root in roots:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-        for f in files:
-            out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+        out.update({str(root / name): digest for name, digest in file_hashes(root).items()})
     return out
 
 

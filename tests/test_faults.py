@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import errno
-import hashlib
 import io
 import json
 import os
@@ -24,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, start_studio, wait_for
+from conftest import REPO, file_hashes, start_studio, wait_for
 from pipelines.errors import UserError
 from trainers.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainers.events import EventLog, read_events
@@ -36,12 +35,6 @@ ENOSPC = os.strerror(errno.ENOSPC)
 
 def _wait(predicate, timeout: float = 240, every: float = 0.05):
     return wait_for(predicate, timeout, every)
-
-
-def _hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` (temporaries included: none may be left behind)."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _events(run_dir: Path, kind: str) -> list[dict]:
@@ -387,7 +380,7 @@ def test_a_full_disk_during_a_save_fails_in_one_line_and_keeps_the_previous_file
     folder = tmp_path / "saves"
     folder.mkdir()
     save = WRITERS[writer](folder)
-    before = _hashes(folder)
+    before = file_hashes(folder)
     sizes = [(folder / name).stat().st_size for name in before]
     # Nothing left; room for half a file (the first write tears); room for all but half of the smallest file (a save
     # of several files gets through its first and tears the last).
@@ -398,9 +391,9 @@ def test_a_full_disk_during_a_save_fails_in_one_line_and_keeps_the_previous_file
                 save()
         message = str(failure.value)
         assert ENOSPC in message and "\n" not in message, message
-        assert _hashes(folder) == before, f"{writer}: a failed save altered or left files (free={free})"
+        assert file_hashes(folder) == before, f"{writer}: a failed save altered or left files (free={free})"
     save()  # with room again the same save works, so the check above could have seen a change
-    assert _hashes(folder) != before
+    assert file_hashes(folder) != before
 
 
 def test_a_job_whose_start_cannot_be_recorded_does_not_run_unseen(tmp_path, monkeypatch):
@@ -461,7 +454,7 @@ def test_a_full_disk_during_a_training_checkpoint_ends_the_run_with_an_error_and
     assert info.status == "error" and info.resumable and info.step == 2, info
     ckpts = run_dir / "checkpoints"
     assert _assert_checkpoints_whole(ckpts) == [1] and not _temporaries(ckpts) and not out.exists()
-    kept = _hashes(ckpts)
+    kept = file_hashes(ckpts)
 
     # A real limit in a real CLI process: writes past the limit fail in the kernel (EFBIG; SIGXFSZ ignored).
     limit = (ckpts / "step-0000001" / "trainable.safetensors").stat().st_size // 2
@@ -478,7 +471,7 @@ def test_a_full_disk_during_a_training_checkpoint_ends_the_run_with_an_error_and
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert re.fullmatch(rf"error: could not save checkpoint step-0000002 in .*: {os.strerror(errno.EFBIG)}",
                         errors[0]), errors
-    assert _hashes(ckpts) == kept and job_info(run_dir).resumable
+    assert file_hashes(ckpts) == kept and job_info(run_dir).resumable
 
     # With room again, the run resumes from step 1 and finishes.
     from trainers.loop import TrainConfig, train
@@ -494,7 +487,7 @@ def test_a_full_disk_when_the_image_is_saved_fails_the_cli_in_one_line(tiny_mode
     out = tmp_path / "picture.png"
     Image.effect_noise((32, 32), 50).convert("RGB").save(out)
     out.with_suffix(".json").write_text('{"seed": 1}')
-    before = _hashes(tmp_path)
+    before = file_hashes(tmp_path)
 
     def limited():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -508,7 +501,7 @@ def test_a_full_disk_when_the_image_is_saved_fails_the_cli_in_one_line(tiny_mode
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     expected = rf"error: could not save {re.escape(str(out.with_suffix('')))}\.(png|json): {os.strerror(errno.EFBIG)}"
     assert len(errors) == 1 and re.fullmatch(expected, errors[0]), result.stderr
-    assert _hashes(tmp_path) == before
+    assert file_hashes(tmp_path) == before
 
 
 # --- 3. The studio restarts while a job runs ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ when several processes each take their slice of every global batch.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,17 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tupl
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) of a usable image file, or ValueError saying why it is not usable. The image is decoded in
     full (PIL's ``verify()`` checks PNG chunks only: a JPEG cut short passed it and then stopped the run)."""
+    try:
+        stat = Path(path).stat()
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc.__class__.__name__})") from None
+    return _checked_size(str(path), stat.st_size, stat.st_mtime_ns, max_pixels)
+
+
+@functools.lru_cache(maxsize=8192)
+def _checked_size(path: str, size: int, mtime_ns: int, max_pixels: int) -> tuple[int, int]:
+    """``check_image`` once per file version: a run's start reads its folder twice (the warnings printed before the
+    model loads, then the dataset), and a full decode of large photos is not free. Refusals are not cached."""
     try:
         w, h = open_image(path, max_pixels).size
     except UserError as exc:  # the reason, without the file's name (the report pairs them)
