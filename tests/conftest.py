@@ -152,7 +152,7 @@ def type_number(page, elem_id: str, value) -> None:
 def run_compose(page, timeout_ms: int) -> None:
     """Click Compose and wait until the status says Saved and both result images have loaded."""
     page.locator("#compose-run").click()
-    page.wait_for_function("document.querySelector('#compose-status').innerText.includes('Saved')", timeout=timeout_ms)
+    page.wait_for_function("document.querySelector('#compose-status')?.innerText.includes('Saved')", timeout=timeout_ms)
     page.wait_for_function("(() => ['compose-result', 'compose-overlay'].every(id => { "
                            "const i = document.querySelector('#' + id + ' img'); "
                            "return i && i.complete && i.naturalWidth > 0; }))()", timeout=15_000)
@@ -182,7 +182,7 @@ def fill_train_form(page, data: Path, *, steps: int, images: int, name: str, bat
     page.locator("#train-ckpt-every input").fill("1000")
     page.locator("#train-name textarea, #train-name input").first.fill(name)
     expected = f"{images} images × 1 repeats ÷ batch {batch or 1}"
-    page.wait_for_function(f"document.querySelector('#train-arithmetic textarea').value.includes('{expected}')",
+    page.wait_for_function(f"document.querySelector('#train-arithmetic textarea')?.value.includes('{expected}')",
                            timeout=30_000)
 
 

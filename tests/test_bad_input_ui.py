@@ -574,7 +574,7 @@ def test_page_shows_readable_errors(studio, bad_corpus, browser, tmp_path):
     page.get_by_role("tab", name="Upscale").click()
     page.locator("#up-files input[type=file]").set_input_files([str(item["truncated_png"].path)])
     page.locator("#up-run").click()
-    page.wait_for_function("document.querySelector('#up-status').innerText.includes('truncated.png')",
+    page.wait_for_function("document.querySelector('#up-status')?.innerText.includes('truncated.png')",
                            timeout=30_000)
     status = page.locator("#up-status").inner_text()
     assert_readable(status.split("⚠", 1)[1], "truncated.png")
@@ -609,7 +609,7 @@ def test_page_shows_readable_errors(studio, bad_corpus, browser, tmp_path):
     page.get_by_role("tab", name="Train").click()
     page.locator("#train-upload input[type=file]").set_input_files(
         [{"name": "../../x.png", "mimeType": "image/png", "buffer": item["rgba_png"].path.read_bytes()}])
-    page.wait_for_function("document.querySelector('#train-arithmetic textarea').value.includes('1 images')",
+    page.wait_for_function("document.querySelector('#train-arithmetic textarea')?.value.includes('1 images')",
                            timeout=30_000)
     folder = Path(page.locator("#train-folder textarea, #train-folder input").first.input_value())
     assert folder.parent == studio.home / "datasets" and [p.name for p in folder.iterdir()] == ["x.png"]

@@ -48,14 +48,14 @@ def test_cancel_stops_a_long_batch(browser, studio, tmp_path):
     # before the run starts has nothing to stop.
     page.wait_for_function("document.body.innerText.includes('Generating')", timeout=60_000)
     page.locator("#gen-cancel").click()
-    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Cancelled')", timeout=60_000)
+    page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Cancelled')", timeout=60_000)
     page.screenshot(path=str(tmp_path / "cancel.png"), full_page=True)
     assert len(list(outputs.glob("*.png"))) < 16
     # The server still serves after a cancel: a short run completes.
     page.locator("#gen-steps input[type=number]").fill("2")
     page.locator("#gen-batch input[type=number]").fill("1")
     page.locator("#gen-run").click()
-    page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=60_000)
+    page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Saved')", timeout=60_000)
 
 
 def test_login_required_when_auth_is_set(browser, default_model_dir, tmp_path):

@@ -82,7 +82,7 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
 
         started = time.perf_counter()
         page.locator("#b4m-make").click()
-        page.wait_for_function("document.querySelector('#b4m-status textarea').value.includes('Queued 3 runs')",
+        page.wait_for_function("document.querySelector('#b4m-status textarea')?.value.includes('Queued 3 runs')",
                                timeout=30_000)
         status = page.locator("#b4m-status textarea").input_value()
         runs = _b4m_runs(home, name)
@@ -92,7 +92,7 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
                                                for stage in ("content", "style", "combine"))
         # Right after the click the stage-1 runs have seconds of work ahead: the combine is queued behind both.
         assert job_info(combine_run).message == f"waits for {content_run.name}, {style_run.name}"
-        page.wait_for_function(f"document.querySelector('#train-progress-box').innerText.includes('{content_run.name}')",
+        page.wait_for_function(f"document.querySelector('#train-progress-box')?.innerText.includes('{content_run.name}')",
                                timeout=30_000)  # the Runs panel follows the content run
 
         combined = home / "adapters" / f"{name}.safetensors"
@@ -119,6 +119,6 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
         page.locator("#train-runs input").click()
         page.get_by_role("option", name=combine_run.name).click()
         page.wait_for_function(f"(t => t.includes('{combine_run.name}') && t.includes('done'))"
-                               "(document.querySelector('#train-progress-box').innerText)", timeout=60_000)
+                               "(document.querySelector('#train-progress-box')?.innerText ?? '')", timeout=60_000)
         page.wait_for_function("document.querySelectorAll('#train-samples img').length >= 4", timeout=30_000)
         page.screenshot(path=str(tmp_path / "b4m-done.png"), full_page=True)

@@ -41,7 +41,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
             page.mouse.down()
             page.mouse.move(x + (dx if dx < 0 else 0) * scale, y, steps=6)
             page.mouse.up()
-            page.wait_for_function(f"parseFloat(document.querySelector('#compose-x0-1 input').value) {condition}",
+            page.wait_for_function(f"parseFloat(document.querySelector('#compose-x0-1 input')?.value) {condition}",
                                    timeout=15_000)
 
         drag(-40, "< 0.5")
@@ -88,7 +88,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#compose-load").click()
         chooser.value.set_files(str(saved))
-        page.wait_for_function("document.querySelector('#compose-global textarea').value === 'gray background'",
+        page.wait_for_function("document.querySelector('#compose-global textarea')?.value === 'gray background'",
                                timeout=15_000)
         assert value_of(page, "compose-x0-0") == 0.02 and value_of(page, "compose-strength-1") == 0.8
         assert value_of(page, "compose-seed") == 8 and value_of(page, "compose-steps") == 6
@@ -104,7 +104,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#compose-load").click()
         chooser.value.set_files(str(three))
-        page.wait_for_function("document.querySelector('#compose-global textarea').value === 'three shapes'",
+        page.wait_for_function("document.querySelector('#compose-global textarea')?.value === 'three shapes'",
                                timeout=15_000)
         number(page, "compose-x0-2").wait_for(timeout=5_000)  # the accordion of concepts 3 and 4 opened
         assert value_of(page, "compose-x0-2") == 0.3
@@ -113,7 +113,7 @@ def test_compose_from_the_page_save_and_load(browser, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#compose-load").click()
         chooser.value.set_files(str(saved))
-        page.wait_for_function("document.querySelector('#compose-global textarea').value === 'gray background'",
+        page.wait_for_function("document.querySelector('#compose-global textarea')?.value === 'gray background'",
                                timeout=15_000)
 
         # A file with x0 > x1 is refused with the field named, and the page keeps what it had.

@@ -23,7 +23,7 @@ STEPS = 4  # LoRA training steps
 
 def progress_says(page, run: str, status: str, timeout: float) -> None:
     """Wait for the Train tab's progress box to show ``status`` for the run whose name ends with ``run``."""
-    page.wait_for_function(f"(() => {{ const t = document.querySelector('#train-progress-box').innerText; "
+    page.wait_for_function(f"(() => {{ const t = document.querySelector('#train-progress-box')?.innerText ?? ''; "
                            f"return t.includes({json.dumps(run + ' —')}) && t.includes({json.dumps(status)}); }})()",
                            timeout=timeout)
 
@@ -74,7 +74,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.locator("#gen-steps input[type=number]").fill("4")
         page.locator("#gen-seed input").fill("7")
         page.locator("#gen-run").click()
-        page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')", timeout=90_000)
+        page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Saved')", timeout=90_000)
         page.wait_for_function("(() => { const i = document.querySelector('#gen-gallery img'); "
                                "return i && i.complete && i.naturalWidth > 0; })()", timeout=15_000)
         assert "00000-7.png" in page.locator("#gen-status").inner_text()
@@ -86,7 +86,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.get_by_role("tab", name="Train").click()
         page.locator("#train-name textarea, #train-name input").first.fill(NAME)
         page.locator("#train-upload input[type=file]").set_input_files(uploads)
-        page.wait_for_function("document.querySelector('#train-arithmetic textarea').value"
+        page.wait_for_function("document.querySelector('#train-arithmetic textarea')?.value"
                                ".includes('6 images × 1 repeats ÷ batch 1')", timeout=60_000)
         dataset = home / "datasets" / NAME
         assert page.locator("#train-folder textarea, #train-folder input").first.input_value() == str(dataset)
@@ -113,7 +113,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.reload()  # a page refresh re-attaches to the newest run, stopped: Resume is offered, Stop is not
         page.get_by_role("tab", name="Train").click()
         progress_says(page, LORA_RUN, "stopped", 60_000)
-        page.wait_for_function("!document.querySelector('#train-resume').disabled", timeout=10_000)
+        page.wait_for_function("document.querySelector('#train-resume')?.disabled === false", timeout=10_000)
         assert page.locator("#train-stop").is_disabled()
         shot(page, "train-stopped")
         page.locator("#train-resume").click()
@@ -129,7 +129,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         # 4. Compose the new LoRA (left box) with a shipped example LoRA (right box).
         page.reload()
         page.get_by_role("tab", name="Library").click()  # the new adapter is in the Library...
-        page.wait_for_function(f"document.querySelector('#lib-table').innerText.includes('{NAME}')", timeout=30_000)
+        page.wait_for_function(f"document.querySelector('#lib-table')?.innerText.includes('{NAME}')", timeout=30_000)
         page.get_by_role("tab", name="Compose").click()  # ...and among the Compose tab's LoRAs
         pick(page, "compose-lora-0", re.compile(rf"^{NAME}\.safetensors"))
         page.locator("#compose-prompt-0 textarea").fill("sks a red star in the center, gray background")
@@ -139,7 +139,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.mouse.down()
         page.mouse.move(x + 20 * scale, y, steps=6)
         page.mouse.up()
-        page.wait_for_function("parseFloat(document.querySelector('#compose-x0-0 input').value) > 0.05",
+        page.wait_for_function("parseFloat(document.querySelector('#compose-x0-0 input')?.value) > 0.05",
                                timeout=15_000)
         settled = None  # each step of the drag is a round trip to the server: wait until the last one has landed
         for _ in range(30):
@@ -170,7 +170,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         type_number(page, "train-wm-steps", 4)
         page.locator("#train-wm-name textarea, #train-wm-name input").first.fill(MARK)
         page.locator("#train-wm-start").click()
-        page.wait_for_function(f"document.querySelector('#train-runs input').value.endsWith('-watermark-{MARK}')",
+        page.wait_for_function(f"document.querySelector('#train-runs input')?.value.endsWith('-watermark-{MARK}')",
                                timeout=30_000)
         progress_says(page, f"-watermark-{MARK}", "done", 180_000)
         mark = adapters / f"{MARK}.safetensors"
@@ -180,7 +180,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         assert "step 4/4" in page.locator("#train-progress-box").inner_text()
         assert "bits" in page.locator("#train-log textarea").input_value()
         # a watermark run keeps no checkpoints: Resume is not offered for it (nor Stop, once it is done)
-        page.wait_for_function("document.querySelector('#train-resume').disabled", timeout=10_000)
+        page.wait_for_function("document.querySelector('#train-resume')?.disabled", timeout=10_000)
         assert page.locator("#train-stop").is_disabled()
         shot(page, "watermark-trained")
 
@@ -192,7 +192,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         pick(page, "gen-lora-0", f"{NAME}.safetensors")
         pick(page, "gen-watermark", f"{MARK}.safetensors")
         page.locator("#gen-run").click()
-        page.wait_for_function("document.querySelector('#gen-status').innerText.includes('00001-11.png')",
+        page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('00001-11.png')",
                                timeout=90_000)
         info = page.locator("#gen-info textarea").input_value()
         assert f'Lora: "{NAME}:1"' in info and f"Watermark: {MARK}" in info and key not in info
@@ -205,7 +205,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.locator(f'#wm-files td.filename[aria-label="{marked.name}"]').wait_for(timeout=30_000)  # uploaded
         pick(page, "wm-adapter", f"{MARK}.safetensors")
         page.locator("#wm-verify").click()
-        page.wait_for_function(f"document.querySelector('#wm-summary').innerText.includes('{key}')", timeout=60_000)
+        page.wait_for_function(f"document.querySelector('#wm-summary')?.innerText.includes('{key}')", timeout=60_000)
         table = page.locator("#wm-table").inner_text()
         assert marked.name in table and f"{expected.per_image[0][1].matched}/48" in table
         shot(page, "verify")
@@ -215,7 +215,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.locator("#up-files input[type=file]").set_input_files([str(composed[0])])
         page.locator(f'#up-files td.filename[aria-label="{composed[0].name}"]').wait_for(timeout=30_000)
         page.locator("#up-run").click()
-        page.wait_for_function("document.querySelector('#up-status').innerText.includes('Upscaled 1')",
+        page.wait_for_function("document.querySelector('#up-status')?.innerText.includes('Upscaled 1')",
                                timeout=120_000)
         result = outputs / "upscaled" / f"{composed[0].stem}_x4.png"
         assert Image.open(result).size == (512, 256)

@@ -16,7 +16,7 @@ from conftest import fill_train_form, open_tab, running_studio
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
 
-PLAN = "document.querySelector('#train-sara-plan textarea').value"
+PLAN = "(document.querySelector('#train-sara-plan textarea')?.value ?? '')"
 PLAN_RE = re.compile(r"^([\d,]+) of ([\d,]+) UNet weights \(([\d.]+)%\) with \|w\| < θ = ([\d.e+-]+); "
                      r"default learning rate ([\d.e+-]+)$")
 
@@ -78,9 +78,9 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         page.locator("#train-start").click()
         # The panel first shows the newest earlier run (maybe another test's, done already): wait for this one.
         page.wait_for_function(f"(t => t.includes('{name}') && t.includes('done'))"
-                               "(document.querySelector('#train-progress-box').innerText)", timeout=300_000)
+                               "(document.querySelector('#train-progress-box')?.innerText ?? '')", timeout=300_000)
         print(f"SaRA run of 6 steps: {time.perf_counter() - started:.1f} s from click to done")
-        page.wait_for_function("document.querySelector('#train-log textarea').value.length > 0", timeout=10_000)
+        page.wait_for_function("document.querySelector('#train-log textarea')?.value.length > 0", timeout=10_000)
         shot = tmp_path / "sara-done.png"
         page.screenshot(path=str(shot), full_page=True)
         shutil.copy(shot, "/tmp/sara_ui.png")

@@ -31,7 +31,7 @@ def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
         page.locator("#up-files input[type=file]").set_input_files(images + [str(tmp_path / "bad.png")])
         page.wait_for_timeout(500)
         page.locator("#up-run").click()
-        page.wait_for_function("document.querySelector('#up-status').innerText.includes('Upscaled 2')",
+        page.wait_for_function("document.querySelector('#up-status')?.innerText.includes('Upscaled 2')",
                                timeout=120_000)
         status = page.locator("#up-status").inner_text()
         assert "bad.png" in status and "not a readable image" in status
@@ -45,9 +45,9 @@ def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
             page.locator("#gen-prompt textarea").fill("a red circle")
             page.locator("#gen-steps input[type=number]").fill("2")
             page.locator("#gen-run").click()
-            page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Saved')",
+            page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Saved')",
                                    timeout=60_000)
             page.locator("#gen-upscale").click()
-            page.wait_for_function("document.querySelector('#gen-status').innerText.includes('Upscaled 1')",
+            page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('Upscaled 1')",
                                    timeout=60_000)
             assert len(list((outputs / "upscaled").glob("*_x4.png"))) == 3

@@ -41,7 +41,7 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
 
         page.locator("#wm-key textarea, #wm-key input").first.fill(KEY)
         page.locator("#wm-verify").click()
-        page.wait_for_function("document.querySelector('#wm-summary').innerText.includes('pooled over 2')",
+        page.wait_for_function("document.querySelector('#wm-summary')?.innerText.includes('pooled over 2')",
                                timeout=60_000)
         table = page.locator("#wm-table").inner_text()
         for name, v in expected.per_image:
@@ -51,12 +51,12 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
         page.screenshot(path=str(tmp_path / "verify.png"), full_page=True)
 
         page.locator("#wm-robust").click()
-        page.wait_for_function("document.querySelector('#wm-table').innerText.includes('JPEG 50')", timeout=60_000)
+        page.wait_for_function("document.querySelector('#wm-table')?.innerText.includes('JPEG 50')", timeout=60_000)
         assert "rotation 25°" in page.locator("#wm-table").inner_text()
 
         page.locator("#wm-keys textarea").fill(f"{OTHER}\n{KEY}")
         page.locator("#wm-identify").click()
-        page.wait_for_function("document.querySelector('#wm-table').innerText.includes('Bonferroni over 2 keys')",
+        page.wait_for_function("document.querySelector('#wm-table')?.innerText.includes('Bonferroni over 2 keys')",
                                timeout=60_000)
         assert f"{best.verdict.matched}/48" in page.locator("#wm-table").inner_text()
         page.screenshot(path=str(tmp_path / "identify.png"), full_page=True)

@@ -137,7 +137,7 @@ def test_four_browser_sessions_at_once(browser, tmp_path):
                 page.locator(button).click()  # all four at once: no waiting between the clicks
             for page, where, text in ((gen, "#gen-status", "Saved"), (comp, "#compose-status", "Saved"),
                                       (ver, "#wm-summary", "at FPR"), (up, "#up-status", "Upscaled 1")):
-                page.wait_for_function(f"document.querySelector('{where}').innerText.includes('{text}')",
+                page.wait_for_function(f"document.querySelector('{where}')?.innerText.includes('{text}')",
                                        timeout=60_000)
             concurrent_s = time.perf_counter() - t0
             memory.mark("after")
