@@ -149,6 +149,14 @@ def type_number(page, elem_id: str, value) -> None:
     box.press("Tab")
 
 
+def upload(page, elem_id: str, paths, timeout_ms: int = 30_000) -> None:
+    """Give files to a Gradio file component and wait until each one's name is listed (the upload has arrived)."""
+    paths = [str(p) for p in paths]
+    page.locator(f"#{elem_id} input[type=file]").set_input_files(paths)
+    for path in paths:
+        page.locator(f'#{elem_id} td.filename[aria-label="{Path(path).name}"]').wait_for(timeout=timeout_ms)
+
+
 def run_compose(page, timeout_ms: int) -> None:
     """Click Compose and wait until the status says Saved and both result images have loaded."""
     page.locator("#compose-run").click()

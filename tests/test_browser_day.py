@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, run_compose, running_studio, type_number
+from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, run_compose, running_studio, type_number, \
+    upload
 
 pytestmark = pytest.mark.browser
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts" / "day"
@@ -201,8 +202,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
 
         expected = verify([(marked.name, load_image(marked))], key, load_extractor(ASSETS / EXTRACTOR_FILE), 1e-6)
         page.get_by_role("tab", name="Verify").click()
-        page.locator("#wm-files input[type=file]").set_input_files([str(marked)])
-        page.locator(f'#wm-files td.filename[aria-label="{marked.name}"]').wait_for(timeout=30_000)  # uploaded
+        upload(page, "wm-files", [marked])
         pick(page, "wm-adapter", f"{MARK}.safetensors")
         page.locator("#wm-verify").click()
         page.wait_for_function(f"document.querySelector('#wm-summary')?.innerText.includes('{key}')", timeout=60_000)
@@ -212,8 +212,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
 
         # 6. Upscale the composition ×4 in the Upscale tab.
         page.get_by_role("tab", name="Upscale").click()
-        page.locator("#up-files input[type=file]").set_input_files([str(composed[0])])
-        page.locator(f'#up-files td.filename[aria-label="{composed[0].name}"]').wait_for(timeout=30_000)
+        upload(page, "up-files", [composed[0]])
         page.locator("#up-run").click()
         page.wait_for_function("document.querySelector('#up-status')?.innerText.includes('Upscaled 1')",
                                timeout=120_000)

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipelines.upscale import default_sr_model_path
-from conftest import open_tab, running_studio
+from conftest import open_tab, running_studio, upload
 
 pytestmark = pytest.mark.browser
 DSCF = Path(__file__).resolve().parents[2] / "shared" / "models" / "dscf-x4" / "team23_DSCF.pth"
@@ -28,8 +28,7 @@ def test_upscale_tab_and_generate_action(browser, default_model_dir, tmp_path):
         if not default_sr_model_path().is_file():
             page.get_by_text("Official checkpoint file").click()
             page.locator("#up-official textarea, #up-official input").first.fill(str(DSCF))
-        page.locator("#up-files input[type=file]").set_input_files(images + [str(tmp_path / "bad.png")])
-        page.wait_for_timeout(500)
+        upload(page, "up-files", images + [tmp_path / "bad.png"])
         page.locator("#up-run").click()
         page.wait_for_function("document.querySelector('#up-status')?.innerText.includes('Upscaled 2')",
                                timeout=120_000)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import open_tab, running_studio
+from conftest import open_tab, running_studio, upload
 from pipelines.microworld.scenes import SceneConfig, generate_scene
 from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, load_extractor, save_extractor
 from pipelines.watermark.verify import identify, load_image, verify
@@ -28,8 +28,7 @@ def test_verify_identify_and_robustness_from_the_page(browser, default_model_dir
 
     with running_studio(default_model_dir, tmp_path / "outputs") as url:
         page = open_tab(browser, url, "Verify")
-        page.locator("#wm-files input[type=file]").set_input_files([str(p) for p in images])
-        page.wait_for_timeout(500)
+        upload(page, "wm-files", images)
         page.locator("#wm-extractor input").click()
         page.get_by_role("option", name="page-test.safetensors").click()
 

@@ -9,11 +9,10 @@ import re
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import MICRO_MODEL, REPO, start_studio, type_number
+from conftest import MICRO_MODEL, REPO, start_studio, type_number, upload
 
 # Concurrent peak ≤ this × the serial peak. The benchmark measured about 1.1 for one round of 4-8 sessions and 1.48
 # at most after 16 rounds (137 sessions), where it levels off. Coarse: most of the ~700 MiB is Python, torch and
@@ -123,12 +122,9 @@ def test_four_browser_sessions_at_once(browser, tmp_path):
             type_number(gen, "gen-seed", r.seed)
             type_number(comp, "compose-steps", requests["compose"].steps)
             type_number(comp, "compose-seed", requests["compose"].seed)
-            ver.locator("#wm-files input[type=file]").set_input_files(requests["verify"].image)
+            upload(ver, "wm-files", [requests["verify"].image])
             ver.locator("#wm-key textarea, #wm-key input").first.fill(bench.KEY)
-            up.locator("#up-files input[type=file]").set_input_files(requests["upscale"].image)
-            for page, elem, image in ((ver, "wm-files", requests["verify"].image),
-                                      (up, "up-files", requests["upscale"].image)):  # the uploads have arrived
-                page.locator(f'#{elem} td.filename[aria-label="{Path(image).name}"]').wait_for(timeout=15_000)
+            upload(up, "up-files", [requests["upscale"].image])
             gen.wait_for_timeout(500)
 
             memory.mark("concurrent")
