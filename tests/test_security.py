@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 from gradio_client import Client
+from gradio_client.exceptions import AuthenticationError
 from PIL import Image
 
 from bad_inputs import good_tiny_lora, of_kind
@@ -375,12 +376,12 @@ def test_a_real_start_on_all_interfaces_warns(tiny_model_dir, tmp_path):
 
 
 def test_auth_is_required_by_the_api(studio):
-    with pytest.raises(Exception):
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(studio.url, verbose=False)  # cannot even read the app's config without a login
     call = httpx.post(f"{studio.url}gradio_api/call/verify_choices", json={"data": []}, timeout=30)
     assert call.status_code in (401, 403), call.status_code
     assert httpx.get(f"{studio.url}config", timeout=30).status_code in (401, 403)
     choices = studio.client().predict(api_name="/verify_choices")  # with the login, the same call works
     assert "shipped extractor" in str(choices)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="Could not login"):  # the login is refused
         Client(studio.url, auth=(AUTH[0], "wrong"), verbose=False)
