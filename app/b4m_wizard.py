@@ -15,7 +15,7 @@ from pipelines.errors import UserError
 from pipelines.library import adapters_folder
 from pipelines.paths import safe_name
 from trainers.dataset import DatasetConfig, dataset_summary
-from trainers.jobs import JOB_FILE, JobQueue, list_jobs
+from trainers.jobs import JobQueue, list_jobs
 
 MICROWORLD, FOLDERS, PROMPTS, NO_AUX = ("Micro-world sets", "My folders", "Class images from the base model", "None")
 AUX_SOURCES = [MICROWORLD, FOLDERS, PROMPTS, NO_AUX]
@@ -177,11 +177,12 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         for prompt in grid:
             combine += ["--sample-prompt", prompt]
         jobs.append((f"{stamp}-b4m-combine-{stem}", "b4m-combine", combine, (jobs[0][0], jobs[1][0])))
-        taken = [run for run, *_ in jobs if (queue.runs_root / run / JOB_FILE).exists()]
-        if taken:  # all or nothing: a half-submitted wizard would leave a combine waiting forever
-            raise gr.Error(f"A run named {taken[0]} exists already; wait a second and make again.")
-        for run, method, args, after in jobs:
-            queue.submit(run, method, args, after=after)
+        try:  # all or nothing: a half-submitted wizard would leave a combine waiting forever
+            queue.submit_all(jobs)
+        except FileExistsError as exc:
+            raise gr.Error(f"{str(exc).capitalize()}; wait a second and make again.") from exc
+        except OSError as exc:  # a full disk: no run was queued
+            raise gr.Error(f"Could not queue the runs (none was): {exc.strerror or exc}") from exc
         names = [run for run, *_ in jobs]
         then = f", then draws the {len(grid)}-image preview grid" if grid else ""
         text = (f"Queued 3 runs:\n1. {names[0]} (content)\n2. {names[1]} (style)\n"

@@ -139,3 +139,40 @@ def test_a_queued_job_stopped_before_it_starts_never_starts(tmp_path):
     EventLog(first).write("done", step=2)
     queue.tick()
     assert job_info(waiting).status == "stopped" and "pid" not in json.loads((waiting / "job.json").read_text())
+
+
+def test_runs_queued_together_are_queued_all_or_none(tmp_path, monkeypatch):
+    """The Break-for-Make wizard queues three runs that wait on each other: a full disk at the second record, or a
+    name taken, queues none of them (a combine run queued alone would wait forever)."""
+    import errno
+
+    import trainers.jobs as jobs
+
+    queue = JobQueue(tmp_path / "runs")
+    wizard = [("content", "lora", ["--steps", "2"], ("never",)), ("style", "lora", ["--steps", "2"], ("never",)),
+              ("combine", "lora", ["--steps", "2"], ("content", "style"))]
+    (tmp_path / "runs" / "style").mkdir(parents=True)  # a folder of that name, without a job, is left as it was
+    (tmp_path / "runs" / "style" / "notes.txt").write_text("mine")
+    written = []
+    real_write = jobs._write_json
+
+    def full_at_the_second(path, data):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+        written.append(path)
+
+    monkeypatch.setattr(jobs, "_write_json", full_at_the_second)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        queue.submit_all(wizard)
+    assert len(written) == 1 and not written[0].exists()
+    assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["notes.txt", "style"]
+    assert list_jobs(queue.runs_root) == []
+
+    monkeypatch.setattr(jobs, "_write_json", real_write)
+    made = queue.submit_all(wizard)
+    assert [job_info(r).status for r in made] == ["queued"] * 3
+    assert job_info(made[2]).message == "waits for content, style"
+    with pytest.raises(FileExistsError, match="a run named combine exists already"):
+        queue.submit_all([("other", "lora", [], ()), ("combine", "lora", [], ())])
+    assert not (tmp_path / "runs" / "other").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -165,14 +166,35 @@ class JobQueue:
 
     def submit(self, name: str, method: str, args: list[str], after: tuple[str, ...] = ()) -> Path:
         """Queue a job; with ``after`` (run names) it starts only once all of those runs are done."""
-        run_dir = self.runs_root / name
-        if (run_dir / JOB_FILE).exists():
-            raise FileExistsError(f"a run named {name} exists already")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "state": "queued", "queued": time.time(),
-                                         "after": list(after)})
+        return self.submit_all([(name, method, args, after)])[0]
+
+    def submit_all(self, jobs: list[tuple[str, str, list[str], tuple[str, ...]]]) -> list[Path]:
+        """Queue (name, method, args, after) jobs together or none of them: runs that wait on each other, half
+        queued (a full disk at the second record), would leave one waiting forever. Nothing starts until every
+        record is written; on failure the records written are taken back and the error raised."""
+        taken = [name for name, *_ in jobs if (self.runs_root / name / JOB_FILE).exists()]
+        if taken:
+            raise FileExistsError(f"a run named {taken[0]} exists already")
+        made: list[Path] = []  # folders this call created, and records it wrote
+        with self._lock:  # the queue's own look (tick) must not start the first before the last is written
+            try:
+                for name, method, args, after in jobs:
+                    run_dir = self.runs_root / name
+                    if not run_dir.exists():
+                        run_dir.mkdir(parents=True)
+                        made.append(run_dir)
+                    _write_json(run_dir / JOB_FILE, {"method": method, "args": args, "state": "queued",
+                                                     "queued": time.time(), "after": list(after)})
+                    made.append(run_dir / JOB_FILE)
+            except BaseException:
+                for path in reversed(made):
+                    if path.is_dir():
+                        shutil.rmtree(path, ignore_errors=True)
+                    else:
+                        path.unlink(missing_ok=True)
+                raise
         self.tick()
-        return run_dir
+        return [self.runs_root / name for name, *_ in jobs]
 
     def resume(self, run_dir: Path) -> None:
         info = job_info(run_dir)
