@@ -180,7 +180,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         try:  # all or nothing: a half-submitted wizard would leave a combine waiting forever
             queue.submit_all(jobs)
         except FileExistsError as exc:
-            raise gr.Error(f"{str(exc).capitalize()}; wait a second and make again.") from exc
+            raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}; wait a second and make again.") from exc
         except OSError as exc:  # a full disk: no run was queued
             raise gr.Error(f"Could not queue the runs (none was): {exc.strerror or exc}") from exc
         names = [run for run, *_ in jobs]

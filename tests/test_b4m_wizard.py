@@ -1,0 +1,53 @@
+"""The Break-for-Make wizard's Make button, called in-process (the page test drives it through Chromium): its three
+runs are queued all or none, and a refusal is one readable message."""
+from __future__ import annotations
+
+import errno
+import os
+import time
+
+import gradio as gr
+import pytest
+
+import trainers.jobs as jobs
+from app.b4m_wizard import NO_AUX, build_b4m_wizard
+from trainers.jobs import JobQueue, list_jobs
+
+
+def make_button(queue: JobQueue, home):
+    """The function behind Make, as the studio connects it (max_running=0 queues without starting anything)."""
+    with gr.Blocks() as demo:
+        connect = build_b4m_wizard(queue, home, None)
+        connect(gr.Dropdown(label="Runs"))
+    return next(f.fn for f in demo.fns.values() if getattr(f.fn, "__name__", "") == "on_make")
+
+
+def test_make_queues_three_runs_or_none(data, tmp_path, monkeypatch):
+    queue = JobQueue(tmp_path / "runs", max_running=0)
+    on_make = make_button(queue, tmp_path / "home")
+    form = [str(data), "sks", str(data), "w@z", NO_AUX, 24, "", "", "", "", 8, 4, 10, 5, 1e-3, 1, 0, False,
+            "mine", "a circle"]
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-120000")  # two clicks in the same second
+
+    real_write, written = jobs._write_json, []
+
+    def full_at_the_second(path, data):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+        written.append(path)
+
+    monkeypatch.setattr(jobs, "_write_json", full_at_the_second)
+    with pytest.raises(gr.Error, match=f"Could not queue the runs \\(none was\\): {os.strerror(errno.ENOSPC)}"):
+        on_make(*form)
+    assert written and list_jobs(queue.runs_root) == []
+
+    monkeypatch.setattr(jobs, "_write_json", real_write)
+    runs, status = on_make(*form)
+    names = ["20261204-120000-b4m-content-mine", "20261204-120000-b4m-style-mine", "20261204-120000-b4m-combine-mine"]
+    assert status.startswith("Queued 3 runs") and all(n in status for n in names)
+    assert sorted(j.name for j in list_jobs(queue.runs_root)) == sorted(names)
+    assert all(j.status == "queued" for j in list_jobs(queue.runs_root))
+    with pytest.raises(gr.Error, match="A run named 20261204-120000-b4m-content-mine exists already; wait a second"):
+        on_make(*form)
+    assert len(list_jobs(queue.runs_root)) == 3
