@@ -84,6 +84,24 @@ def file_hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def disk_full_after_one_job_record(monkeypatch) -> list[Path]:
+    """The job queue's record writer writes one record, then fails as a full disk does; returns the written paths."""
+    import errno
+
+    import trainers.jobs as jobs
+
+    real_write, written = jobs._write_json, []
+
+    def full_at_the_second(path, data):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(path, data)
+        written.append(path)
+
+    monkeypatch.setattr(jobs, "_write_json", full_at_the_second)
+    return written
+
+
 def wait_for(predicate, timeout: float = 180, every: float = 0.3):
     """``predicate()``'s first truthy value, polled every ``every`` seconds; TimeoutError after ``timeout``."""
     deadline = time.time() + timeout

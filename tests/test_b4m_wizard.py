@@ -11,6 +11,7 @@ import pytest
 
 import trainers.jobs as jobs
 from app.b4m_wizard import NO_AUX, build_b4m_wizard
+from conftest import disk_full_after_one_job_record
 from trainers.jobs import JobQueue, list_jobs
 
 
@@ -28,16 +29,8 @@ def test_make_queues_three_runs_or_none(data, tmp_path, monkeypatch):
     form = [str(data), "sks", str(data), "w@z", NO_AUX, 24, "", "", "", "", 8, 4, 10, 5, 1e-3, 1, 0, False,
             "mine", "a circle"]
     monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-120000")  # two clicks in the same second
-
-    real_write, written = jobs._write_json, []
-
-    def full_at_the_second(path, data):
-        if written:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
-        written.append(path)
-
-    monkeypatch.setattr(jobs, "_write_json", full_at_the_second)
+    real_write = jobs._write_json
+    written = disk_full_after_one_job_record(monkeypatch)
     with pytest.raises(gr.Error, match=f"Could not queue the runs \\(none was\\): {os.strerror(errno.ENOSPC)}"):
         on_make(*form)
     assert written and list_jobs(queue.runs_root) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import one_and_two_processes, run_cli, wait_for
+from conftest import disk_full_after_one_job_record, one_and_two_processes, run_cli, wait_for
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
@@ -146,30 +146,19 @@ def test_runs_queued_together_are_queued_all_or_none(tmp_path, monkeypatch):
     name taken, queues none of them (a combine run queued alone would wait forever)."""
     import errno
 
-    import trainers.jobs as jobs
-
     queue = JobQueue(tmp_path / "runs")
     wizard = [("content", "lora", ["--steps", "2"], ("never",)), ("style", "lora", ["--steps", "2"], ("never",)),
               ("combine", "lora", ["--steps", "2"], ("content", "style"))]
     (tmp_path / "runs" / "style").mkdir(parents=True)  # a folder of that name, without a job, is left as it was
     (tmp_path / "runs" / "style" / "notes.txt").write_text("mine")
-    written = []
-    real_write = jobs._write_json
-
-    def full_at_the_second(path, data):
-        if written:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_write(path, data)
-        written.append(path)
-
-    monkeypatch.setattr(jobs, "_write_json", full_at_the_second)
+    written = disk_full_after_one_job_record(monkeypatch)
     with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
         queue.submit_all(wizard)
     assert len(written) == 1 and not written[0].exists()
     assert sorted(p.name for p in (tmp_path / "runs").rglob("*")) == ["notes.txt", "style"]
     assert list_jobs(queue.runs_root) == []
 
-    monkeypatch.setattr(jobs, "_write_json", real_write)
+    monkeypatch.undo()
     made = queue.submit_all(wizard)
     assert [job_info(r).status for r in made] == ["queued"] * 3
     assert job_info(made[2]).message == "waits for content, style"
