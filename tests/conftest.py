@@ -57,6 +57,26 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory) -> Path:
+    """A tiny random SDXL pipeline (two text encoders, pooled embeddings, time ids) saved as a diffusers folder."""
+    from pipelines.tiny_model import build_tiny_sdxl_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
+    build_tiny_sdxl_pipeline().save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory) -> Path:
+    """A tiny random SD 2.x pipeline: v-prediction on a zero-terminal-SNR schedule."""
+    from pipelines.tiny_model import build_tiny_sd2_pipeline
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
+    build_tiny_sd2_pipeline(zero_terminal_snr=True).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 MICRO_MODEL = REPO / "assets" / "micro-sd"
 
 

@@ -29,6 +29,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mixed-precision", help="auto, no, fp16, bf16 (default auto: fp16/bf16 on CUDA, none on CPU)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--noise-offset", type=float)
+    p.add_argument("--caption-dropout", type=float,
+                   help="share of captions replaced by an empty one (e.g. 0.1; default 0)")
     p.add_argument("--min-snr-gamma", type=float, help="min-SNR loss weighting γ (e.g. 5; default off)")
     p.add_argument("--latent-sample", action="store_true", default=None,
                    help="train on samples of the VAE posterior instead of its mean")

@@ -40,6 +40,14 @@ class Sample:
     path: Path
     caption: str
     size: tuple[int, int]  # target (width, height) after crop/resize
+    original: tuple[int, int] = (0, 0)  # (width, height) of the file, EXIF orientation applied
+    crop: tuple[int, int] = (0, 0)  # (top, left) of the kept region, in target pixels (SDXL's crop coordinates)
+
+    @property
+    def micro_conditioning(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """SDXL's (original size, crop top-left, target size), each (height, width)-ordered as its time ids."""
+        (w, h), (tw, th) = self.original, self.size
+        return (h, w), self.crop, (th, tw)
 
 
 @dataclass
@@ -62,6 +70,24 @@ def bucket_size(width: int, height: int, resolution: int, multiple: int) -> tupl
     w = resolution * math.sqrt(ratio)
     h = resolution / math.sqrt(ratio)
     return max(multiple, int(round(w / multiple)) * multiple), max(multiple, int(round(h / multiple)) * multiple)
+
+
+def centre_crop(original: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """(top, left) in target pixels of the region ``ImageOps.fit(..., centering=(0.5, 0.5))`` keeps when it scales
+    an image of ``original`` (w, h) to cover ``size`` (w, h) and cuts the rest evenly from both sides."""
+    (w, h), (tw, th) = original, size
+    scale = max(tw / w, th / h)
+    return int(round((h * scale - th) / 2)), int(round((w * scale - tw) / 2))
+
+
+def oriented_size(path: Path, size: tuple[int, int]) -> tuple[int, int]:
+    """``size`` as the image is shown: EXIF orientations 5–8 (rotated by 90°) swap width and height."""
+    try:
+        with Image.open(path) as im:
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError):
+        return size
+    return (size[1], size[0]) if orientation in (5, 6, 7, 8) else size
 
 
 def check_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -114,11 +140,12 @@ class ImageFolderDataset:
                 self.report.skipped.append((path.name, str(exc)))
                 continue
             caption = self._caption(path)
+            w, h = oriented_size(path, (w, h))
             if config.buckets:
                 size = bucket_size(w, h, config.resolution, size_multiple)
             else:
                 size = (config.resolution, config.resolution)
-            self.samples.append(Sample(path, caption, size))
+            self.samples.append(Sample(path, caption, size, (w, h), centre_crop((w, h), size)))
             self.report.used.append(path.name)
         if not self.samples:
             raise UserError(f"no usable images in {config.folder}" +
@@ -153,6 +180,14 @@ class ImageFolderDataset:
 
     def bucket_of(self, index: int) -> tuple[int, int]:
         return self.samples[index % len(self.samples)].size
+
+    def sample(self, index: int) -> Sample:
+        return self.samples[index % len(self.samples)]
+
+    def geometry_lines(self) -> list[str]:
+        """Per image: its size, bucket and crop, as a run records them (what SDXL's time ids are made of)."""
+        return [f"{s.path.name}: {s.original[0]}x{s.original[1]} -> {s.size[0]}x{s.size[1]}, crop top {s.crop[0]} "
+                f"left {s.crop[1]}" for s in self.samples]
 
 
 @dataclass

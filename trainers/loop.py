@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.atomic_files import write_text
+from pipelines.conditioning import SDXL, Conditioning, condition, model_family, text_encoders
 from pipelines.errors import UserError
 
 from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
@@ -58,6 +59,7 @@ class TrainConfig:
     prior_data: str | None = None  # a second folder (prior-preservation or auxiliary images) with captions
     prior_weight: float = 1.0
     prior_trigger: str | None = None  # prepended to the second folder's captions (None: used as written)
+    caption_dropout: float = 0.0  # share of the main folder's captions replaced by "" (keeps unconditional skill)
     resolution: int = 0  # 0: the model's native size
     repeats: int = 1
     caption: str | None = None
@@ -80,6 +82,7 @@ class TrainConfig:
             (self.mixed_precision in MIXED_PRECISION, f"mixed precision must be one of {', '.join(MIXED_PRECISION)}"),
             (self.noise_offset >= 0, "noise offset must be ≥ 0"),
             (self.prior_weight >= 0, "prior weight must be ≥ 0"),
+            (0.0 <= self.caption_dropout < 1.0, "caption dropout must be in [0, 1)"),
             (self.min_snr_gamma >= 0, "min-SNR gamma must be ≥ 0"),
             (self.checkpoint_every >= 1, "checkpoint interval must be at least 1"),
             (self.sample_every >= 0, "sample interval must be ≥ 0"),
@@ -168,7 +171,10 @@ def snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: fl
     ac = alphas_cumprod.to(timesteps.device)[timesteps].float()
     snr = ac / (1 - ac)
     clipped = torch.clamp(snr, max=gamma)
-    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    # ε at a zero-terminal-SNR timestep: min(snr, γ)/snr → 1 as snr → 0 (0/0 would make the loss NaN)
+    return torch.where(snr > 0, clipped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
 
 
 def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume: bool = False) -> TrainResult:
@@ -201,11 +207,15 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     torch.manual_seed(config.seed)
     model = load_model(config.model, device=str(accelerator.device), dtype="fp32", attention="auto")
     pipe = model.pipe
+    family = model_family(pipe)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    for frozen in (pipe.vae, pipe.text_encoder, pipe.unet):
+    for frozen in (pipe.vae, *text_encoders(pipe), pipe.unet):
         frozen.requires_grad_(False)
-        if weight_dtype != torch.float32:  # frozen weights in half precision save memory; trainables stay fp32
+        # SDXL's VAE overflows in fp16 (its config says force_upcast): it encodes in fp32, as diffusers' scripts do
+        upcast = frozen is pipe.vae and bool(pipe.vae.config.get("force_upcast", False)) and family is SDXL
+        if weight_dtype != torch.float32 and not upcast:  # frozen weights in half precision save memory
             frozen.to(accelerator.device, dtype=weight_dtype)
+    vae_dtype = pipe.vae.dtype
     params = method.attach(pipe, config)
     if ckpt is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
         state, trainable, opt_state = load_checkpoint(ckpt)
@@ -259,14 +269,21 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             print(f"{method.name}: {summary['selection']}; training with learning rate {lr:.3g}", flush=True)
     arithmetic = step_arithmetic(len(dataset.samples), config.repeats, config.batch_size, config.grad_accum,
                                  config.steps)
+    if ckpt is None:
+        log.write("geometry", images=dataset.geometry_lines())  # bucket and crop of every image (SDXL's time ids)
     log.write("start", step=step, total=config.steps, arithmetic=arithmetic, device=str(accelerator.device),
-              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr)
+              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr,
+              model_family=family.describe(pipe))
+    # Text-encoder layers that train (a LoRA's lora_te*) need their graph; their gradients are averaged by hand over
+    # processes, as only the UNet goes through accelerate's DDP wrapper.
+    text_params = [p for encoder in text_encoders(pipe) for p in encoder.parameters() if p.requires_grad]
 
-    def encode_prompts(captions: list[str]) -> torch.Tensor:
-        ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
-        with torch.no_grad():
-            return pipe.text_encoder(ids)[0]
+    def conditioning(samples) -> Conditioning:
+        geometry = [s.micro_conditioning for s in samples]
+        with torch.enable_grad() if text_params else torch.no_grad():
+            return condition(pipe, [s.caption for s in samples], original_sizes=[g[0] for g in geometry],
+                             crops=[g[1] for g in geometry], target_sizes=[g[2] for g in geometry],
+                             device=accelerator.device)
 
     def checkpoint(at: int) -> None:
         if main:
@@ -276,10 +293,11 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             log.write("checkpoint", step=at, path=str(path.relative_to(run_dir)))
         accelerator.wait_for_everyone()
 
-    def denoising_loss(samples, size: tuple[int, int], global_batch: int, gen: torch.Generator, sl: slice):
+    def denoising_loss(samples: list[_Item], size: tuple[int, int], global_batch: int, gen: torch.Generator,
+                       sl: slice):
         """The (min-SNR weighted) denoising loss of this process's slice of a global batch; noise comes from ``gen``
         for the whole global batch, so any number of processes sees the same noise."""
-        pixels, captions = zip(*samples)
+        pixels = [s.pixels for s in samples]
         w, h = size
         lat_shape = (global_batch, pipe.vae.config.latent_channels, h // pipe.vae_scale_factor,
                      w // pipe.vae_scale_factor)
@@ -287,7 +305,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         noise = torch.randn(lat_shape, generator=gen)
         offset = torch.randn(lat_shape[:2] + (1, 1), generator=gen)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen)
-        px = torch.stack(pixels).to(accelerator.device, dtype=weight_dtype)
+        px = torch.stack(pixels).to(accelerator.device, dtype=vae_dtype)
         with torch.no_grad():
             dist = pipe.vae.encode(px).latent_dist
             spread = dist.std * eps_latent[sl].to(px) if config.latent_sample else 0.0
@@ -298,9 +316,9 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         t = timesteps[sl].to(accelerator.device)
         noisy = noise_scheduler.add_noise(latents, n, t)
         target = noise_scheduler.get_velocity(latents, n, t) if prediction_type == "v_prediction" else n
-        text = encode_prompts(list(captions))
+        cond = conditioning(samples)
         with accelerator.autocast():
-            pred = unet(noisy.to(weight_dtype), t, text).sample
+            pred = unet(noisy.to(weight_dtype), t, **cond.unet_kwargs(weight_dtype)).sample
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if config.min_snr_gamma:
             per_sample = per_sample * snr_weights(noise_scheduler.alphas_cumprod, t, config.min_snr_gamma,
@@ -322,7 +340,12 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         for micro in range(config.grad_accum):
             indices, pos = plan.next(pos)
             sl = slice(rank * local, (rank + 1) * local)
-            samples = [dataset.load(i) for i in indices[sl]]
+            samples = [_Item.load(dataset, i) for i in indices[sl]]
+            if config.caption_dropout:
+                # Drawn for the whole global batch from a generator seeded by the step: a resume needs no extra state.
+                drop_gen = torch.Generator("cpu").manual_seed(config.seed * 7_000_003 + step * 64 + micro)
+                dropped = (torch.rand(config.batch_size, generator=drop_gen) < config.caption_dropout)[sl].tolist()
+                samples = [s.without_caption() if d else s for s, d in zip(samples, dropped)]
             sync = micro == config.grad_accum - 1
             context = accelerator.no_sync(unet) if not sync and world > 1 else _null()
             with context:
@@ -338,12 +361,17 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                         prior_gen.set_state(noise_state)
                     with role("prior"):
                         loss = loss + config.prior_weight * denoising_loss(
-                            [prior.load(i) for i in picks[sl]], prior.bucket_of(picks[0]), len(picks), prior_gen, sl)
+                            [_Item.load(prior, i) for i in picks[sl]], prior.bucket_of(picks[0]), len(picks), prior_gen,
+                            sl)
                 extra = method.extra_loss()
                 if extra is not None:
                     loss = loss + extra
                 accelerator.backward(loss / config.grad_accum)
             step_loss += loss.detach().float().item() / config.grad_accum
+        if world > 1:
+            for p in text_params:
+                if p.grad is not None:
+                    p.grad = accelerator.reduce(p.grad, "mean")
         if hasattr(method, "before_optimizer_step"):
             method.before_optimizer_step()
         if config.max_grad_norm:
@@ -386,6 +414,23 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
     accelerator.wait_for_everyone()
     return TrainResult("done", step, artifact, losses)
+
+
+@dataclass
+class _Item:
+    """One training image as the loss needs it: pixels, caption and SDXL's micro-conditioning."""
+
+    pixels: torch.Tensor
+    caption: str
+    micro_conditioning: tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+    @classmethod
+    def load(cls, dataset: ImageFolderDataset, index: int) -> "_Item":
+        pixels, caption = dataset.load(index)
+        return cls(pixels, caption, dataset.sample(index).micro_conditioning)
+
+    def without_caption(self) -> "_Item":
+        return _Item(self.pixels, "", self.micro_conditioning)
 
 
 class _null:
