@@ -88,6 +88,8 @@ def encode_prompts(pipe, prompts: str | Sequence[str], negative: str | Sequence[
     hidden states concatenated and the second's pooled output). Gradients flow when a text encoder trains."""
     device = device if device is not None else pipe._execution_device
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if negative:
+        negative = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
     if model_family(pipe) is SDXL:
         out = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
                                  negative_prompt=negative or None)

@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from .conditioning import encode_prompts
 from .errors import UserError, check_text
 from .loading import LoadedModel
 from .png_metadata import format_parameters, save_png_with_parameters
@@ -211,9 +212,10 @@ def _generate_images(model: LoadedModel, req: GenerationRequest, sampler: str, w
         # A CPU generator makes the same seed give the same image on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.inference_mode():
-            image = pipe(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
-                         num_inference_steps=req.steps, guidance_scale=req.guidance, width=req.width,
-                         height=req.height, generator=generator, callback_on_step_end=step_end).images[0]
+            embeds = encode_prompts(pipe, req.prompt, req.negative_prompt or None, cfg=req.guidance > 1.0)
+            image = pipe(**embeds.pipeline_kwargs(), num_inference_steps=req.steps, guidance_scale=req.guidance,
+                         width=req.width, height=req.height, generator=generator,
+                         callback_on_step_end=step_end).images[0]
         if cancel is not None and cancel.is_set():
             return  # a half-denoised image is not a result
         settings = {"Steps": req.steps, "Sampler": sampler, "CFG scale": req.guidance, "Seed": seed,
