@@ -2,6 +2,8 @@
 
 The page only arranges fields and submits ``launch.py train b4m-content | b4m-style | b4m-combine`` jobs; every
 tensor stays in :mod:`trainers.break_for_make`. The two stage-1 runs are independent; the combine run waits for both.
+The micro-world auxiliary sets and preview subject are offered only on the shipped micro model, which draws that world;
+on any other SD 1.x/2.x/SDXL model the wizard starts from class images the model draws itself.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ import gradio as gr
 
 from pipelines.errors import UserError
 from pipelines.library import adapters_folder
+from pipelines.loading import is_micro_model
 from pipelines.paths import safe_name
 from trainers.dataset import DatasetConfig, dataset_summary
 from trainers.jobs import JobQueue, list_jobs
 
 MICROWORLD, FOLDERS, PROMPTS, NO_AUX = ("Micro-world sets", "My folders", "Class images from the base model", "None")
 AUX_SOURCES = [MICROWORLD, FOLDERS, PROMPTS, NO_AUX]
+OTHER_MODEL_SOURCES = [FOLDERS, PROMPTS, NO_AUX]  # the scene generator draws the micro world only
 DEFAULT_NAME = "my-b4m"
 DEFAULT_SUBJECT = "a red star in the center, gray background"
 
@@ -40,8 +44,12 @@ def _check_folder(folder: str | None, what: str, batch: int, steps: int) -> str:
 
 
 def _aux_args(source: str, count: int | None, aux_styles: str, aux_contents: str, style_prompts: str,
-              content_prompts: str, per_prompt: int | None, batch: int, steps: int) -> tuple[list[str], list[str]]:
+              content_prompts: str, per_prompt: int | None, batch: int, steps: int, *,
+              micro: bool) -> tuple[list[str], list[str]]:
     """The auxiliary-set flags of the content run and of the style run (each learns what its own half must not)."""
+    if source == MICROWORLD and not micro:  # not offered on the page; an API client may still send it
+        raise gr.Error("Micro-world sets are drawn for the shipped micro model only: choose My folders, class "
+                       "images from the base model, or None.")
     if source == MICROWORLD:
         n = int(count or 0)
         if n < 1:
@@ -75,6 +83,8 @@ def preview_prompts(content_trigger: str, style_trigger: str, subjects: list[str
 def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None) -> Callable[[gr.Dropdown], None]:
     """Lay the wizard out where it is called; the Runs dropdown is built later in the other column, so the returned
     function connects the Make button to it once it exists."""
+    micro = is_micro_model(model_source)
+    first_source = MICROWORLD if micro else PROMPTS
     with gr.Accordion("Break-for-Make: content + style", open=False, elem_id="train-b4m"):
         gr.Markdown("Learn an object and a style apart, then combine them: two stage-1 runs (content, style) and a "
                     "short joint fine-tune that waits for both. Use each trigger alone or both together.")
@@ -89,11 +99,12 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
                                       elem_id="b4m-style-folder")
             style_trigger = gr.Textbox(value="w@z", label="Style trigger", scale=1, elem_id="b4m-style-trigger")
         gr.Markdown("#### 3 Auxiliary sets")
-        aux_source = gr.Radio(AUX_SOURCES, value=MICROWORLD, label="Auxiliary images", elem_id="b4m-aux-source",
+        aux_source = gr.Radio(AUX_SOURCES if micro else OTHER_MODEL_SOURCES, value=first_source,
+                              label="Auxiliary images", elem_id="b4m-aux-source",
                               info="Other styles train the content run's second half and other contents the style "
                                    "run's, so each trigger keeps only its own part. None: only the main half trains.")
         # Columns carry the ids and visibility (a Group given both renders twice in Gradio 6.31).
-        with gr.Column(visible=True, elem_id="b4m-aux-microworld") as microworld_box:
+        with gr.Column(visible=first_source == MICROWORLD, elem_id="b4m-aux-microworld") as microworld_box:
             aux_count = gr.Number(value=24, precision=0, minimum=1, label="Images per set", elem_id="b4m-aux-count",
                                   info="Drawn by the scene generator: for the micro model only.")
         with gr.Column(visible=False, elem_id="b4m-aux-folders") as folders_box:
@@ -102,7 +113,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
                                         elem_id="b4m-aux-styles")
                 aux_contents = gr.Textbox(label="Auxiliary contents folder (for the style run)",
                                           elem_id="b4m-aux-contents")
-        with gr.Column(visible=False, elem_id="b4m-aux-prompts") as prompts_box:
+        with gr.Column(visible=first_source == PROMPTS, elem_id="b4m-aux-prompts") as prompts_box:
             with gr.Row():
                 style_prompts = gr.Textbox(label="Style class prompts, one per line (for the content run)", lines=2,
                                            elem_id="b4m-aux-style-prompts")
@@ -122,7 +133,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
             plp_seed = gr.Number(value=0, precision=0, label="PLP seed", elem_id="b4m-plp-seed")
         preconditioned = gr.Checkbox(label="Riemannian-preconditioned AdamW", elem_id="b4m-preconditioned")
         name = gr.Textbox(value=DEFAULT_NAME, label="Output name", elem_id="b4m-name")
-        subjects = gr.Textbox(value=DEFAULT_SUBJECT, lines=2, elem_id="b4m-subjects",
+        subjects = gr.Textbox(value=DEFAULT_SUBJECT if micro else "", lines=2, elem_id="b4m-subjects",
                               label="Preview subjects, one per line (content × style grid at the end of the combine)")
         make = gr.Button("Make (3 jobs)", variant="primary", elem_id="b4m-make")
         status = gr.Textbox(label="Break-for-Make jobs", lines=3, interactive=False, elem_id="b4m-status")
@@ -150,7 +161,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         if ct == st:
             raise gr.Error(f"The content and style triggers are both {ct!r}: choose two different words.")
         content_aux, style_aux = _aux_args(source_v, count_v, aux_styles_v, aux_contents_v, style_prompts_v,
-                                           content_prompts_v, per_prompt_v, n_batch, n_steps)
+                                           content_prompts_v, per_prompt_v, n_batch, n_steps, micro=micro)
 
         stem = safe_name((name_v or "").strip() or DEFAULT_NAME)
         folder = adapters_folder(data_root)

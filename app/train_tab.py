@@ -9,6 +9,7 @@ import pandas as pd
 
 from pipelines.errors import UserError
 from pipelines.library import adapters_folder
+from pipelines.loading import default_model_source, describe_model_source
 from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from pipelines.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
@@ -104,7 +105,22 @@ def _submit(queue: JobQueue, run_name: str, kind: str, args: list[str]) -> None:
         raise gr.Error(f"could not start {run_name}: {exc.strerror or exc}") from exc
 
 
+def model_line(model_source: str | None) -> str:
+    """The Train tab's first line: the model every run here trains on and its family, read from its config files
+    (no weights load), so settings can be judged against it (SDXL trains at 1024 px, the micro model at 64)."""
+    if model_source and not Path(model_source).expanduser().exists():
+        shown = model_source  # a Hub id, as typed
+    else:
+        shown = Path(model_source).expanduser().name if model_source else default_model_source().name
+    try:
+        family = describe_model_source(model_source)
+    except UserError as exc:
+        return f"⚠ {exc}"
+    return f"Runs train on **{shown}** · {family}"
+
+
 def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
+    gr.Markdown(model_line(model_source), elem_id="train-model")
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("### New run")

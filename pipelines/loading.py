@@ -1,7 +1,9 @@
 """Load a base model from a diffusers folder, a single-file checkpoint or a Hub id; pick device, dtype, attention.
 
 Every failure a user can cause (missing path, wrong kind of file, truncated file, unsupported architecture) is a
-``ModelLoadError`` with one readable line; nothing here assumes CUDA or CPU.
+``ModelLoadError`` with one readable line; nothing here assumes CUDA or CPU. The architecture is checked from the small
+config files (``model_index.json``, ``unet/config.json``; a single file's header) before any weights are read: an SD3,
+Flux, refiner or inpainting model is refused with one line naming it, not with a TypeError deep inside diffusers.
 """
 from __future__ import annotations
 
@@ -9,14 +11,36 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from .devices import Runtime, apply_attention, dtype_kwargs, resolve_runtime
 from .errors import ModelLoadError
 from .fingerprint import pipeline_fingerprint
+from .paths import ASSETS
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+SUPPORTED = "Atelier trains and composes on SD 1.x, SD 2.x and SDXL base models"
+# What users call the pipelines people most often try; any other class is named as it is.
+ARCHITECTURE_NAMES = {
+    "StableDiffusion3Pipeline": "Stable Diffusion 3", "StableDiffusion3Img2ImgPipeline": "Stable Diffusion 3",
+    "StableDiffusion3InpaintPipeline": "Stable Diffusion 3 inpainting", "FluxPipeline": "Flux",
+    "FluxImg2ImgPipeline": "Flux", "FluxFillPipeline": "Flux Fill", "FluxKontextPipeline": "Flux Kontext",
+    "Flux2Pipeline": "Flux 2", "StableDiffusionXLImg2ImgPipeline": "an SDXL image-to-image pipeline",
+    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
+    "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
+    "StableDiffusionImg2ImgPipeline": "a Stable Diffusion image-to-image pipeline",
+    "StableDiffusionUpscalePipeline": "the Stable Diffusion ×4 upscaler",
+    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix", "StableCascadeCombinedPipeline": "Stable Cascade",
+    "StableCascadePriorPipeline": "Stable Cascade", "PixArtAlphaPipeline": "PixArt-α",
+    "PixArtSigmaPipeline": "PixArt-Σ", "SanaPipeline": "Sana", "AuraFlowPipeline": "AuraFlow",
+    "KolorsPipeline": "Kolors", "HunyuanDiTPipeline": "Hunyuan-DiT", "LuminaText2ImgPipeline": "Lumina",
+    "Lumina2Pipeline": "Lumina 2", "QwenImagePipeline": "Qwen-Image", "KandinskyV22Pipeline": "Kandinsky 2.2",
+    "KandinskyV22CombinedPipeline": "Kandinsky 2.2",
+}
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+MICRO_MODEL_NAME = "micro-sd"  # assets/micro-sd: the shipped micro-world base model
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -38,14 +62,109 @@ class LoadedModel:
 
 def default_model_source() -> Path:
     """The embedded default: the shipped micro model when present, else the tiny random model built on first run."""
-    from .paths import ASSETS
-
-    micro = ASSETS / "micro-sd"
+    micro = ASSETS / MICRO_MODEL_NAME
     if (micro / "model_index.json").is_file():
         return micro
     from .tiny_model import ensure_tiny_model
 
     return ensure_tiny_model()
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a model is, as its configs (or a single file's header) tell it before any weights are read."""
+
+    class_name: str | None  # the diffusers pipeline class; None when nothing names one
+    in_channels: int | None = None  # the UNet's input channels: 4 for text-to-image, 9 for inpainting
+    refiner: bool = False  # an SDXL refiner: no CLIP ViT-L encoder, conditioned on an aesthetic score
+    label: str | None = None  # what to call it when the class does not say (a single file diffusers names)
+
+    def refusal(self) -> str | None:
+        """Why the studio cannot train or compose on this model (one phrase), or None when it can."""
+        cls = self.class_name
+        if cls is None:
+            return self.label or "an unknown architecture (model_index.json names no pipeline class)"
+        if self.refiner:
+            return f"an SDXL refiner ({cls}; it has no CLIP ViT-L text encoder and needs an aesthetic score)"
+        if self.in_channels == 9:
+            return f"an inpainting model ({cls} with a 9-channel UNet)"
+        if self.in_channels not in (None, 4):
+            return f"a UNet with {self.in_channels} input channels ({cls}), not a text-to-image base model"
+        if cls not in SUPPORTED_PIPELINES:
+            return f"{self.label or ARCHITECTURE_NAMES.get(cls, 'an unknown architecture')} ({cls})"
+        return None
+
+
+def check_architecture(architecture: Architecture, name: str) -> None:
+    """Refuse, with one line naming what the model is and what is supported, a model the studio cannot use."""
+    refusal = architecture.refusal()
+    if refusal:
+        raise ModelLoadError(f"{name}: {refusal} is not supported; {SUPPORTED}")
+
+
+def _present(component) -> bool:
+    """Whether a model_index.json entry names a component (a refiner's first text encoder is ``[null, null]``)."""
+    return isinstance(component, (list, tuple)) and any(component)
+
+
+def architecture_from_configs(index: dict, unet: dict | None) -> Architecture:
+    """The architecture ``model_index.json`` and ``unet/config.json`` describe."""
+    cls = index.get("_class_name") if isinstance(index, dict) else None
+    cls = cls if isinstance(cls, str) and cls.strip() else None
+    refiner = bool(cls and "XL" in cls and "text_encoder_2" in index
+                   and (index.get("requires_aesthetics_score") is True or not _present(index.get("text_encoder"))))
+    channels = unet.get("in_channels") if isinstance(unet, dict) else None
+    return Architecture(cls, int(channels) if isinstance(channels, int) else None, refiner)
+
+
+def _read_json(path: Path, shown: str) -> dict | None:
+    """A config file as a dict (None when absent); an unreadable one is refused by name."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{shown}: {path.parent.name}/{path.name} is unreadable ({exc.__class__.__name__})") \
+            from exc
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{shown}: {path.parent.name}/{path.name} is not a JSON object")
+    return data
+
+
+CONFIG_FILES = (("unet", "config.json"), ("scheduler", "scheduler_config.json"), ("vae", "config.json"))
+
+
+def read_folder_configs(folder: Path) -> dict[str, dict | None]:
+    """The small config files of a diffusers folder (model index, UNet, scheduler, VAE), no weights."""
+    index = _read_json(folder / "model_index.json", folder.name)
+    if index is None:
+        raise ModelLoadError(f"{folder.name}: this folder is not a diffusers pipeline (no model_index.json)")
+    return {"index": index, **{part: _read_json(folder / part / file, folder.name) for part, file in CONFIG_FILES}}
+
+
+def _hub_configs(repo_id: str) -> dict[str, dict | None]:
+    """The same config files of a Hub repository (from the local cache when offline): kilobytes, not weights."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(filename: str) -> dict | None:
+        path = hf_hub_download(repo_id, filename, local_files_only=_hub_offline())
+        return _read_json(Path(path), repo_id)
+
+    try:
+        index = fetch("model_index.json")
+    except Exception as exc:  # not on the Hub, not cached, no network: the user needs one line
+        where = "in the local Hub cache (HF_HUB_OFFLINE is set)" if _hub_offline() else "on the Hub"
+        raise ModelLoadError(f"{repo_id}: not a folder or file here, and not loadable {where} "
+                             f"({_one_line(exc)})") from exc
+    configs: dict[str, dict | None] = {"index": index}
+    for part, file in CONFIG_FILES:
+        try:
+            configs[part] = fetch(f"{part}/{file}")
+        except ModelLoadError:
+            raise
+        except Exception:  # a pipeline without that component (SD3 has no unet/): the index decides
+            configs[part] = None
+    return configs
 
 
 def _hub_offline() -> bool:
@@ -59,16 +178,10 @@ def _pipeline_class(name: str):
 
 
 def _load_folder(folder: Path, torch_dtype):
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{folder.name}: this folder is not a diffusers pipeline (no model_index.json)")
-    try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{folder.name}: model_index.json is unreadable ({exc.__class__.__name__})") from exc
-    if class_name not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(f"{folder.name}: unsupported architecture {class_name or 'unknown'!r} "
-                             f"(supported: {', '.join(SUPPORTED_PIPELINES)})")
+    configs = read_folder_configs(folder)
+    architecture = architecture_from_configs(configs["index"], configs["unet"])
+    check_architecture(architecture, folder.name)  # before any weight file is opened
+    class_name = str(architecture.class_name)
     _check_weight_files(folder)
     cls = _pipeline_class(class_name)
     kwargs = {**dtype_kwargs(torch_dtype), "local_files_only": True}
@@ -94,6 +207,8 @@ def _check_weight_files(folder: Path) -> None:
 def _load_hub(repo_id: str, torch_dtype):
     from diffusers import DiffusionPipeline
 
+    configs = _hub_configs(repo_id)
+    check_architecture(architecture_from_configs(configs["index"], configs["unet"]), repo_id)  # before the download
     try:
         pipe = DiffusionPipeline.from_pretrained(repo_id, **dtype_kwargs(torch_dtype), use_safetensors=True,
                                                  local_files_only=_hub_offline())
@@ -101,8 +216,7 @@ def _load_hub(repo_id: str, torch_dtype):
         where = "in the local Hub cache (HF_HUB_OFFLINE is set)" if _hub_offline() else "on the Hub"
         raise ModelLoadError(f"{repo_id}: not a folder or file here, and not loadable {where} "
                              f"({_one_line(exc)})") from exc
-    if pipe.__class__.__name__ not in SUPPORTED_PIPELINES:
-        raise ModelLoadError(f"{repo_id}: unsupported architecture {pipe.__class__.__name__!r}")
+    check_architecture(Architecture(pipe.__class__.__name__), repo_id)  # what loaded is what the index said
     return pipe
 
 
@@ -111,27 +225,37 @@ def _one_line(exc: BaseException) -> str:
     return (text[0][:200] if text else exc.__class__.__name__)
 
 
-def load_model(source: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
-               attention: str = "auto", config: str | Path | None = None) -> LoadedModel:
-    """Load ``source`` (folder, ``.safetensors`` file, Hub id, or None for the embedded default)."""
-    runtime = resolve_runtime(device, dtype, attention)
+def _source(source: str | Path | None) -> tuple[Path, str]:
+    """Where ``source`` is and what kind ("folder" | "single_file" | "hub"), or a one-line refusal of a path that
+    is no model; None or "" is the embedded default."""
     src = Path(source).expanduser() if source not in (None, "") else default_model_source()
     if src.is_dir():
-        pipe, kind = _load_folder(src, runtime.dtype), "folder"
-    elif src.is_file():
+        return src, "folder"
+    if src.is_file():
         if src.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelLoadError(f"{src.name}: pickle checkpoints (.ckpt/.pt/.bin) are not loaded; "
                                  "use the .safetensors version of this model")
         if src.suffix.lower() != ".safetensors":
             raise ModelLoadError(f"{src.name}: not a model (expected a diffusers folder or a .safetensors file)")
+        return src, "single_file"
+    if HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
+        return src, "hub"
+    raise ModelLoadError(f"{source}: no such file or folder")
+
+
+def load_model(source: str | Path | None = None, *, device: str = "auto", dtype: str = "auto",
+               attention: str = "auto", config: str | Path | None = None) -> LoadedModel:
+    """Load ``source`` (folder, ``.safetensors`` file, Hub id, or None for the embedded default)."""
+    runtime = resolve_runtime(device, dtype, attention)
+    src, kind = _source(source)
+    if kind == "folder":
+        pipe = _load_folder(src, runtime.dtype)
+    elif kind == "single_file":
         from .single_file import load_single_file
 
-        pipe, kind = load_single_file(src, config=Path(config) if config else None, torch_dtype=runtime.dtype), \
-            "single_file"
-    elif HUB_ID.match(str(source)) and not str(source).startswith((".", "/", "~")):
-        pipe, kind = _load_hub(str(source), runtime.dtype), "hub"
+        pipe = load_single_file(src, config=Path(config) if config else None, torch_dtype=runtime.dtype)
     else:
-        raise ModelLoadError(f"{source}: no such file or folder")
+        pipe = _load_hub(str(source), runtime.dtype)
     fp = pipeline_fingerprint(pipe)  # before moving, so it is computed once on whatever device the weights are
     pipe.to(runtime.device)
     apply_attention(pipe, runtime.attention)
@@ -139,3 +263,59 @@ def load_model(source: str | Path | None = None, *, device: str = "auto", dtype:
     return LoadedModel(pipe=pipe, source=str(src if src.exists() else source), kind=kind,
                        name=src.stem if kind == "single_file" else src.name, fingerprint=fp, runtime=runtime,
                        base_scheduler=pipe.scheduler)
+
+
+def is_micro_model(source: str | Path | None) -> bool:
+    """Whether ``source`` is the shipped micro-world model (None: the embedded default, when the micro model ships).
+    Only it draws the micro world, so the scene generator's sets are offered for it alone."""
+    micro = ASSETS / MICRO_MODEL_NAME
+    if not (micro / "model_index.json").is_file():
+        return False
+    if source in (None, ""):
+        return True
+    try:
+        return Path(source).expanduser().resolve() == micro.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def config_view(configs: dict[str, dict | None]) -> SimpleNamespace:
+    """A stand-in for a pipeline that holds only its configs: what ``conditioning.model_family`` and
+    ``ModelFamily.describe`` read (second text encoder, UNet and scheduler configs, VAE scale factor)."""
+    from diffusers.configuration_utils import FrozenDict
+
+    vae = configs.get("vae")
+    scale = 2 ** (len(vae.get("block_out_channels", ())) - 1) if vae else 8  # as the SD pipelines compute it
+    return SimpleNamespace(unet=SimpleNamespace(config=FrozenDict(configs.get("unet") or {})),
+                           scheduler=SimpleNamespace(config=FrozenDict(configs.get("scheduler") or {})),
+                           text_encoder_2=True if _present(configs["index"].get("text_encoder_2")) else None,
+                           vae_scale_factor=scale)
+
+
+def describe_model_source(source: str | Path | None, config: str | Path | None = None) -> str:
+    """The model's family in one line ("SDXL (2 text encoders, epsilon, 1024 px)") for the Train tab, read from the
+    config files: pages show it and must not load gigabytes of weights for it. A model the studio cannot use is
+    refused as :func:`load_model` refuses it. Remembered per source (a single file may need one load)."""
+    return _describe(str(source or ""), str(config or ""))
+
+
+@lru_cache(maxsize=32)
+def _describe(source: str, config: str) -> str:
+    from .conditioning import model_family
+
+    src, kind = _source(source or None)
+    if kind == "single_file":
+        from .single_file import single_file_configs
+
+        configs = single_file_configs(src, Path(config) if config else None)
+        if configs is None:  # its configs come from the Hub with the weights: load it once
+            model = load_model(src)
+            return model_family(model.pipe).describe(model.pipe)
+    else:
+        configs = read_folder_configs(src) if kind == "folder" else _hub_configs(str(source))
+        check_architecture(architecture_from_configs(configs["index"], configs["unet"]),
+                           src.name if kind == "folder" else source)
+    if configs.get("unet") is None:
+        raise ModelLoadError(f"{src.name if kind == 'folder' else source}: no unet/config.json")
+    view = config_view(configs)
+    return model_family(view).describe(view)

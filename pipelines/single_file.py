@@ -4,6 +4,9 @@ Loading goes through diffusers' ``from_single_file``. For SD 1.x the component c
 ``assets/sd15_config``, so nothing is fetched from the Hub. Export writes the original LDM key layout
 (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.transformer.*``) from a diffusers pipeline,
 generically over the UNet's block layout, so merged models can be taken to other tools.
+
+Before anything loads, the header alone (names and shapes) tells what the file is, by this module's own key test and
+by diffusers' single-file detection; an SD3, Flux, refiner or inpainting checkpoint is refused there.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ModelLoadError
+from .loading import Architecture, check_architecture, read_folder_configs
 from .paths import ASSETS
 from .safetensors_files import read_header, save_atomic
 
@@ -38,6 +42,70 @@ def detect_architecture(keys: Iterable[str]) -> str:
     return "unknown"
 
 
+# diffusers' single-file model types the studio cannot use → the pipeline class they are (by prefix, longest first)
+SINGLE_FILE_PIPELINES = {
+    "xl_refiner": "StableDiffusionXLImg2ImgPipeline", "xl_inpaint": "StableDiffusionXLInpaintPipeline",
+    "inpainting": "StableDiffusionInpaintPipeline", "upscale": "StableDiffusionUpscalePipeline",
+    "instruct-pix2pix": "StableDiffusionInstructPix2PixPipeline", "sd3": "StableDiffusion3Pipeline",
+    "sd35": "StableDiffusion3Pipeline", "flux-fill": "FluxFillPipeline", "flux-2": "Flux2Pipeline",
+    "flux": "FluxPipeline", "stable_cascade": "StableCascadeCombinedPipeline", "sana": "SanaPipeline",
+    "auraflow": "AuraFlowPipeline", "lumina2": "Lumina2Pipeline",
+}
+TEXT_TO_IMAGE_TYPES = ("v1", "v2", "xl_base")
+FAMILY_PIPELINES = {"sd1": "StableDiffusionPipeline", "sd2": "StableDiffusionPipeline",
+                    "sdxl": "StableDiffusionXLPipeline"}
+FIRST_CONV = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+class _Shape:
+    """A header entry standing in for a tensor: diffusers' detection reads only names and ``.shape``."""
+
+    def __init__(self, shape) -> None:
+        self.shape = torch.Size(shape)
+
+
+def diffusers_model_type(header: dict) -> str:
+    """diffusers' own name for a checkpoint ("v1", "xl_base", "xl_refiner", "inpainting", "sd3", "flux-dev", …),
+    from the header's names and shapes; no tensor is read. "unknown" where its test needs values or other keys."""
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+    shapes = {k: _Shape(v.get("shape", ())) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    try:
+        return str(infer_diffusers_model_type(shapes))
+    except Exception:  # a branch that reads tensor values, or expects keys this file lacks
+        return "unknown"
+
+
+def single_file_architecture(header: dict) -> tuple[Architecture, str]:
+    """(what the file is, this module's family: "sd1" | "sd2" | "sdxl" | …), from the header alone. The family
+    comes from key prefixes (right for any size, tiny test models too); diffusers' type names what is refused."""
+    family = detect_architecture(k for k in header if k != "__metadata__")
+    kind = diffusers_model_type(header)
+    conv = header.get(FIRST_CONV)
+    shape = conv.get("shape") if isinstance(conv, dict) else None
+    channels = int(shape[1]) if isinstance(shape, list) and len(shape) == 4 else None
+    if family == "sdxl-refiner" or kind == "xl_refiner":
+        return Architecture("StableDiffusionXLImg2ImgPipeline", channels, refiner=True), family
+    if kind not in TEXT_TO_IMAGE_TYPES:
+        prefix = max((p for p in SINGLE_FILE_PIPELINES if kind.startswith(p)), key=len, default=None)
+        if prefix is not None:
+            return Architecture(SINGLE_FILE_PIPELINES[prefix], channels), family
+        if kind != "unknown":  # a kind diffusers knows (a ControlNet, a video model, Playground's EDM SDXL …)
+            return Architecture(None, channels, label=f"a {kind!r} checkpoint (as diffusers reads it)"), family
+    if family in FAMILY_PIPELINES:
+        return Architecture(FAMILY_PIPELINES[family], channels), family
+    return Architecture(None, channels, label="an unknown architecture (not a Stable Diffusion checkpoint)"), family
+
+
+def check_single_file(path: Path) -> str:
+    """The family ("sd1" | "sd2" | "sdxl") of a whole ``.safetensors`` checkpoint the studio can use, or a one-line
+    refusal naming what it is; reads only the header."""
+    path = Path(path)
+    architecture, family = single_file_architecture(read_header(path))
+    check_architecture(architecture, path.name)
+    return family
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
@@ -50,8 +118,9 @@ def config_for(architecture: str, config: Path | None, name: str) -> Path | None
         return Path(config)
     if architecture == "sd1":
         return SD15_CONFIG
-    if architecture == "unknown":
-        raise ModelLoadError(f"{name}: unsupported architecture (not a Stable Diffusion checkpoint)")
+    if architecture not in FAMILY_PIPELINES:
+        check_architecture(Architecture(None, label="an unknown architecture (not a Stable Diffusion checkpoint)"),
+                           name)
     if _offline():
         raise ModelLoadError(f"{name}: a {architecture} single file needs its config folder (--config) "
                              "or network access to the Hub")
@@ -65,12 +134,11 @@ def load_single_file(path: Path, *, config: Path | None = None, torch_dtype=torc
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle formats are refused)")
-    header = read_header(path)
-    architecture = detect_architecture(k for k in header if k != "__metadata__")
+    architecture = check_single_file(path)  # before any weights are read
     config_dir = config_for(architecture, config, path.name)
     import diffusers
 
-    cls = diffusers.StableDiffusionXLPipeline if architecture.startswith("sdxl") else diffusers.StableDiffusionPipeline
+    cls = getattr(diffusers, FAMILY_PIPELINES[architecture])
     kwargs = dict(**dtype_kwargs(torch_dtype))
     if config_dir is not None:
         kwargs.update(config=str(config_dir), local_files_only=True)
@@ -81,6 +149,17 @@ def load_single_file(path: Path, *, config: Path | None = None, torch_dtype=torc
     except Exception as exc:  # one line for the user; the cause stays chained for debugging
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:200]
         raise ModelLoadError(f"{path.name}: cannot load this {architecture} checkpoint ({first})") from exc
+
+
+def single_file_configs(path: Path, config: Path | None = None) -> dict[str, dict | None] | None:
+    """The configs a checkpoint loads with (its config folder's model index, UNet, scheduler, VAE), read without
+    its weights; None when diffusers would fetch them from the Hub with the weights (an SD 2.x/SDXL file online
+    with no --config). Refuses what :func:`load_single_file` refuses."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle formats are refused)")
+    config_dir = config_for(check_single_file(path), config, path.name)
+    return read_folder_configs(config_dir) if config_dir is not None else None
 
 
 # ------------------------------------------------------------------------------------------------ export

@@ -43,16 +43,21 @@ def test_b4m_wizard_from_the_page(browser, tiny_model_dir, data, tmp_path):
         assert not page.locator("#b4m-make").is_visible()  # closed until asked for
         page.locator("#train-b4m").get_by_text("Break-for-Make: content + style").click()
         page.locator("#b4m-make").wait_for(state="visible", timeout=10_000)
-        assert page.locator("#b4m-aux-microworld").is_visible()
+        # Not the micro model: its scene generator's sets are not offered, class images from the model come first.
+        assert page.locator("#b4m-aux-source label", has_text="Micro-world").count() == 0
+        assert not page.locator("#b4m-aux-microworld").is_visible()
+        assert page.locator("#b4m-aux-prompts").is_visible()
         assert not page.locator("#b4m-aux-folders").is_visible()
 
         # Only the chosen source's fields show.
-        page.locator("#b4m-aux-source label", has_text="Class images").click()
-        page.locator("#b4m-aux-prompts").wait_for(state="visible", timeout=10_000)
-        page.locator("#b4m-aux-microworld").wait_for(state="hidden", timeout=10_000)
         page.locator("#b4m-aux-source label", has_text="My folders").click()
         page.locator("#b4m-aux-folders").wait_for(state="visible", timeout=10_000)
         page.locator("#b4m-aux-prompts").wait_for(state="hidden", timeout=10_000)
+        page.locator("#b4m-aux-source label", has_text="Class images").click()
+        page.locator("#b4m-aux-prompts").wait_for(state="visible", timeout=10_000)
+        page.locator("#b4m-aux-folders").wait_for(state="hidden", timeout=10_000)
+        page.locator("#b4m-aux-source label", has_text="My folders").click()
+        page.locator("#b4m-aux-folders").wait_for(state="visible", timeout=10_000)
 
         _fill(page, "b4m-style-folder", str(data))
         _fill(page, "b4m-aux-styles", str(data))

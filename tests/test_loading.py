@@ -84,8 +84,8 @@ def test_unsupported_architecture(tiny_model_dir, tmp_path):
     index = json.loads((other / "model_index.json").read_text())
     index["_class_name"] = "FluxPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ModelLoadError, match="unsupported architecture 'FluxPipeline'"):
-        load_model(other)
+    with pytest.raises(ModelLoadError, match=r"^flux: Flux \(FluxPipeline\) is not supported; Atelier trains"):
+        load_model(other)  # refused from model_index.json (tests/test_model_families.py has every refused kind)
 
 
 def test_runtime_choice_and_overrides():

@@ -564,12 +564,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def export(run: Path, out: Path, fp16: bool = True) -> Path:
-    """Copy the run's pipeline to ``out`` (fp16 weights by default, to fit the size budget)."""
+    """Copy the run's pipeline to ``out`` (fp16 UNet and VAE by default, to fit the size budget). The text encoder
+    stays fp32: transformers loads a model in its stored dtype while diffusers upcasts to fp32, so a plain
+    ``StableDiffusionPipeline.from_pretrained(out)`` would otherwise meet an fp16 encoder beside an fp32 UNet."""
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline")
     if fp16:
-        pipe.to(torch.float16)
+        pipe.unet.to(torch.float16)
+        pipe.vae.to(torch.float16)
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
