@@ -9,7 +9,11 @@ keyed by the diffusers module path with its component prefix (``unet.down_blocks
   alpha/rank is folded into ``lora_B``; ``atelier.lora_alpha`` in the metadata lets an import recover the real alpha.
 - **kohya** format: ``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, what kohya
   sd-scripts writes and A1111/ComfyUI read. The names use ``_`` for ``.``, so reading them is resolved against the
-  model's real module names; without a model, diffusers' own renaming rules are used.
+  model's real module names; without a model, diffusers' own renaming rules are used. SD 1.x/2.x files name the UNet
+  as diffusers does (sd-scripts trains those on the diffusers UNet) and the text encoder ``lora_te_``; SDXL files name
+  the text encoders ``lora_te1_``/``lora_te2_`` and the UNet in the original (sgm/LDM) numbering
+  (``lora_unet_input_blocks_4_1_…`` = ``down_blocks.1.attentions.0``), because sd-scripts trains SDXL on that UNet
+  and loads only names it knows; diffusers, A1111 and ComfyUI read that numbering too.
 
 Imports also accept peft files with diffusers' ``lora_adapter_metadata`` (alpha, alpha_pattern, rsLoRA) and the old
 diffusers layouts (``.lora.down``, ``processor.to_q_lora``, ``lora_linear_layer``).
@@ -24,6 +28,8 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -47,6 +53,13 @@ _LEGACY_KEY = re.compile(r"(?P<stem>.+?)\.(?:(?P<proc>to_(?:q|k|v|out)_lora)|lor
 _KOHYA_KEY = re.compile(r"(?P<stem>lora_(?:unet|te|te1|te2)_[^.]+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
 _PEFT_INTERNALS = re.compile(r"(^|\.)(base_layer|lora_A|lora_B|lora_dropout|lora_magnitude_vector|"
                              r"lora_embedding_A|lora_embedding_B)(\.|$)")
+# SDXL base's UNet layout (diffusers' defaults for it): how an SDXL adapter's UNet layers are numbered in kohya's files
+# when no model is at hand. Pass the model (``save_lora(..., pipe=)``) for any other layout.
+SDXL_BASE_UNET = SimpleNamespace(layers_per_block=2, block_out_channels=(320, 640, 1280),
+                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"))
+# SDXL's added-conditioning MLP, outside the block structure single_file's map covers.
+_SGM_EXTRA = [("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")]
+_DIFFUSERS_BLOCK_STEMS = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
 _LEGACY_PROJ = {"unet": {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"},
                 "text": {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj",
                          "to_out_lora": "out_proj"}}
@@ -140,10 +153,21 @@ def lora_targets(pipe) -> dict[str, torch.nn.Module]:
 
 
 def lora_metadata(method: str, base_fingerprint: str, trigger_words: Iterable[str], rank: int, alpha: float,
-                  settings: Mapping, base_model_name: str, title: str, *, sdxl: bool = False,
-                  resolution: int | None = None) -> dict[str, str]:
-    """Atelier's keys plus kohya's ``ss_*`` and ``modelspec.*``, so A1111/ComfyUI/Civitai show name and triggers."""
+                  settings: Mapping, base_model_name: str, title: str, *, sdxl: bool = False, v2: bool = False,
+                  prediction_type: str = "epsilon", resolution: int | None = None) -> dict[str, str]:
+    """Atelier's keys plus kohya's ``ss_*`` and ``modelspec.*``, so A1111/ComfyUI/Civitai show name and triggers and
+    know the base (A1111 sorts LoRAs by ``ss_base_model_version`` / ``ss_v2``). The values are sd-scripts' own:
+    ``sd_v1``, ``sd_v2_v`` (v-prediction), ``sdxl_base_v1-0``; modelspec prediction type ``epsilon`` or ``v``.
+    ``prediction_type`` takes diffusers' spelling (``v_prediction``) too; :func:`base_model_facts` gives all four
+    keywords for a loaded pipeline."""
     triggers = [t.strip() for t in trigger_words if t and t.strip()]
+    v_param = prediction_type in ("v", "v_prediction")
+    if sdxl:
+        version, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base"
+    else:
+        version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_param else "")
+        architecture = ("stable-diffusion-v2-768-v" if v_param else "stable-diffusion-v2-512") if v2 \
+            else "stable-diffusion-v1"
     meta = {
         "atelier.method": method,
         "atelier.base_fingerprint": base_fingerprint,
@@ -152,22 +176,36 @@ def lora_metadata(method: str, base_fingerprint: str, trigger_words: Iterable[st
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": f"{float(alpha):g}",
-        "ss_base_model_version": "sdxl_base_v1-0" if sdxl else "sd_v1",
+        "ss_base_model_version": version,
+        "ss_v2": str(bool(v2)),
         "ss_sd_model_name": base_model_name,
         "ss_output_name": title,
         # kohya's shape: {dataset folder: {tag: count}}; the webui's tag list reads it.
         "ss_tag_frequency": json.dumps({title or "atelier": {t: 1 for t in triggers}}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora" if sdxl else "stable-diffusion-v1/lora",
+        "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
         "modelspec.title": title,
         "modelspec.trigger_phrase": ", ".join(triggers),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.prediction_type": "epsilon",
+        "modelspec.prediction_type": "v" if v_param else "epsilon",
     }
     if resolution:
         meta["modelspec.resolution"] = f"{int(resolution)}x{int(resolution)}"
+        meta["ss_resolution"] = f"({int(resolution)}, {int(resolution)})"
     return meta
+
+
+def base_model_facts(pipe, resolution: int | None = None) -> dict[str, Any]:
+    """:func:`lora_metadata`'s keywords for an adapter trained on ``pipe`` (family, prediction type, resolution;
+    ``resolution`` defaults to the model's native size)."""
+    from .conditioning import SD2, SDXL, model_family
+
+    family = model_family(pipe)
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return {"sdxl": family is SDXL, "v2": family is SD2,
+            "prediction_type": str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+            "resolution": int(resolution or native)}
 
 
 def _string_metadata(metadata: Mapping) -> dict[str, str]:
@@ -187,27 +225,64 @@ def to_diffusers_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
-def kohya_stem(name: str, sdxl: bool = False) -> str:
+def is_sdxl_unet(unet_config) -> bool:
+    """SDXL's UNet (and only it among the families) takes the pooled embedding and time ids."""
+    return getattr(unet_config, "addition_embed_type", None) == "text_time"
+
+
+def sgm_unet_names(unet_config=None) -> list[tuple[str, str]]:
+    """(diffusers prefix, sgm prefix) for a UNet's layers: single_file's checkpoint map plus SDXL's added-conditioning
+    MLP. Without a config, SDXL base's layout."""
+    from .single_file import unet_prefix_map
+
+    return unet_prefix_map(unet_config if unet_config is not None else SDXL_BASE_UNET) + _SGM_EXTRA
+
+
+def _swap_prefix(path: str, pairs: Iterable[tuple[str, str]], sep: str = ".") -> str | None:
+    """``path`` with its longest matching prefix (whole ``sep``-separated segments) replaced; None when none does."""
+    matches = [(src, dst) for src, dst in pairs if path == src or path.startswith(src + sep)]
+    if not matches:
+        return None
+    src, dst = max(matches, key=lambda pair: len(pair[0]))
+    return dst + path[len(src):]
+
+
+def kohya_stem(name: str, sdxl: bool = False, sgm: list[tuple[str, str]] | None = None) -> str:
+    """kohya's module name for layer ``name``; ``sgm`` (from :func:`sgm_unet_names`) renumbers an SDXL UNet."""
     component, _, module = canonical_name(name).partition(".")
     prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_",
               "text_encoder_2": "lora_te2_"}.get(component)
     if prefix is None:
         raise UserError(f"cannot write {name} in kohya format (unknown component {component!r})")
+    if component == "unet" and sgm is not None:
+        renamed = _swap_prefix(module, sgm)
+        if renamed is None:
+            raise UserError(f"cannot write {name} in kohya's SDXL layout (no such layer in the original UNet)")
+        module = renamed
     return prefix + module.replace(".", "_")
 
 
-def to_kohya_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
+def is_sdxl_adapter(adapter: LoraAdapter) -> bool:
+    """Trained on SDXL, as far as the adapter itself tells: a second text encoder's layers, or its metadata."""
+    return "text_encoder_2" in adapter.components or \
+        adapter.metadata.get("ss_base_model_version", "").startswith("sdxl")
+
+
+def to_kohya_state(adapter: LoraAdapter, unet_config=None) -> dict[str, torch.Tensor]:
     """kohya's state dict: ``lora_down``/``lora_up`` and a real 0-dim ``alpha`` per module.
 
     All modules get the adapter's most common alpha, layers with another alpha having it folded into ``lora_up``
     (same ΔW): diffusers' kohya import honours a single alpha only and mis-scales the attention and text-encoder
-    layers whose alpha differs from it.
+    layers whose alpha differs from it. SDXL (``unet_config`` of an SDXL UNet, or an SDXL adapter without one) gets
+    sd-scripts' SDXL names: ``lora_te1_``/``lora_te2_`` and the UNet in sgm numbering of that layout (SDXL base's
+    without a config).
     """
-    sdxl = "text_encoder_2" in adapter.components
+    sdxl = is_sdxl_unet(unet_config) if unet_config is not None else is_sdxl_adapter(adapter)
+    sgm = sgm_unet_names(unet_config) if sdxl else None
     common = Counter(float(layer.alpha) for layer in adapter.layers.values()).most_common(1)[0][0]
     state = {}
     for name, layer in adapter.layers.items():
-        stem = kohya_stem(name, sdxl)
+        stem = kohya_stem(name, sdxl, sgm)
         up = layer.up
         if float(layer.alpha) != common:
             up = (up.float() * (float(layer.alpha) / common)).to(up.dtype)
@@ -217,8 +292,11 @@ def to_kohya_state(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers") -> Path:
-    """Write ``adapter`` as ``.safetensors`` in ``format`` ("diffusers" or "kohya"), atomically (temp + rename)."""
+def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers", *, pipe=None) -> Path:
+    """Write ``adapter`` as ``.safetensors`` in ``format`` ("diffusers" or "kohya"), atomically (temp + rename).
+
+    ``pipe``, the model the adapter belongs to, gives kohya's SDXL UNet names their model's block layout.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise UserError(f"{path.name}: adapter files are .safetensors")
@@ -235,7 +313,7 @@ def save_lora(adapter: LoraAdapter, path: Path, format: str = "diffusers") -> Pa
         if len(alphas) == 1:
             metadata["atelier.lora_alpha"] = repr(alphas.pop())
     elif format == "kohya":
-        state = to_kohya_state(adapter)
+        state = to_kohya_state(adapter, pipe.unet.config if pipe is not None else None)
     else:
         raise UserError(f"unknown adapter format {format!r} (diffusers or kohya)")
     save_atomic(state, path, metadata)
@@ -412,7 +490,29 @@ def _kohya_names_by_diffusers(stems: list[str], unet_config=None) -> dict[str, s
     return names
 
 
-def _read_kohya(state: dict[str, torch.Tensor], pipe) -> _Pairs:
+def _sgm_aliases(stems: Iterable[str], pipe, metadata: Mapping[str, str]) -> dict[str, str]:
+    """kohya stems in sgm numbering (SDXL files, ComfyUI exports) → the same stem in diffusers numbering, by the
+    model's block layout (SDXL base's for an SDXL file read without a model; none for other files without one)."""
+    if pipe is not None:
+        config = pipe.unet.config
+    elif any(s.startswith("lora_te2_") for s in stems) or metadata.get("ss_base_model_version", "").startswith("sdxl"):
+        config = None
+    else:
+        return {}
+    try:
+        pairs = [(sgm.replace(".", "_"), diffusers.replace(".", "_")) for diffusers, sgm in sgm_unet_names(config)]
+    except (AttributeError, TypeError):  # a UNet config single_file's map does not cover (per-block layer counts)
+        return {}
+    aliases = {}
+    for stem in stems:
+        if stem.startswith("lora_unet_"):
+            renamed = _swap_prefix(stem.removeprefix("lora_unet_"), pairs, "_")
+            if renamed is not None:
+                aliases[stem] = "lora_unet_" + renamed
+    return aliases
+
+
+def _read_kohya(state: dict[str, torch.Tensor], pipe, metadata: Mapping[str, str]) -> _Pairs:
     by_stem: dict[str, dict[str, torch.Tensor]] = {}
     pairs = _Pairs()
     for key, tensor in state.items():
@@ -422,6 +522,7 @@ def _read_kohya(state: dict[str, torch.Tensor], pipe) -> _Pairs:
         else:
             pairs.unmapped.append(key)
     names: dict[str, str] = {}
+    aliases = _sgm_aliases(by_stem, pipe, metadata)  # looked up as their diffusers-numbered stem
     targets = lora_targets(pipe) if pipe is not None else None
     if targets is not None:
         index = {}
@@ -430,12 +531,14 @@ def _read_kohya(state: dict[str, torch.Tensor], pipe) -> _Pairs:
             for prefix, owner in KOHYA_PREFIXES.items():
                 if owner == component:
                     index[prefix + path.replace(".", "_")] = name
-        names = {stem: index[stem] for stem in by_stem if stem in index}
+        names = {stem: index[aliases.get(stem, stem)] for stem in by_stem if aliases.get(stem, stem) in index}
     rest = [stem for stem in by_stem if stem not in names]
     if rest:
         unet_config = getattr(getattr(pipe, "unet", None), "config", None)
-        guessed = _kohya_names_by_diffusers(rest, unet_config)
-        names.update({s: n for s, n in guessed.items() if targets is None or n in targets})
+        # diffusers maps sgm block numbers only with the model's config, the layers outside the blocks always
+        probe = {aliases[s] if aliases.get(s, "").startswith(_DIFFUSERS_BLOCK_STEMS) else s: s for s in rest}
+        guessed = _kohya_names_by_diffusers(list(probe), unet_config)
+        names.update({probe[s]: n for s, n in guessed.items() if targets is None or n in targets})
     for stem, parts in by_stem.items():
         name = names.get(stem)
         if name is None:
@@ -498,7 +601,7 @@ def load_lora(path: Path, pipe=None) -> LoraAdapter:
         raise UserError(f"{path.name}: the .safetensors file cannot be read ({str(exc).splitlines()[0][:120]})") \
             from exc
     if kind == "kohya":
-        pairs = _read_kohya(state, pipe)
+        pairs = _read_kohya(state, pipe, metadata)
     elif kind == "diffusers":
         pairs = _read_diffusers(state, metadata, path.name)
     else:
@@ -516,8 +619,9 @@ def load_lora(path: Path, pipe=None) -> LoraAdapter:
 
 
 def export_lora(src: Path, dst: Path, format: str, pipe=None) -> Path:
-    """Convert ``src`` to ``format`` at ``dst`` with the same ΔW and metadata (``pipe`` resolves kohya names)."""
-    return save_lora(load_lora(src, pipe), dst, format=format)
+    """Convert ``src`` to ``format`` at ``dst`` with the same ΔW and metadata (``pipe`` resolves kohya names and
+    gives SDXL's kohya names their block layout)."""
+    return save_lora(load_lora(src, pipe), dst, format=format, pipe=pipe)
 
 
 def check_base(adapter: LoraAdapter, fingerprint: str, *, strict: bool = False) -> str | None:

@@ -171,7 +171,7 @@ def _resnet_unet(src: str, dst: str) -> list[tuple[str, str]]:
     return [(f"{src}.{a}", f"{dst}.{b}") for a, b in pairs]
 
 
-def _unet_prefix_map(config) -> list[tuple[str, str]]:
+def unet_prefix_map(config) -> list[tuple[str, str]]:
     """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config."""
     layers = config.layers_per_block
     n = len(config.block_out_channels)
@@ -238,7 +238,7 @@ def _rename(state: dict[str, torch.Tensor], prefixes: list[tuple[str, str]]) -> 
 def ldm_state_dict(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's weights under the original LDM (A1111/ComfyUI) key names."""
     out: dict[str, torch.Tensor] = {}
-    unet = _rename(pipe.unet.state_dict(), _unet_prefix_map(pipe.unet.config))
+    unet = _rename(pipe.unet.state_dict(), unet_prefix_map(pipe.unet.config))
     out.update({f"model.diffusion_model.{k}": v for k, v in unet.items()})
     vae = _rename(pipe.vae.state_dict(), _vae_prefix_map(pipe.vae.config))
     for k, v in vae.items():

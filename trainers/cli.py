@@ -11,6 +11,11 @@ from pipelines.errors import UserError
 METHODS = ("lora", "sara", "b4m-content", "b4m-style", "b4m-combine", "sr", "watermark")
 
 
+def module_list(text: str) -> list[str]:
+    """A comma-separated list of module names, as ``--targets`` takes it."""
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="folder of images with same-name .txt captions")
     p.add_argument("--out", help="the trained adapter, a .safetensors file")
@@ -54,15 +59,28 @@ def register(subparsers) -> None:
                                               "samples and checkpoints; stop with Ctrl-C (a checkpoint is saved) "
                                               "and continue with --resume RUN_DIR.")
     methods = train.add_subparsers(dest="method", metavar="METHOD", required=True)
-    lora = methods.add_parser("lora", help="plain LoRA on the UNet attention layers (peft)",
-                              description="Train a LoRA on a folder of images with captions.")
+    lora = methods.add_parser("lora", help="plain LoRA on the UNet attention layers, optionally the text encoder(s)",
+                              description="Train a LoRA (peft) on a folder of images with captions: on the UNet's "
+                                          "attention layers and, with --train-text-encoder, on the text encoder "
+                                          "(both on SDXL).")
     add_common_options(lora)
     lora.add_argument("--rank", type=int, help="LoRA rank (default 8)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default: = rank)")
-    lora.add_argument("--targets", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+    lora.add_argument("--targets", type=module_list,
                       help="module names to wrap, comma-separated (default to_q,to_k,to_v,to_out.0; add "
                            "proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2 for a LoCon-style LoRA)")
-    lora.set_defaults(func=run_train, method_option_names=("rank", "alpha", "targets"))
+    lora.add_argument("--train-text-encoder", action="store_true", default=None,
+                      help="also train a LoRA on the text encoder (both encoders on SDXL)")
+    lora.add_argument("--text-encoder-lr", type=float,
+                      help="learning rate of the text-encoder LoRA (default: the UNet's, --lr)")
+    lora.add_argument("--text-encoder-targets", type=module_list,
+                      help="text-encoder modules to wrap, comma-separated (default q_proj,k_proj,v_proj,out_proj as "
+                           "diffusers' scripts; add fc1,fc2 for kohya's default set)")
+    lora.add_argument("--format", choices=("diffusers", "kohya"),
+                      help="layout of the saved file (default diffusers; kohya: lora_unet_/lora_te_ names, on SDXL "
+                           "lora_te1_/lora_te2_ and the original UNet numbering, as kohya sd-scripts writes)")
+    lora.set_defaults(func=run_train, method_option_names=("rank", "alpha", "targets", "train_text_encoder",
+                                                           "text_encoder_lr", "text_encoder_targets", "format"))
 
     sara = methods.add_parser("sara", help="SaRA: train the UNet's smallest weights (sparse, low-rank regularised)",
                               description="Fine-tune the UNet through its smallest-magnitude weights. Choose the "
@@ -158,7 +176,7 @@ def add_b4m_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank", type=int, help="PLP rank r (files hold rank 2r; default 4)")
     p.add_argument("--alpha", type=float, help="alpha (default: = rank)")
     p.add_argument("--plp-seed", type=int, help="seed of the frozen halves; runs to be combined share it (default 0)")
-    p.add_argument("--targets", type=lambda text: [t.strip() for t in text.split(",") if t.strip()],
+    p.add_argument("--targets", type=module_list,
                    help="Linear layers to adapt, comma-separated (default to_q,to_k,to_v,to_out.0)")
     p.add_argument("--preconditioned", action="store_true", default=None,
                    help="Riemannian-preconditioned AdamW (gradients of each half scaled by the other's Gram inverse)")

@@ -1,4 +1,10 @@
-"""Plain LoRA on the UNet's attention projections (peft), the baseline every other method is compared to."""
+"""Plain LoRA (peft) on the UNet's attention projections and, on request, on the text encoder(s): the baseline every
+other method is compared to, trained the way kohya sd-scripts and diffusers' ``train_dreambooth_lora(_sdxl).py`` do.
+
+The text encoders' LoRA (both encoders on SDXL, the one on SD 1.x/2.x) sits on CLIP's attention projections by
+default, as in diffusers' scripts (kohya's default also adapts the MLP: add ``fc1,fc2`` to the text-encoder
+targets), and trains at its own learning rate (default: the UNet's, as kohya's ``--text_encoder_lr``).
+"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -9,6 +15,8 @@ import torch
 from .loop import TrainConfig
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -16,17 +24,42 @@ class LoraOptions:
     rank: int = 8
     alpha: float = 0.0  # 0: alpha = rank (scale 1)
     targets: tuple[str, ...] = DEFAULT_TARGETS
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None  # None: the UNet's learning rate
+    text_encoder_targets: tuple[str, ...] = DEFAULT_TEXT_ENCODER_TARGETS
+    format: str = "diffusers"  # of the saved file: "diffusers" | "kohya"
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> "LoraOptions":
+        """The options a run's config holds, checked (a bad value is a one-line error, not a traceback)."""
+        from pipelines.adapter_files import FORMATS
+        from pipelines.errors import UserError
+
         opts = dict(config.method_options)
-        if "targets" in opts:
-            opts["targets"] = tuple(opts["targets"])
-        return cls(**opts)
+        for key in ("targets", "text_encoder_targets"):
+            if key in opts:
+                opts[key] = tuple(opts[key])
+        options = cls(**opts)
+        if options.rank < 1:
+            raise UserError("LoRA rank must be at least 1")
+        if options.text_encoder_lr is not None and options.text_encoder_lr <= 0:
+            raise UserError("text-encoder learning rate must be positive")
+        if options.format not in FORMATS:
+            raise UserError(f"adapter format must be one of {', '.join(FORMATS)}")
+        if not options.train_text_encoder and (options.text_encoder_lr is not None
+                                               or options.text_encoder_targets != DEFAULT_TEXT_ENCODER_TARGETS):
+            raise UserError("a text-encoder learning rate or targets need --train-text-encoder")
+        return options
 
     @property
     def effective_alpha(self) -> float:
         return float(self.alpha or self.rank)
+
+    def peft_config(self, targets: tuple[str, ...]):
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.rank, lora_alpha=self.effective_alpha, init_lora_weights="gaussian",
+                          target_modules=list(targets))
 
 
 class LoraMethod:
@@ -34,58 +67,119 @@ class LoraMethod:
 
     def __init__(self) -> None:
         self.unet = None
+        self.text_encoders: dict[str, torch.nn.Module] = {}  # component name → encoder carrying a LoRA
         self.options = LoraOptions()
 
     def attach(self, pipe, config: TrainConfig) -> list[torch.nn.Parameter]:
-        from peft import LoraConfig
+        """A LoRA on the UNet (added first, so its random init is what it was before text encoders could train) and,
+        with ``train_text_encoder``, on every text encoder; returns the UNet's parameters, then the encoders'."""
+        from peft import inject_adapter_in_model
 
         from pipelines.errors import UserError
 
         self.options = LoraOptions.from_config(config)
-        if self.options.rank < 1:
-            raise UserError("LoRA rank must be at least 1")
         self.unet = pipe.unet
-        self.unet.add_adapter(LoraConfig(r=self.options.rank, lora_alpha=self.options.effective_alpha,
-                                         init_lora_weights="gaussian", target_modules=list(self.options.targets)))
-        return [p for p in self.unet.parameters() if p.requires_grad]
+        self.unet.add_adapter(self.options.peft_config(self.options.targets))
+        self.text_encoders = {}
+        if self.options.train_text_encoder:
+            for component in TEXT_ENCODERS:
+                encoder = getattr(pipe, component, None)
+                if not isinstance(encoder, torch.nn.Module):
+                    continue
+                # peft directly: transformers' own add_adapter wants a newer peft than diffusers' integration does
+                try:
+                    inject_adapter_in_model(self.options.peft_config(self.options.text_encoder_targets), encoder)
+                except ValueError as exc:  # no module matches the targets
+                    raise UserError(f"{component}: no layer matches the text-encoder targets "
+                                    f"{', '.join(self.options.text_encoder_targets)}") from exc
+                if config.gradient_checkpointing:
+                    _checkpoint_activations(encoder)
+                encoder.train()  # as diffusers' scripts do (CLIP's dropout is 0: only checkpointing cares)
+                self.text_encoders[component] = encoder
+        return [p for module in self._modules().values() for p in module.parameters() if p.requires_grad]
+
+    def param_groups(self, params: list[torch.nn.Parameter], lr: float) -> list:
+        """The text encoders' LoRA at ``text_encoder_lr`` (kohya's per-part rate), the UNet's at ``lr``; a UNet-only
+        LoRA keeps one plain parameter list (its optimizer state is what it always was)."""
+        text = {id(p) for encoder in self.text_encoders.values() for p in encoder.parameters() if p.requires_grad}
+        if not text:
+            return list(params)
+        return [{"params": [p for p in params if id(p) not in text], "lr": lr},
+                {"params": [p for p in params if id(p) in text], "lr": self.options.text_encoder_lr or lr}]
+
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.unet, **self.text_encoders}
+
+    @staticmethod
+    def _state_prefix(component: str) -> str:
+        """Checkpoint keys: the UNet's unprefixed (so runs checkpointed before text encoders could train resume)."""
+        return "" if component == "unet" else f"{component}."
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        return {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+        state = {}
+        for component, module in self._modules().items():
+            prefix = self._state_prefix(component)
+            state.update({prefix + k: v.detach().clone() for k, v in get_peft_model_state_dict(module).items()})
+        return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        from peft.utils import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(self.unet, state)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise RuntimeError(f"checkpoint does not match this LoRA: {unexpected[:3]}")
+        left = dict(state)  # what no text encoder claims is the UNet's (a stray text-encoder key fails its check)
+        parts = {}
+        for component in self.text_encoders:
+            prefix = self._state_prefix(component)
+            parts[component] = {k[len(prefix):]: left.pop(k) for k in list(left) if k.startswith(prefix)}
+        parts["unet"] = left
+        for component, module in self._modules().items():
+            expected = set(get_peft_model_state_dict(module))
+            given = parts[component]
+            if set(given) != expected:
+                odd = sorted(set(given) ^ expected)
+                raise RuntimeError(f"checkpoint does not match this LoRA ({component}: {odd[:3]})")
+            set_peft_model_state_dict(module, given)
 
     def extra_loss(self) -> torch.Tensor | None:
         return None
 
     def adapter(self, model, config: TrainConfig):
-        """The trained LoRA in the studio's adapter form, with its metadata."""
-        from pipelines.adapter_files import LoraAdapter, LoraLayer, lora_metadata
+        """The trained LoRA in the studio's adapter form (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*``
+        layers), with metadata naming the base model's family, prediction type and resolution."""
+        from peft.utils import get_peft_model_state_dict
 
-        state = self.trainable_state()
+        from pipelines.adapter_files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
+
         layers: dict[str, LoraLayer] = {}
-        for key, down in state.items():
-            if ".lora_A." not in key:
-                continue
-            module = key.split(".lora_A.")[0]
-            up = state[key.replace(".lora_A.", ".lora_B.")]
-            layers[f"unet.{module}"] = LoraLayer(down=down.float().cpu(), up=up.float().cpu(),
-                                                 alpha=self.options.effective_alpha)
+        for component, module in self._modules().items():
+            state = get_peft_model_state_dict(module)
+            for key, down in state.items():
+                if ".lora_A." not in key:
+                    continue
+                up = state[key.replace(".lora_A.", ".lora_B.")]
+                layers[f"{component}.{key.split('.lora_A.')[0]}"] = LoraLayer(
+                    down=down.detach().float().cpu(), up=up.detach().float().cpu(), alpha=self.options.effective_alpha)
         triggers = [config.trigger] if config.trigger else []
         settings = {k: v for k, v in asdict(config).items() if k not in ("sample_prompts",)}
         metadata = lora_metadata(method="lora", base_fingerprint=model.fingerprint, trigger_words=triggers,
                                  rank=self.options.rank, alpha=self.options.effective_alpha, settings=settings,
-                                 base_model_name=model.name, title=Path(config.out).stem)
+                                 base_model_name=model.name, title=Path(config.out).stem,
+                                 **base_model_facts(model.pipe, config.resolution or None))
         return LoraAdapter(layers=layers, metadata=metadata)
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
         from pipelines.adapter_files import save_lora
 
-        save_lora(self.adapter(model, config), path, format="diffusers")
+        save_lora(self.adapter(model, config), path, format=self.options.format, pipe=model.pipe)
+
+
+def _checkpoint_activations(encoder: torch.nn.Module) -> None:
+    """Activation checkpointing of a transformers text encoder, non-reentrant: reentrant checkpointing drops the
+    gradients of layers whose input (the frozen embeddings' output) needs none, i.e. the LoRA's."""
+    kwargs = {"use_reentrant": False}
+    enable = getattr(encoder, "activation_checkpointing_enable", None)  # transformers ≥ 5.x; the old name warns
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
