@@ -3,7 +3,9 @@
 :class:`LoraComposerPipeline` is thin orchestration around the loaded diffusers pipeline: it installs the region
 processors of ``region_attention`` on the one UNet, encodes each region prompt (with the concept's text-encoder LoRA
 when the file has one), optionally re-initialises and optimises the latent, and lets the diffusers pipeline run its
-usual denoising loop. The base weights are never changed and no per-concept copy of anything large is made.
+usual denoising loop. The base weights are never changed and no per-concept copy of anything large is made (a
+concept's deltas stay LoRA factors). SD 1.x, 2.x and SDXL: prompts go through ``conditioning.encode_prompts`` and the
+composer's own UNet calls through ``conditioning.Conditioning``, as training and generation do.
 
 What a LoRA contributes here: its ``attn2`` (cross-attention) ``to_k`` / ``to_v`` / ``to_out`` deltas and its text
 encoder layers. Every other delta (self-attention, feed-forward, ResNet convs, projections) is *not applied* by this
@@ -23,12 +25,13 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .adapter_files import LoraAdapter, check_base, delta, load_lora
+from .adapter_files import LoraAdapter, LoraLayer, check_base, load_lora
 from .composer_latents import coarsest_maps, composer_losses, reinitialise, step_size
 from .composition import AUTO, CompositionSpec, ConceptSpec, Mechanisms
+from .conditioning import Conditioning, PromptEmbeds, encode_prompts, time_ids
 from .errors import UserError
 from .generation import token_warnings
-from .region_attention import Box, ConceptDeltas, RegionState, region_processors
+from .region_attention import Box, ConceptDeltas, LowRank, RegionState, region_processors
 
 INJECTED = {"to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}  # attn2 projection → ConceptDeltas field
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -43,7 +46,7 @@ class Concept:
     strength: float
     negative_prompt: str
     trigger: str
-    cross_deltas: dict[str, dict[str, torch.Tensor]]  # attn2 module (UNet path) → {"to_k": ΔW, ...}
+    cross_deltas: dict[str, dict[str, LoraLayer]]  # attn2 module (UNet path) → {"to_k": its LoRA layer, ...}
     text_encoder: LoraAdapter | None
     skipped: dict[str, int] = field(default_factory=dict)  # kind of layer → count
     warnings: list[str] = field(default_factory=list)
@@ -72,7 +75,7 @@ def _layer_kind(path: str) -> str:
 
 def concept_from_adapter(adapter: LoraAdapter, spec: ConceptSpec, name: str) -> Concept:
     """Split an adapter into what the composer applies (attn2 K/V/out deltas, text encoder) and what it skips."""
-    cross: dict[str, dict[str, torch.Tensor]] = {}
+    cross: dict[str, dict[str, LoraLayer]] = {}
     text: dict = {}
     skipped: Counter = Counter()
     for layer_name, layer in adapter.layers.items():
@@ -82,7 +85,7 @@ def concept_from_adapter(adapter: LoraAdapter, spec: ConceptSpec, name: str) -> 
             continue
         module, _, proj = path.rpartition(".attn2.")
         if component == "unet" and proj in INJECTED:
-            cross.setdefault(f"{module}.attn2", {})[INJECTED[proj]] = delta(layer).flatten(1)
+            cross.setdefault(f"{module}.attn2", {})[INJECTED[proj]] = layer
             continue
         skipped[_layer_kind(path) if component == "unet" else component] += 1
     trigger = spec.trigger or adapter.metadata.get("atelier.trigger_words", "").split(",")[0].strip() \
@@ -118,7 +121,7 @@ def load_concept(spec: ConceptSpec, pipe, fingerprint: str | None = None) -> Con
 @contextmanager
 def lora_merged(pipe, adapter: LoraAdapter | None, strength: float):
     """``adapter`` merged into ``pipe``'s weights for a block (a concept's text-encoder LoRA for the time of an
-    encoding); the exact weights come back after."""
+    encoding: ``text_encoder.*`` and, on SDXL, ``text_encoder_2.*`` layers); the exact weights come back after."""
     if adapter is None or strength == 0:
         yield
         return
@@ -138,7 +141,8 @@ def lora_merged(pipe, adapter: LoraAdapter | None, strength: float):
 
 def trigger_token_indices(tokenizer, prompt: str, trigger: str) -> list[int]:
     """Positions of the trigger's tokens in the tokenised prompt (start token = 0); all prompt tokens when the
-    trigger is empty or absent, so the maps still follow the region prompt."""
+    trigger is empty or absent, so the maps still follow the region prompt. On SDXL the first tokenizer's positions
+    hold for both encoders: theirs share one BPE vocabulary and differ in padding only."""
     ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
     words = ids[1:-1]
     if trigger:
@@ -158,46 +162,74 @@ class ComposeOutput:
     seconds: float
 
 
+def stacked_factors(layers: Sequence[LoraLayer | None], strengths: Sequence[float],
+                    weight: torch.Tensor) -> LowRank:
+    """The concepts' LoRA factors of one projection as one :class:`LowRank` on ``weight``'s device and dtype: ranks
+    zero-padded to the largest, a concept without the layer all zeros (scale 0)."""
+    out_features, in_features = weight.shape[:2]
+    rank = max(layer.rank for layer in layers if layer is not None)
+    down = torch.zeros(len(layers), rank, in_features)
+    up = torch.zeros(len(layers), out_features, rank)
+    scale = torch.zeros(len(layers))
+    for index, (layer, strength) in enumerate(zip(layers, strengths)):
+        if layer is not None:
+            down[index, :layer.rank] = layer.down.flatten(1).float()
+            up[index, :, :layer.rank] = layer.up.flatten(1).float()
+            scale[index] = layer.scale * strength
+    to = {"device": weight.device, "dtype": weight.dtype}
+    return LowRank(down.to(**to), up.to(**to), scale.to(**to))
+
+
 class LoraComposerPipeline:
-    """Regional multi-LoRA generation on a loaded diffusers Stable Diffusion pipeline (SD 1.x / 2.x layout)."""
+    """Regional multi-LoRA generation on a loaded diffusers Stable Diffusion pipeline (SD 1.x, 2.x or SDXL).
+
+    On SDXL every prompt (the global one and each concept's region prompt) goes through both text encoders, a
+    concept's text-encoder LoRA merged into both while its prompt is encoded, and the region processors take the
+    concatenated hidden states. SDXL's pooled embedding and time ids stay global: the UNet adds them to the timestep
+    embedding, which every ResNet reads over the whole image, so there is no region to give a concept's pooled
+    embedding to; the image is conditioned on the global prompt's, and the concepts' pooled embeddings are dropped
+    (a concept's text-encoder LoRA therefore reaches the image through its region's keys/values only).
+    """
 
     def __init__(self, pipe, attention: str = "sdpa") -> None:
-        if getattr(pipe, "text_encoder_2", None) is not None:
-            # the processors fit SDXL's UNet; the prompt encoding and added conditions here are SD 1.x/2.x's
-            raise UserError("LoRA-Composer runs on SD 1.x / 2.x models for now, not on SDXL")
         self.pipe = pipe
         self.backend = "xformers" if attention == "xformers" else "sdpa"
 
-    def encode(self, prompt: str, negative: str, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        positive, negative_embeds = self.pipe.encode_prompt(prompt, self.pipe._execution_device, 1, cfg,
-                                                            negative_prompt=negative or None)
-        return positive, negative_embeds
+    @torch.no_grad()
+    def encode(self, prompt: str, negative: str, cfg: bool) -> PromptEmbeds:
+        """No gradient into the text encoders: latent optimisation differentiates with respect to the latent only."""
+        return encode_prompts(self.pipe, prompt, negative, cfg)
+
+    def unet_conditioning(self, embeds: PromptEmbeds, height: int, width: int) -> Conditioning:
+        """The positive prompt as the composer's own conditional UNet calls take it: on SDXL with its pooled
+        embedding and the time ids the pipeline gives an uncropped ``height``×``width`` image, so re-initialisation
+        and latent optimisation see what the denoising loop's conditional half sees."""
+        if embeds.pooled is None:
+            return Conditioning(embeds.positive)
+        size = (int(height), int(width))
+        return Conditioning(embeds.positive, embeds.pooled, time_ids([size], [(0, 0)], [size], embeds.pooled.device))
 
     def concept_embeddings(self, concepts: Sequence[Concept], global_negative: str) -> torch.Tensor:
         """(N, 2, T, D): each concept's [negative, region prompt], encoded with its own text-encoder LoRA."""
         rows = []
         for concept in concepts:
             with lora_merged(self.pipe, concept.text_encoder, concept.strength):
-                positive, negative = self.encode(concept.prompt, concept.negative_prompt or global_negative, True)
-            rows.append(torch.stack([negative[0], positive[0]]))
+                embeds = self.encode(concept.prompt, concept.negative_prompt or global_negative, True)
+            rows.append(torch.cat([embeds.negative, embeds.positive]))
         return torch.stack(rows)
 
     def cross_deltas(self, concepts: Sequence[Concept]) -> dict[str, ConceptDeltas]:
-        """Per attn2 layer, the concepts' deltas stacked (zeros for a concept without one), strength included."""
+        """Per attn2 layer, the concepts' LoRA factors stacked (see :func:`stacked_factors`), strength included."""
         unet = self.pipe.unet
         out: dict[str, ConceptDeltas] = {}
-        layers = {name for c in concepts for name in c.cross_deltas}
-        for layer in layers:
+        for layer in sorted({name for c in concepts for name in c.cross_deltas}):
             module = unet.get_submodule(layer)
             fields = {}
             for proj, linear in (("to_k", module.to_k), ("to_v", module.to_v), ("to_out", module.to_out[0])):
-                if not any(proj in c.cross_deltas.get(layer, {}) for c in concepts):
-                    continue
-                weight = getattr(linear, "base_layer", linear).weight
-                stack = [c.cross_deltas.get(layer, {}).get(proj, torch.zeros(weight.shape)).float() * c.strength
-                         for c in concepts]
-                fields[proj] = torch.stack(stack).reshape(len(concepts), *weight.shape[:2]).to(
-                    device=weight.device, dtype=weight.dtype)
+                factors = [c.cross_deltas.get(layer, {}).get(proj) for c in concepts]
+                if any(f is not None for f in factors):
+                    weight = getattr(linear, "base_layer", linear).weight
+                    fields[proj] = stacked_factors(factors, [c.strength for c in concepts], weight)
             out[layer] = ConceptDeltas(**fields)
         return out
 
@@ -211,13 +243,14 @@ class LoraComposerPipeline:
         finally:
             unet.set_attn_processor(original)
 
-    def _unet_maps(self, state: RegionState, latents: torch.Tensor, timestep, embeds: torch.Tensor,
+    def _unet_maps(self, state: RegionState, latents: torch.Tensor, timestep, conditioning: Conditioning,
                    scheduler) -> None:
         """One conditional UNet pass that records the attention maps (no CFG batch)."""
         state.clear_maps()
         cfg, state.cfg, state.record = state.cfg, False, True
         try:
-            self.pipe.unet(scheduler.scale_model_input(latents, timestep), timestep, encoder_hidden_states=embeds)
+            self.pipe.unet(scheduler.scale_model_input(latents, timestep), timestep,
+                           **conditioning.unet_kwargs(self.pipe.unet.dtype))
         finally:
             state.cfg, state.record = cfg, False
 
@@ -235,7 +268,8 @@ class LoraComposerPipeline:
         device, dtype = pipe._execution_device, pipe.unet.dtype
         cfg = guidance > 1.0
         latent_hw = (height // scale, width // scale)
-        positive, negative = self.encode(prompt, negative_prompt, cfg)
+        embeds = self.encode(prompt, negative_prompt, cfg)
+        conditioning = self.unet_conditioning(embeds, height, width)
         state = RegionState(boxes=[c.box for c in concepts], latent_hw=latent_hw, inject=mechanisms.injection,
                             isolate=mechanisms.isolation, global_ratio=mechanisms.global_ratio,
                             backend=self.backend, cfg=cfg)
@@ -254,8 +288,8 @@ class LoraComposerPipeline:
         warnings = [w for c in concepts for w in c.warnings]
         with self.processors(state):
             if concepts and mechanisms.reinit:
-                noise = self._reinitialise(state, noise, positive, steps)
-            optimiser = _LatentOptimiser(self, state, positive, steps, log) if concepts and optimise else None
+                noise = self._reinitialise(state, noise, conditioning, steps)
+            optimiser = _LatentOptimiser(self, state, conditioning, steps, log) if concepts and optimise else None
 
             def step_end(p, step, timestep, kwargs):
                 if on_step is not None:
@@ -272,20 +306,20 @@ class LoraComposerPipeline:
                 sigma = pipe.scheduler.init_noise_sigma
                 noise = optimiser(noise * sigma, 0, pipe.scheduler) / sigma
             with torch.inference_mode(optimiser is None):
-                image = pipe(prompt_embeds=positive, negative_prompt_embeds=negative, num_inference_steps=steps,
-                             guidance_scale=guidance, width=width, height=height, latents=noise,
-                             generator=generator, callback_on_step_end=step_end).images[0]
+                image = pipe(**embeds.pipeline_kwargs(), num_inference_steps=steps, guidance_scale=guidance,
+                             width=width, height=height, latents=noise, generator=generator,
+                             callback_on_step_end=step_end).images[0]
         if cancel is not None and cancel.is_set():
             return None
         return ComposeOutput(image=image, seed=int(seed), warnings=warnings, optimisation_log=log,
                              seconds=round(time.perf_counter() - started, 3))
 
     @torch.no_grad()
-    def _reinitialise(self, state: RegionState, noise: torch.Tensor, embeds: torch.Tensor, steps: int):
+    def _reinitialise(self, state: RegionState, noise: torch.Tensor, conditioning: Conditioning, steps: int):
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(steps, device=noise.device)
         start = scheduler.timesteps[0]
-        self._unet_maps(state, noise * scheduler.init_noise_sigma, start, embeds, scheduler)
+        self._unet_maps(state, noise * scheduler.init_noise_sigma, start, conditioning, scheduler)
         maps, _ = coarsest_maps(state.cross_maps, state.latent_hw)
         state.clear_maps()
         return reinitialise(noise, maps, state.boxes)
@@ -294,9 +328,9 @@ class LoraComposerPipeline:
 class _LatentOptimiser:
     """One gradient step on the latent per denoising step over the first half, stopping when the loss rises."""
 
-    def __init__(self, composer: LoraComposerPipeline, state: RegionState, embeds: torch.Tensor, steps: int,
+    def __init__(self, composer: LoraComposerPipeline, state: RegionState, conditioning: Conditioning, steps: int,
                  log: list[dict]) -> None:
-        self.composer, self.state, self.embeds, self.log = composer, state, embeds, log
+        self.composer, self.state, self.conditioning, self.log = composer, state, conditioning, log
         self.last = steps // 2  # optimise steps 0 .. last-1
         self.previous = float("inf")
         self.stopped = False
@@ -307,7 +341,7 @@ class _LatentOptimiser:
         timestep = scheduler.timesteps[step]
         with torch.inference_mode(False), torch.enable_grad():
             z = latents.detach().clone().requires_grad_(True)
-            self.composer._unet_maps(self.state, z, timestep, self.embeds, scheduler)
+            self.composer._unet_maps(self.state, z, timestep, self.conditioning, scheduler)
             parts = composer_losses(self.state.cross_maps, self.state.self_maps, self.state.boxes,
                                     self.state.latent_hw)
             total = parts["total"]

@@ -10,8 +10,14 @@ Two small processors on diffusers' attention-processor API share one :class:`Reg
 - :class:`RegionSelfAttnProcessor` (every ``attn1``): a query inside concept k's box may not attend to keys in
   another concept's box; the background is unrestricted.
 
-No copy of the UNet is made and the base weights are never touched: the LoRA deltas are small tensors held here.
+No copy of the UNet is made and the base weights are never touched: the LoRA deltas are small factors held here.
 Both processors can record the attention maps latent re-initialisation and latent optimisation read.
+
+Everything is per attention module and per resolution, so SDXL's UNet fits as it is: several transformer blocks per
+level (``transformer_layers_per_block``) are several ``attn1``/``attn2`` modules, each with its own processor and its
+own cached keys/values; levels without attention have no processor; masks are built per token count, whose grid
+:func:`grid_of` recovers from the latent size for any aspect ratio; the region prompts' hidden states are whatever
+width ``to_k``/``to_v`` take (2048 on SDXL: both text encoders concatenated).
 """
 from __future__ import annotations
 
@@ -54,9 +60,11 @@ def isolation_mask(masks: torch.Tensor) -> torch.Tensor:
 
 
 def grid_of(tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of a layer with ``tokens`` positions, from the latent size (each UNet level halves both sides)."""
+    """The (h, w) of a layer with ``tokens`` positions, from the latent size: each UNet level halves both sides,
+    rounding up as its stride-2 convolution does (SDXL's 1000×1000 → 125×125, 63×63, 32×32 latents), whatever the
+    aspect ratio; levels without attention simply never ask."""
     h, w = latent_hw
-    while h * w > tokens and h > 1 and w > 1:
+    while h * w > tokens and (h > 1 or w > 1):
         h, w = math.ceil(h / 2), math.ceil(w / 2)
     if h * w != tokens:
         raise ValueError(f"an attention layer with {tokens} positions does not fit a {latent_hw} latent")
@@ -84,11 +92,25 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed:
 
 
 @dataclass
+class LowRank:
+    """One projection's LoRA delta for all concepts as factors, ``ΔWⁿ = scaleⁿ · upⁿ · downⁿ``, ranks zero-padded to
+    the largest so all concepts go through one batched product.
+
+    Why factors, not ΔW: SDXL's dense cross-attention K/V/out deltas weigh about 0.9 GB per concept in fp16 (2048-wide
+    keys/values over 70 layers), the factors a few MB. Why the scale apart: alpha/rank · strength folded into fp16
+    factors would push small ``up`` values into fp16's subnormal range.
+    """
+    down: torch.Tensor  # (N, R, in)
+    up: torch.Tensor  # (N, out, R)
+    scale: torch.Tensor  # (N,) alpha/rank · strength, 0 for a concept without this layer
+
+
+@dataclass
 class ConceptDeltas:
     """One ``attn2`` layer's LoRA deltas for all concepts, strength included; ``None`` where no concept has one."""
-    to_k: torch.Tensor | None = None  # (N, out, in)
-    to_v: torch.Tensor | None = None
-    to_out: torch.Tensor | None = None
+    to_k: LowRank | None = None
+    to_v: LowRank | None = None
+    to_out: LowRank | None = None
 
 
 @dataclass
@@ -143,11 +165,13 @@ class RegionState:
         self.self_maps.clear()
 
 
-def _project(linear: torch.nn.Module, delta: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """``linear(x) + x·ΔWᵀ`` per concept: x is (N, …, in), delta (N, out, in)."""
+def _project(linear: torch.nn.Module, delta: LowRank | None, x: torch.Tensor) -> torch.Tensor:
+    """``linear(x) + x·ΔWᵀ`` per concept: x is (N, …, in); ΔW applied as its factors, in x's dtype."""
     out = linear(x)
     if delta is not None:
-        out = out + torch.einsum("n...i,noi->n...o", x, delta.to(x.dtype))
+        low = torch.einsum("n...i,nri->n...r", x, delta.down.to(x.dtype))
+        low = low * delta.scale.to(x.dtype).view(-1, *([1] * (low.ndim - 1)))
+        out = out + torch.einsum("n...r,nor->n...o", low, delta.up.to(x.dtype))
     return out
 
 

@@ -25,13 +25,14 @@ def model():
 
 
 def _random_adapter(pipe, seed: int = 0, scale: float = 0.3):
-    """A LoRA touching cross-attention K/V/out, the text encoder, and (skipped) self-attention and feed-forward."""
+    """A LoRA touching cross-attention K/V/out, the text encoder(s), and (skipped) self-attention and feed-forward;
+    also used by ``test_composer_sdxl.py``."""
     from pipelines.adapter_files import LoraAdapter, LoraLayer, lora_targets
 
     targets = lora_targets(pipe)
     g = torch.Generator().manual_seed(seed)
     wanted = [n for n in targets if n.startswith("unet.") and ".attn2.to_" in n and ".to_q" not in n]
-    wanted += [n for n in targets if n.startswith("text_encoder.") and n.endswith(("q_proj", "v_proj"))]
+    wanted += [n for n in targets if n.startswith("text_encoder") and n.endswith(("q_proj", "v_proj"))]  # SDXL: both
     wanted += [n for n in targets if n.endswith("attn1.to_q")][:2] + [n for n in targets if n.endswith("ff.net.2")][:1]
     layers = {}
     for name in wanted:
@@ -129,7 +130,7 @@ def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_forma
             got[layer] = (k, v, h, out)
         merge_lora(pipe, load_lora(path, pipe), strength)
         try:
-            encoded, _ = composer.encode(prompt, "", False)
+            encoded = composer.encode(prompt, "", False).positive
             for layer, (k, v, h, out) in got.items():
                 attn = pipe.unet.get_submodule(layer)
                 torch.testing.assert_close(k, attn.to_k(encoded), rtol=1e-4, atol=1e-5)
@@ -138,7 +139,7 @@ def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_forma
         finally:
             unmerge_lora(pipe, load_lora(path, pipe), strength)
     # the text encoder's exact weights are back after the concept's encoding
-    fresh, _ = composer.encode(prompt, "", False)
+    fresh = composer.encode(prompt, "", False).positive
     assert not torch.allclose(fresh, state.concept_embeds[0, 1][None]), "the text-encoder LoRA had no effect"
 
 
@@ -253,7 +254,9 @@ def test_latent_optimisation_lowers_the_attention_losses(model, tmp_path):
     state.deltas = composer.cross_deltas(concepts)
     state.token_indices = [trigger_token_indices(pipe.tokenizer, c.prompt, c.trigger) for c in concepts]
     assert state.token_indices[0] == [1]  # "sks" is the first token after the start token
-    embeds, _ = composer.encode("a red square on the left and a red circle on the right", "", False)
+    scale = pipe.vae_scale_factor
+    embeds = composer.unet_conditioning(composer.encode("a red square on the left and a red circle on the right", "",
+                                                        False), 16 * scale, 32 * scale)
     pipe.scheduler.set_timesteps(20)
     t = pipe.scheduler.timesteps[2]
 
