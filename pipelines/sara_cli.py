@@ -46,7 +46,8 @@ def handle_info(args: argparse.Namespace) -> int:
     meta = delta.metadata
     report = {"file": str(args.file), "entries": delta.count, "tensors": len(delta.tensors),
               "threshold": float(meta.get("atelier.sara_threshold", "nan")), "budget": meta.get("atelier.sara_budget"),
-              "base_fingerprint": delta.base_fingerprint, "trigger_words": meta.get("atelier.trigger_words", "")}
+              "base_fingerprint": delta.base_fingerprint, "base_family": delta.base_family,
+              "trigger_words": meta.get("atelier.trigger_words", "")}
     if args.json:
         print(json.dumps(report))
     else:

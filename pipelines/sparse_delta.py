@@ -3,8 +3,8 @@
 On disk, per changed tensor ``<component>.<module>.weight``: ``<name>.sara_index`` (flat positions, int32/int64) and
 ``<name>.sara_delta`` (the change, not absolute values), plus the tensor's shape in the metadata. Applied as
 W = P₀ + strength·Δ; several deltas may be applied together, each with its own strength. A delta belongs to one base
-model: applying it to another is refused, naming both fingerprints, because positions chosen by one model's small
-weights mean nothing in another's.
+model: applying it to another is refused, naming both fingerprints (or, for another model family such as an SDXL
+delta on SD 1.x, both families), because positions chosen by one model's small weights mean nothing in another's.
 
 Because SaRA trains Δ to be low-rank, a rank-r SVD of each Δ is a standard LoRA that other tools load
 (:func:`extract_lora`).
@@ -28,6 +28,9 @@ METHOD = "sara"
 INDEX_SUFFIX = ".sara_index"
 DELTA_SUFFIX = ".sara_delta"
 SHAPES_KEY = "atelier.sara_shapes"
+FAMILY_KEY = "atelier.base_family"  # "sd1" | "sd2" | "sdxl" (pipelines.conditioning.ModelFamily.key)
+PREDICTION_KEY = "atelier.prediction_type"
+RESOLUTION_KEY = "atelier.resolution"
 
 
 @dataclass
@@ -56,6 +59,11 @@ class SparseDelta:
     def base_fingerprint(self) -> str | None:
         return self.metadata.get("atelier.base_fingerprint") or None
 
+    @property
+    def base_family(self) -> str | None:
+        """The base model's family key (files written before it was recorded: None)."""
+        return self.metadata.get(FAMILY_KEY) or None
+
 
 def _numel(shape: Sequence[int]) -> int:
     n = 1
@@ -65,12 +73,17 @@ def _numel(shape: Sequence[int]) -> int:
 
 
 def sara_metadata(*, base_fingerprint: str, threshold: float, budget: str | None, count: int,
-                  trigger_words: Sequence[str], settings: dict, base_model_name: str, title: str) -> dict[str, str]:
+                  trigger_words: Sequence[str], settings: dict, base_model_name: str, title: str,
+                  family: str = "", prediction_type: str = "epsilon", resolution: int | None = None) -> dict[str, str]:
+    """The file's metadata. The base's family, prediction type and resolution let a delta for another family be
+    refused by name and a LoRA extracted from it say which base it is for."""
     triggers = [t.strip() for t in trigger_words if t and t.strip()]
     return {"atelier.method": METHOD, "atelier.base_fingerprint": base_fingerprint,
             "atelier.sara_threshold": repr(float(threshold)), "atelier.sara_budget": budget or "",
             "atelier.sara_count": str(int(count)), "atelier.trigger_words": ", ".join(triggers),
             "atelier.settings": json.dumps(settings, default=str, sort_keys=True),
+            FAMILY_KEY: family, PREDICTION_KEY: prediction_type,
+            RESOLUTION_KEY: str(int(resolution)) if resolution else "",
             "modelspec.title": title, "modelspec.trigger_phrase": ", ".join(triggers),
             "ss_sd_model_name": base_model_name}
 
@@ -133,6 +146,18 @@ def load_sparse_delta(path: Path) -> SparseDelta:
     return SparseDelta(tensors=tensors, metadata=metadata, source=path.name)
 
 
+def check_same_family(delta: SparseDelta, pipe, label: str = "this SaRA delta") -> None:
+    """Refuse a delta made for another model family (e.g. SDXL's on SD 1.x) naming both, before the fingerprints
+    (which would only say "another base model")."""
+    from .conditioning import SD1, SD2, SDXL, model_family
+
+    made_for, loaded = delta.base_family, model_family(pipe)
+    if made_for and made_for != loaded.key:
+        name = {f.key: f.label for f in (SD1, SD2, SDXL)}.get(made_for, made_for)
+        raise UserError(f"{label} is a SaRA delta for {name}; the loaded model is {loaded.label}: "
+                        f"load the {name} model it was trained on")
+
+
 def check_same_base(delta: SparseDelta, fingerprint: str, label: str = "this SaRA delta") -> None:
     """Refuse a delta trained on another base model (its positions index that model's small weights)."""
     base = delta.base_fingerprint
@@ -170,6 +195,7 @@ def _checked_plans(pipe, deltas: Sequence[tuple[SparseDelta, float]], fingerprin
     plans = []
     for i, (delta, strength) in enumerate(deltas, start=1):
         label = delta.source or delta.metadata.get("modelspec.title") or f"SaRA delta {i}"
+        check_same_family(delta, pipe, label)
         if fingerprint is not None:
             check_same_base(delta, fingerprint, label)
         plans.append((_plan(pipe, delta, label), float(strength)))
@@ -270,8 +296,14 @@ def extract_lora(delta: SparseDelta, rank: int) -> tuple[LoraAdapter, Extraction
     meta = delta.metadata
     settings = {"extracted_from": "sara", "rank": rank, "sara_count": delta.count}
     triggers = [t for t in meta.get("atelier.trigger_words", "").split(", ") if t]
+    family = delta.base_family
+    resolution = meta.get(RESOLUTION_KEY, "")
     metadata = lora_metadata(method="sara-extracted", base_fingerprint=meta.get("atelier.base_fingerprint", ""),
                              trigger_words=triggers, rank=rank, alpha=float(rank), settings=settings,
                              base_model_name=meta.get("ss_sd_model_name", ""),
-                             title=meta.get("modelspec.title", "sara"))
+                             title=meta.get("modelspec.title", "sara"), sdxl=family == "sdxl", v2=family == "sd2",
+                             prediction_type=meta.get(PREDICTION_KEY) or "epsilon",
+                             resolution=int(resolution) if resolution.isdigit() else None)
+    if family:
+        metadata[FAMILY_KEY] = family
     return LoraAdapter(layers=layers, metadata=metadata), ExtractionReport(layers=errors, skipped=skipped)

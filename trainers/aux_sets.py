@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 
 from pipelines.errors import UserError
+from pipelines.loading import is_micro_model
+
 
 def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Path, *, seed: int = 0,
                           steps: int = 20, guidance: float = 4.0,
@@ -38,10 +40,21 @@ def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Pa
     return folder
 
 
-def microworld_aux(folder: Path, count: int, *, seed: int = 0) -> Path:
+def check_microworld_model(model: str | Path | None) -> None:
+    """Refuse micro-world sets for any model but the shipped micro model (``None``: the embedded default). Only it
+    draws the micro world; on another model (an SDXL, an SD 1.5) those scenes would teach the auxiliary half a
+    world the model does not know, so it is said at once, before anything is drawn or loaded."""
+    if not is_micro_model(model):
+        raise UserError(f"--aux-microworld is for the shipped micro-world model only, not {model}: give your own "
+                        "auxiliary images with --aux DIR, or let the model draw them with --aux-prompt")
+
+
+def microworld_aux(folder: Path, count: int, *, seed: int = 0, model: str | Path | None = None) -> Path:
     """Micro-world auxiliary set: one-object base-set scenes, what the base model already draws. They are the
     world's auxiliary contents *and* styles: the half they train learns the general mapping and no new concept
-    (novel fills there would teach that half a texture every prompt then gets)."""
+    (novel fills there would teach that half a texture every prompt then gets). ``model`` is the model the set is
+    for: anything but the micro model is refused (:func:`check_microworld_model`)."""
     from pipelines.microworld.evaluation import base_set
 
+    check_microworld_model(model)
     return base_set(folder, count, seed=seed)

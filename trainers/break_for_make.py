@@ -72,12 +72,15 @@ class PLPFile:
     targets: tuple[str, ...]
 
 
-def read_plp_file(path: str | Path) -> PLPFile:
-    """Read a stage-1 or combined file (diffusers or kohya layout); check its frozen halves against its seed."""
+def read_plp_file(path: str | Path, pipe=None) -> PLPFile:
+    """Read a stage-1 or combined file (diffusers or kohya layout); check its frozen halves against its seed.
+
+    ``pipe``, the model being trained, resolves a kohya file's SDXL UNet names by that model's block layout (without
+    it, SDXL base's layout is assumed)."""
     from pipelines.adapter_files import load_lora
 
     path = Path(path)
-    adapter = load_lora(path)
+    adapter = load_lora(path, pipe)
     meta = adapter.metadata
     if meta.get("atelier.method") != "b4m":
         raise UserError(f"{path.name}: not a Break-for-Make file (method {meta.get('atelier.method') or 'unknown'})")
@@ -153,7 +156,7 @@ class B4MMethod:
         if self.stage == "combine":
             if not opts.content or not opts.style:
                 raise UserError("combining needs the content run's file and the style run's file")
-            content, style = read_plp_file(opts.content), read_plp_file(opts.style)
+            content, style = read_plp_file(opts.content, pipe), read_plp_file(opts.style, pipe)
             check_combinable(content, style)
             # The frozen halves come from the shared seed; nothing is re-drawn that a file holds (B from style, E
             # from content are loaded as they are).
@@ -229,7 +232,9 @@ class B4MMethod:
 
     # -- the artefact -------------------------------------------------------------------------------------------
     def adapter(self, model, config: TrainConfig):
-        from pipelines.adapter_files import LoraAdapter, LoraLayer, lora_metadata
+        """The stage's file contents: the rank-2r LoRA layers and metadata naming the base's family (SDXL files say
+        so, as kohya's tools expect), the seed, rank and triggers."""
+        from pipelines.adapter_files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
 
         opts = self.options
         layers = {}
@@ -241,7 +246,7 @@ class B4MMethod:
         metadata = lora_metadata(method="b4m", base_fingerprint=model.fingerprint,
                                  trigger_words=[t for t in self.triggers if t], rank=2 * opts.rank,
                                  alpha=2 * opts.effective_alpha, settings=settings, base_model_name=model.name,
-                                 title=Path(config.out).stem)
+                                 title=Path(config.out).stem, **base_model_facts(model.pipe, config.resolution or None))
         metadata.update({"atelier.b4m_stage": self.stage, "atelier.b4m_seed": str(opts.seed),
                          "atelier.b4m_rank": str(opts.rank), "atelier.b4m_targets": ",".join(opts.targets), "atelier.b4m_alpha": f"{opts.effective_alpha!r}",
                          "atelier.b4m_content_trigger": self.triggers[0],
@@ -251,4 +256,4 @@ class B4MMethod:
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
         from pipelines.adapter_files import save_lora
 
-        save_lora(self.adapter(model, config), path, format=self.options.format)
+        save_lora(self.adapter(model, config), path, format=self.options.format, pipe=model.pipe)

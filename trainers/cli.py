@@ -256,7 +256,7 @@ def run_train_b4m(args: argparse.Namespace) -> int:
     if args.aux_microworld is not None:
         from trainers.aux_sets import microworld_aux
 
-        args.prior_data = str(microworld_aux(aux_dir, args.aux_microworld, seed=args.seed or 0))
+        args.prior_data = str(microworld_aux(aux_dir, args.aux_microworld, seed=args.seed or 0, model=args.model))
         print(f"auxiliary {args.aux_role}: {args.aux_microworld} micro-world base-set images in {aux_dir}", flush=True)
     elif args.aux_prompts:
         from pipelines.loading import load_model

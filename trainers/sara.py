@@ -344,6 +344,9 @@ class SaraMethod:
 
     # artefact ------------------------------------------------------------------------------------------------
     def delta(self, model, config: TrainConfig):
+        """The trained change as a file's contents; the metadata names the base's family (SD 1.x, 2.x, SDXL) so a
+        delta is refused by family on another one, and its prediction type and resolution for extracted LoRAs."""
+        from pipelines.conditioning import model_family
         from pipelines.sparse_delta import SparseDelta, SparseTensorDelta, sara_metadata
 
         tensors = {}
@@ -352,10 +355,14 @@ class SaraMethod:
             tensors[f"unet.{name}.weight"] = SparseTensorDelta(shape=tuple(layer.weight.shape), index=index.cpu(),
                                                                values=values.cpu())
         settings = {k: v for k, v in asdict(config).items() if k != "sample_prompts"}
+        pipe = model.pipe
         metadata = sara_metadata(base_fingerprint=model.fingerprint, threshold=self.plan.threshold,
                                  budget=self.plan.budget, count=self.plan.count,
                                  trigger_words=[config.trigger] if config.trigger else [], settings=settings,
-                                 base_model_name=model.name, title=Path(config.out).stem)
+                                 base_model_name=model.name, title=Path(config.out).stem,
+                                 family=model_family(pipe).key,
+                                 prediction_type=str(pipe.scheduler.config.get("prediction_type", "epsilon")),
+                                 resolution=config.resolution or model.native_size)
         return SparseDelta(tensors=tensors, metadata=metadata)
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:

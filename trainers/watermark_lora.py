@@ -159,8 +159,9 @@ def decoder_target_names(vae) -> list[str]:
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (already divided by the scaling factor) → images in [0, 1]."""
-    return (vae.decode(latents).sample.float().clamp(-1, 1) + 1) / 2
+    """Latents (already divided by the model's own scaling factor: SD's 0.18215, SDXL's 0.13025) → images in [0, 1];
+    computed in the VAE's dtype, whatever dtype the latents were kept in."""
+    return (vae.decode(latents.to(vae.dtype)).sample.float().clamp(-1, 1) + 1) / 2
 
 
 @torch.no_grad()
