@@ -1,6 +1,6 @@
 """SaRA: fine-tune a diffusion UNet through its smallest weights (sparse, low-rank regularised, progressive).
 
-Spec: ``shared/specs/sara.md``. The trainable set is M = |P₀| < θ over the Linear/Conv weights of the UNet, with θ
+Spec: ``docs/design/sara.md``. The trainable set is M = |P₀| < θ over the Linear/Conv weights of the UNet, with θ
 given or derived from a budget (a count such as ``50M`` or a share such as ``5%``). Each selected layer becomes a
 :class:`~trainers.sparse_delta_layer.SparseDeltaLayer` (the memory-saving backward lives there). Two fixes to the
 authors' release: the nuclear-norm term is built from the trainable values themselves, so its gradient reaches
