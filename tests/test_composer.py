@@ -99,11 +99,10 @@ def test_one_full_image_box_is_plain_lora_generation(model, tmp_path):
 
 @pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
 def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_format):
-    from pipelines.adapter_files import load_lora, save_lora
+    from pipelines.adapter_files import save_lora
     from pipelines.composition import ConceptSpec
-    from pipelines.lora import merge_lora, unmerge_lora
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
-    from pipelines.region_attention import RegionState, _project, region_processors
+    from pipelines.region_attention import RegionState
 
     pipe = model.pipe
     path = save_lora(_random_adapter(pipe), tmp_path / f"concept-{file_format}.safetensors", format=file_format)
@@ -117,6 +116,19 @@ def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_forma
     state = RegionState(boxes=[LEFT], latent_hw=(16, 16), cfg=False)
     state.concept_embeds = composer.concept_embeddings([concept], "")
     state.deltas = composer.cross_deltas([concept])
+    assert_concept_kv_equal_merged(pipe, composer, state, concept, path, prompt, strength)
+    # the text encoder's exact weights are back after the concept's encoding
+    fresh = composer.encode(prompt, "", False).positive
+    assert not torch.allclose(fresh, state.concept_embeds[0, 1][None]), "the text-encoder LoRA had no effect"
+
+
+def assert_concept_kv_equal_merged(pipe, composer, state, concept, path, prompt: str, strength: float) -> None:
+    """Every attn2 layer's concept keys/values (its deltas on its region prompt encoded with its text-encoder LoRA)
+    and output projection equal those of the model with the whole LoRA merged into its weights."""
+    from pipelines.adapter_files import load_lora
+    from pipelines.lora import merge_lora, unmerge_lora
+    from pipelines.region_attention import _project, region_processors
+
     processors = region_processors(pipe.unet, state)
     layer_names = sorted(concept.cross_deltas)
     assert len(layer_names) == sum(name.endswith("attn2.processor") for name in processors)
@@ -138,9 +150,6 @@ def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_forma
                 torch.testing.assert_close(out, attn.to_out[0](h), rtol=1e-4, atol=1e-5)
         finally:
             unmerge_lora(pipe, load_lora(path, pipe), strength)
-    # the text encoder's exact weights are back after the concept's encoding
-    fresh = composer.encode(prompt, "", False).positive
-    assert not torch.allclose(fresh, state.concept_embeds[0, 1][None]), "the text-encoder LoRA had no effect"
 
 
 def _expected_allowed(boxes, h, w):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_composer import LEFT, RIGHT, _expected_allowed, _pixels, _random_adapter
+from test_composer import LEFT, RIGHT, _expected_allowed, _pixels, _random_adapter, assert_concept_kv_equal_merged
 
 WIDTH, HEIGHT = 48, 32
 PROMPT = "a red circle on the left, gray background"
@@ -107,11 +107,10 @@ def _encoder_weights(pipe) -> dict[str, torch.Tensor]:
 def test_sdxl_concept_keys_and_values_equal_a_merged_model(sdxl, tmp_path, file_format):
     """K/V from the concept's deltas on its region prompt encoded with its text-encoder LoRA (both encoders) equal
     those of the model with the whole LoRA merged into its weights."""
-    from pipelines.adapter_files import load_lora, save_lora
+    from pipelines.adapter_files import save_lora
     from pipelines.composition import ConceptSpec
-    from pipelines.lora import merge_lora, unmerge_lora
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
-    from pipelines.region_attention import RegionState, _project, region_processors
+    from pipelines.region_attention import RegionState
 
     pipe = sdxl.pipe
     # pipe=: kohya's SDXL names number the UNet by the model's own block layout (the tiny one is not SDXL base's)
@@ -129,28 +128,8 @@ def test_sdxl_concept_keys_and_values_equal_a_merged_model(sdxl, tmp_path, file_
     state.deltas = composer.cross_deltas([concept])
     after = _encoder_weights(pipe)
     assert all(torch.equal(weights[k], after[k]) for k in weights), "text encoders not restored exactly"
-    processors = region_processors(pipe.unet, state)
-    layer_names = sorted(concept.cross_deltas)
-    assert len(layer_names) == sum(name.endswith("attn2.processor") for name in processors)  # 2 blocks per level
     assert state.concept_embeds.shape[-1] == pipe.unet.config.cross_attention_dim  # both encoders' hidden states
-    got = {}
-    with torch.no_grad():
-        for layer in layer_names:
-            attn = pipe.unet.get_submodule(layer)
-            k, v = processors[f"{layer}.processor"]._concept_kv(attn, 1, torch.float32, torch.device("cpu"))
-            h = torch.randn(1, 5, attn.to_out[0].in_features, generator=torch.Generator().manual_seed(3))
-            out = _project(attn.to_out[0], state.deltas[layer].to_out, h[None])[0]
-            got[layer] = (k, v, h, out)
-        merge_lora(pipe, load_lora(path, pipe), strength)
-        try:
-            encoded = composer.encode(prompt, "", False).positive
-            for layer, (k, v, h, out) in got.items():
-                attn = pipe.unet.get_submodule(layer)
-                torch.testing.assert_close(k, attn.to_k(encoded), rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(v, attn.to_v(encoded), rtol=1e-4, atol=1e-5)
-                torch.testing.assert_close(out, attn.to_out[0](h), rtol=1e-4, atol=1e-5)
-        finally:
-            unmerge_lora(pipe, load_lora(path, pipe), strength)
+    assert_concept_kv_equal_merged(pipe, composer, state, concept, path, prompt, strength)  # 2 blocks per level
     # each encoder's LoRA shows in its own part of the concatenated hidden states
     fresh = composer.encode(prompt, "", False).positive[0]
     width_1 = pipe.text_encoder.config.hidden_size

@@ -16,7 +16,7 @@ from pipelines.adapter_files import (LoraAdapter, delta, export_lora, kohya_stem
                                      sgm_unet_names)
 from pipelines.lora import merge_lora
 from test_training_loop import StateOnly, StopAt
-from training_data import draw_dataset
+from training_data import draw_dataset, fixed_noise_loss
 from trainers.checkpoints import latest_checkpoint, load_checkpoint
 from trainers.loop import TrainConfig, train
 
@@ -64,27 +64,6 @@ def _pipe(model_dir: Path):
 def _image(pipe) -> np.ndarray:
     g = torch.Generator().manual_seed(0)
     return pipe(CAPTION, num_inference_steps=3, generator=g, output_type="np").images[0]
-
-
-def _denoising_loss(pipe, data: Path) -> float:
-    """Loss on the training images at fixed noise and timesteps, conditioned as the loop conditions (SDXL: both
-    encoders, pooled embedding, time ids)."""
-    from diffusers import DDPMScheduler
-
-    from pipelines.conditioning import condition
-    from trainers.dataset import DatasetConfig, ImageFolderDataset
-
-    ds = ImageFolderDataset(DatasetConfig(str(data), resolution=32))
-    px = torch.stack([ds.load(i)[0] for i in range(len(ds.samples))])
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = pipe.vae.encode(px).latent_dist.mean * pipe.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=g)
-        t = torch.randint(100, 900, (len(px),), generator=g)
-        cond = condition(pipe, [CAPTION] * len(px))
-        pred = pipe.unet(sched.add_noise(latents, noise, t), t, **cond.unet_kwargs()).sample
-    return torch.nn.functional.mse_loss(pred, noise).item()
 
 
 def _only(adapter: LoraAdapter, components: tuple[str, ...]) -> LoraAdapter:
@@ -137,7 +116,7 @@ def test_sdxl_lora_trains_the_unet_and_both_text_encoders(sdxl_run, tiny_sdxl_di
     assert meta["atelier.format"] == "kohya"
 
     data = sdxl_run.parent / "data"
-    before_loss, before_image = _denoising_loss(pipe, data), _image(pipe)
+    before_loss, before_image = fixed_noise_loss(pipe, data, CAPTION), _image(pipe)
     embeds = encode_prompts(pipe, CAPTION)
     merge_lora(pipe, _only(adapter, TEXT))  # the text encoders' part alone changes both encoders' embeddings
     changed = encode_prompts(pipe, CAPTION)
@@ -146,7 +125,7 @@ def test_sdxl_lora_trains_the_unet_and_both_text_encoders(sdxl_run, tiny_sdxl_di
     assert (changed.positive[..., width:] - embeds.positive[..., width:]).abs().max() > 1e-3
     assert (changed.pooled - embeds.pooled).abs().max() > 1e-3
     merge_lora(pipe, _only(adapter, ("unet",)))
-    after_loss, after_image = _denoising_loss(pipe, data), _image(pipe)
+    after_loss, after_image = fixed_noise_loss(pipe, data, CAPTION), _image(pipe)
     print(f"SDXL denoising loss before {before_loss:.4f} after {after_loss:.4f}; "
           f"image change {np.abs(after_image - before_image).max():.3f}")
     assert after_loss < 0.95 * before_loss, (before_loss, after_loss)  # here 1.075 → 0.955 (×0.89)

@@ -10,7 +10,7 @@ from trainers.checkpoints import latest_checkpoint, list_checkpoints, load_check
 from trainers.events import read_events
 from trainers.loop import STOP_FILE, TrainConfig, snr_weights, train
 from trainers.lora import LoraMethod
-from training_data import draw_dataset
+from training_data import draw_dataset, fixed_noise_loss
 
 
 class StateOnly(LoraMethod):
@@ -87,32 +87,15 @@ def test_checkpoints_are_complete_and_pruned(data, tiny_model_dir, tmp_path):
 
 def test_training_lowers_the_denoising_loss(data, tiny_model_dir, tmp_path):
     """On fixed noise and timesteps, the trained LoRA denoises its dataset better than the base model."""
-    from diffusers import DDPMScheduler
-
     from pipelines.loading import load_model
-    from trainers.dataset import DatasetConfig, ImageFolderDataset
 
     method = StateOnly()
     cfg = _config(data, tiny_model_dir, tmp_path, steps=40, lr=3e-3, min_snr_gamma=0.0, noise_offset=0.0,
                   checkpoint_every=100, method_options={"rank": 8})
-    model = load_model(tiny_model_dir)
-    pipe = model.pipe
-    ds = ImageFolderDataset(DatasetConfig(str(data), resolution=32))
-    px = torch.stack([ds.load(i)[0] for i in range(len(ds.samples))])
-    sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        latents = pipe.vae.encode(px).latent_dist.mean * pipe.vae.config.scaling_factor
-        ids = pipe.tokenizer(["a red circle"] * len(px), padding="max_length", max_length=77,
-                             return_tensors="pt").input_ids
-        text = pipe.text_encoder(ids)[0]
-    noise = torch.randn(latents.shape, generator=g)
-    t = torch.randint(100, 900, (len(px),), generator=g)
-    noisy = sched.add_noise(latents, noise, t)
+    pipe = load_model(tiny_model_dir).pipe
 
     def eval_loss(unet) -> float:
-        with torch.no_grad():
-            return torch.nn.functional.mse_loss(unet(noisy, t, text).sample, noise).item()
+        return fixed_noise_loss(pipe, data, "a red circle", unet)
 
     before = eval_loss(pipe.unet)
     result = train(cfg, method, tmp_path / "run")

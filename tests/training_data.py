@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
 
 
@@ -18,3 +19,27 @@ def draw_dataset(folder: Path, n: int = 6, size: tuple[int, int] = (32, 32), cap
         im.save(folder / f"img{i:02d}.png")
         (folder / f"img{i:02d}.txt").write_text(caption)
     return folder
+
+
+def fixed_noise_loss(pipe, data: Path, caption: str, unet=None) -> float:
+    """Denoising loss of ``unet`` (default: the pipeline's) on a dataset's images at fixed noise and timesteps,
+    conditioned as the training loop conditions (SDXL: both encoders, pooled embedding, time ids): a training's
+    effect, measured the same before and after."""
+    from diffusers import DDPMScheduler
+
+    from pipelines.conditioning import condition
+    from trainers.dataset import DatasetConfig, ImageFolderDataset
+
+    unet = unet if unet is not None else pipe.unet
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    ds = ImageFolderDataset(DatasetConfig(str(data), resolution=native))
+    px = torch.stack([ds.load(i)[0] for i in range(len(ds.samples))])
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        latents = pipe.vae.encode(px).latent_dist.mean * pipe.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(100, 900, (len(px),), generator=g)
+        cond = condition(pipe, [caption] * len(px))
+        pred = unet(sched.add_noise(latents, noise, t), t, **cond.unet_kwargs()).sample
+    return torch.nn.functional.mse_loss(pred, noise).item()
