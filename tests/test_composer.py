@@ -3,6 +3,7 @@ latent optimisation, and the composition file."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -46,13 +47,12 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
-def test_zero_concepts_reproduce_the_base_pipeline(model):
-    from pipelines.lora_composer import LoraComposerPipeline
+@contextmanager
+def region_calls():
+    """The names of the cross-attention region processors that ran inside the block."""
     from pipelines.region_attention import RegionCrossAttnProcessor
 
-    pipe = model.pipe
-    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
-    calls = []
+    calls: list[str] = []
     original_call = RegionCrossAttnProcessor.__call__
 
     def spy(self, *args, **kwargs):
@@ -61,10 +61,19 @@ def test_zero_concepts_reproduce_the_base_pipeline(model):
 
     RegionCrossAttnProcessor.__call__ = spy
     try:
-        composed = LoraComposerPipeline(pipe)("a red circle on the left, gray background", [], steps=6,
-                                              guidance=4.0, seed=11)
+        yield calls
     finally:
         RegionCrossAttnProcessor.__call__ = original_call
+
+
+def test_zero_concepts_reproduce_the_base_pipeline(model):
+    from pipelines.lora_composer import LoraComposerPipeline
+
+    pipe = model.pipe
+    before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
+    with region_calls() as calls:
+        composed = LoraComposerPipeline(pipe)("a red circle on the left, gray background", [], steps=6,
+                                              guidance=4.0, seed=11)
     with torch.inference_mode():
         base = pipe(prompt="a red circle on the left, gray background", num_inference_steps=6, guidance_scale=4.0,
                     generator=torch.Generator("cpu").manual_seed(11)).images[0]

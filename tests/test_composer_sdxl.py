@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from test_composer import LEFT, RIGHT, _expected_allowed, _pixels, _random_adapter, assert_concept_kv_equal_merged
+from test_composer import (LEFT, RIGHT, _expected_allowed, _pixels, _random_adapter, assert_concept_kv_equal_merged,
+                           region_calls)
 
 WIDTH, HEIGHT = 48, 32
 PROMPT = "a red circle on the left, gray background"
@@ -46,21 +47,10 @@ def _base_image(pipe, prompt: str, seed: int, width: int = WIDTH, height: int = 
 def _assert_zero_concepts_reproduce_the_base_pipeline(pipe) -> None:
     """As ``test_composer``'s: the region processors run, the image is the base pipeline's bit for bit."""
     from pipelines.lora_composer import LoraComposerPipeline
-    from pipelines.region_attention import RegionCrossAttnProcessor
 
     before = {k: type(v) for k, v in pipe.unet.attn_processors.items()}
-    calls = []
-    original_call = RegionCrossAttnProcessor.__call__
-
-    def spy(self, *args, **kwargs):
-        calls.append(self.name)
-        return original_call(self, *args, **kwargs)
-
-    RegionCrossAttnProcessor.__call__ = spy
-    try:
+    with region_calls() as calls:
         composed = LoraComposerPipeline(pipe)(PROMPT, [], steps=6, guidance=4.0, seed=11, width=WIDTH, height=HEIGHT)
-    finally:
-        RegionCrossAttnProcessor.__call__ = original_call
     base = _base_image(pipe, PROMPT, 11)
     assert calls, "the region processors were not in the UNet during the composition"
     assert composed.image.size == (WIDTH, HEIGHT)
