@@ -13,7 +13,8 @@ import sys
 import warnings
 
 # Feature modules that add their own sub-commands through ``register(subparsers)``.
-COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "pipelines.watermark.cli",
+# ``trainers.watermark_cli`` makes the ``watermark`` group (pipelines.watermark.cli) and adds its training commands.
+COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "trainers.watermark_cli",
                    "pipelines.composer_cli")
 
 

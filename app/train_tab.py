@@ -16,9 +16,10 @@ from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
 from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
+from trainers.sara import SaraOptions, preview_selection
 
 from .b4m_wizard import build_b4m_wizard
-from .studio import serve_files
+from .file_serving import serve_files
 
 METHODS = {"LoRA": "lora", "SaRA": "sara"}
 LORA_LR = 1e-4
@@ -32,8 +33,8 @@ def _progress_html(info) -> str:
     loss = f" · loss {info.loss:.4f}" if isinstance(info.loss, (int, float)) else ""
     extra = f"<div>⚠ {info.message}</div>" if info.message else ""
     if info.method == "watermark" and info.status == "stopped":
-        extra += ("<div>A watermark run cannot be resumed: the adapter below holds the key as far as training got; "
-                  "start a new run to train longer.</div>")
+        extra += ("<div>The adapter below holds the key as far as training got; <b>Resume</b> trains on from the "
+                  "last checkpoint.</div>")
     done = f"<div>Adapter: <code>{info.artifact}</code></div>" if info.artifact else ""
     return (f"<div id='train-progress'><b>{info.name}</b> — {info.status} · step {info.step}/{info.total}{loss}{eta}"
             f"<div style='background:#eee;height:10px;border-radius:5px;margin:6px 0'>"
@@ -179,7 +180,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 gr.Markdown("A watermark LoRA on the VAE decoder for your key: images generated with it (Generate → "
                             "Adapters → Watermark) carry the key, and the Verify tab reads it back. **Keep the key**: "
                             "it is also stored in the adapter file. A stopped watermark run keeps the adapter as far "
-                            "as it got and cannot be resumed.")
+                            "as it got, and Resume continues it.")
                 with gr.Row():
                     wm_key = gr.Textbox(value=lambda: new_key(DEFAULT_BITS), scale=4, elem_id="train-wm-key",
                                         label=f"Key ({DEFAULT_BITS // 4} hex digits; a fresh random one, write it down)")
@@ -239,8 +240,6 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
     def on_plan(method_v, budget_v, threshold_v):
         if method_v != "SaRA":
             return gr.skip()
-        from trainers.sara import preview_selection
-
         budget, threshold = sara_choice(budget_v, threshold_v)
         key = (budget, threshold)
         if key not in plans:
@@ -299,8 +298,6 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         if kind == "lora":
             args += ["--rank", str(_whole(rank_v, "Rank", 1))]
         else:
-            from trainers.sara import SaraOptions
-
             budget, threshold = sara_choice(budget_v, threshold_v)
             lambda_rank = 5e-3 if lambda_v is None else float(lambda_v)
             progressive = 0.5 if progressive_v is None else float(progressive_v)
@@ -389,7 +386,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         info = job_info(run_dir)
         serve_files(demo, run_dir / "samples")  # only the samples: the rest of a run folder is not served
         # Stop and Resume are offered only where they can work: Stop while a run waits or runs, Resume for a stopped
-        # or interrupted run with a checkpoint (never a watermark run, which keeps no checkpoints).
+        # or interrupted run with a checkpoint.
         return (_progress_html(info), _loss_frame(run_dir), _samples(run_dir), _log_tail(run_dir),
                 gr.update(interactive=info.status in ("running", "queued")), gr.update(interactive=info.resumable))
 

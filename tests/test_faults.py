@@ -428,7 +428,7 @@ def test_a_full_disk_during_a_training_checkpoint_ends_the_run_with_an_error_and
     ends with an 'error' event naming the disk, the CLI prints one line, the checkpoint before stays byte-identical,
     and a resume once there is room finishes the run."""
     import launch
-    import trainers.loop as loop
+    import trainers.run_loop as loop  # every trainer's checkpoints are written by the run loop
     from trainers.jobs import job_info
 
     run_dir, out = tmp_path / "run", tmp_path / "adapter.safetensors"

@@ -254,3 +254,68 @@ def test_dsclora_stop_asked_for_while_it_starts_is_honoured_once(tmp_path):
     assert not (run_dir / STOP_FILE).exists()
     result = train_dsclora(config, run_dir, resume=True)
     assert (result.status, result.step) == ("done", 3) and (tmp_path / "tuned.safetensors").is_file()
+
+
+def test_dsclora_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Stop after 3 of 6 steps (the STOP file, as the Stop button writes it), resume: the merged upscaler equals an
+    uninterrupted run's, and the event log tells one stop, one resume and every step once."""
+    from safetensors.torch import load_file
+
+    from trainers.hr_crops import HRCrops
+    from training_data import assert_one_stop_and_resume, stopping_after
+
+    start = save_sr_model(SPAN(SpanConfig(channels=16)).reparameterize().eval(), tmp_path / "start.safetensors")
+    train_dir = tmp_path / "hr"
+    train_dir.mkdir()
+    for i in range(3):
+        Image.effect_noise((64, 64), 40 + 10 * i).convert("RGB").save(train_dir / f"{i}.png")
+
+    def config(out: str) -> DscLoraConfig:
+        return DscLoraConfig(hr_folder=str(train_dir), out=str(tmp_path / out), base=str(start), steps=6,
+                             batch_size=2, patch=16, checkpoint_every=2, seed=4)
+
+    assert train_dsclora(config("a.safetensors"), tmp_path / "a").status == "done"
+    run_dir, batch = tmp_path / "b", HRCrops.batch
+    monkeypatch.setattr(HRCrops, "batch", stopping_after(3, run_dir, batch))
+    stopped = train_dsclora(config("b.safetensors"), run_dir)
+    assert (stopped.status, stopped.step) == ("stopped", 3)
+    monkeypatch.setattr(HRCrops, "batch", batch)
+    result = train_dsclora(config("b.safetensors"), run_dir, resume=True)
+    assert (result.status, result.step) == ("done", 6)
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert_one_stop_and_resume(run_dir, 6)
+
+
+def test_sr_pretraining_stopped_and_rerun_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """SR pretraining runs through the run loop: a stop after 3 of 6 steps, then the same command again, gives the
+    uninterrupted run's model (to 1e-6) and a sane event log."""
+    from safetensors.torch import load_file
+
+    from trainers.hr_crops import HRCrops
+    from trainers.sr_pretrain import TRAIN_PHOTOS, PretrainConfig, pretrain
+    from training_data import assert_one_stop_and_resume, stopping_after
+
+    photos = tmp_path / "photos"  # stand-ins for scikit-image's photos (written only when missing)
+    photos.mkdir()
+    for i, name in enumerate(TRAIN_PHOTOS):
+        Image.effect_noise((40, 40), 30 + 5 * i).convert("RGB").save(photos / f"{name}.png")
+
+    def config(out: str) -> PretrainConfig:
+        return PretrainConfig(out=str(tmp_path / out), photos=str(photos), channels=8, scale=2, steps=6,
+                              batch_size=2, patch=8, checkpoint_every=2, seed=1)
+
+    assert pretrain(config("a.safetensors"), tmp_path / "a", log=lambda line: None).status == "done"
+    run_dir, batch = tmp_path / "b", HRCrops.batch
+    monkeypatch.setattr(HRCrops, "batch", stopping_after(3, run_dir, batch))
+    stopped = pretrain(config("b.safetensors"), run_dir, log=lambda line: None)
+    assert (stopped.status, stopped.step) == ("stopped", 3) and not (tmp_path / "b.safetensors").exists()
+    monkeypatch.setattr(HRCrops, "batch", batch)
+    assert pretrain(config("b.safetensors"), run_dir, log=lambda line: None).step == 6
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert_one_stop_and_resume(run_dir, 6)

@@ -116,6 +116,32 @@ def test_min_snr_weights():
     torch.testing.assert_close(v, torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
 
 
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_min_snr_weights_agree_with_diffusers_compute_snr(zero_terminal_snr):
+    """Our weights equal diffusers' (compute_snr and the min-SNR weighting of its training examples) wherever both
+    are defined; at a zero-terminal-SNR timestep diffusers' ε weight is 0/0 = NaN and ours is the limit 1. The SNR
+    itself is computed as ᾱ/(1−ᾱ), not through compute_snr's (√ᾱ/√(1−ᾱ))², which differs by float rounding (~3e-7
+    relative): keeping our one division keeps earlier runs' weights bit-identical."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                  beta_end=0.012, rescale_betas_zero_snr=zero_terminal_snr,
+                                  prediction_type=prediction_type)
+        t = torch.arange(1000)
+        ours = snr_weights(scheduler.alphas_cumprod, t, 5.0, prediction_type)
+        snr = compute_snr(scheduler, t)
+        clipped = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+        theirs = clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+        defined = torch.isfinite(theirs)
+        assert defined[:-1].all() and bool(defined[-1]) == (not zero_terminal_snr or prediction_type != "epsilon")
+        torch.testing.assert_close(ours[defined], theirs[defined], rtol=1e-5, atol=0)
+        assert torch.isfinite(ours).all()
+        if zero_terminal_snr and prediction_type == "epsilon":
+            assert ours[-1] == 1
+
+
 def test_accumulation_bf16_and_checkpointing_run(data, tiny_model_dir, tmp_path):
     cfg = _config(data, tiny_model_dir, tmp_path, steps=2, grad_accum=2, mixed_precision="bf16",
                   gradient_checkpointing=True, lr_scheduler="cosine", warmup_steps=1)

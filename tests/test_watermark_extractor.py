@@ -132,3 +132,33 @@ def test_the_owners_folder_keeps_16_bit_images_and_names_the_files_it_skips(tmp_
     assert len(pool) == 1 and pool[0].shape == (64, 64, 3)
     assert 40 < pool[0].mean() < 90  # a ramp to half of full scale, not clipped to white
     assert [(e["event"], e["file"]) for e in logged] == [("skipped", "broken.png")]
+
+
+def test_extractor_training_stopped_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """The extractor trains through the run loop: a stop after 3 of 6 steps and ``watermark train-extractor
+    --resume RUN_DIR`` give the uninterrupted run's extractor and encoder (to 1e-6) and a sane event log."""
+    from safetensors.torch import load_file
+
+    import launch
+    from trainers import watermark_extractor
+    from trainers.watermark_extractor import ExtractorTrainConfig, train_extractor
+    from training_data import assert_one_stop_and_resume, stopping_after
+
+    def config(out: str) -> ExtractorTrainConfig:
+        return ExtractorTrainConfig(out=str(tmp_path / out), bits=16, filters=8, kernel=3, tile=4, steps=6,
+                                    batch_size=4, sizes=(32, 40), microworld=16, whiten_images=64, checkpoint_every=2,
+                                    noise_probability=0.5, seed=2)
+
+    assert train_extractor(config("a.safetensors"), log=lambda entry: None)["status"] == "done"
+    run_dir, batch = tmp_path / "b-run", watermark_extractor.random_batch
+    monkeypatch.setattr(watermark_extractor, "random_batch", stopping_after(3, run_dir, batch))  # once a step
+    stopped = train_extractor(config("b.safetensors"), log=lambda entry: None, run_dir=run_dir)
+    assert (stopped["status"], stopped["steps"]) == ("stopped", 3) and not (tmp_path / "b.safetensors").exists()
+    monkeypatch.setattr(watermark_extractor, "random_batch", batch)
+    assert launch.main(["watermark", "train-extractor", "--resume", str(run_dir)]) == 0
+    for name in ("{}.safetensors", "{}.encoder.safetensors"):
+        a, b = load_file(str(tmp_path / name.format("a"))), load_file(str(tmp_path / name.format("b")))
+        assert a.keys() == b.keys() and a
+        for key in a:
+            torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert_one_stop_and_resume(run_dir, 6)

@@ -173,7 +173,7 @@ def test_cli_train_mode_reaches_the_trainer(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_train(config, run_dir):
+    def fake_train(config, run_dir, **options):
         seen["mode"] = config.mode
         raise SystemExit(0)
 
@@ -191,7 +191,7 @@ def test_cli_train_mode_reaches_the_trainer(monkeypatch, tmp_path):
 def test_train_watermark_is_the_watermark_train_command(tmp_path):
     """The Train tab's jobs run ``launch.py train watermark``: the same options and the same handler."""
     import launch
-    from pipelines.watermark.cli import handle_train
+    from trainers.watermark_cli import handle_train
 
     parser = launch.build_parser()
     argv = ["--out", str(tmp_path / "x.safetensors"), "--key", "beef", "--steps", "3", "--images", "pics"]
@@ -202,24 +202,46 @@ def test_train_watermark_is_the_watermark_train_command(tmp_path):
 
 
 @pytest.mark.usefixtures("fresh_accelerator_state")
-def test_a_stopped_watermark_run_keeps_its_adapter_and_is_not_resumable(tmp_path, tiny_extractor):
-    """A stop asked for before the first step (the job still loading) ends the run after that step with the adapter
-    saved and the request removed; the run is not offered for resuming (it keeps no checkpoints)."""
+def test_a_stopped_watermark_run_keeps_its_adapter_and_resumes_exactly(tmp_path, tiny_extractor, monkeypatch):
+    """A stop (the STOP file, as the Stop button writes it) after 3 of 6 steps saves the adapter as far as training got
+    and a checkpoint; ``watermark train --resume RUN_DIR`` (its saved settings, the drawn key among them) ends with
+    the adapter of an uninterrupted run, and the event log tells one stop, one resume, one done, steps 1..6 once."""
+    from safetensors.torch import load_file
+
+    import launch
     from conftest import MICRO_MODEL
     from pipelines.loading import load_model
     from pipelines.safetensors_files import read_metadata
+    from trainers import watermark_lora
     from trainers.jobs import job_info
     from trainers.loop import STOP_FILE
     from trainers.watermark_lora import WatermarkConfig, train_watermark
+    from training_data import assert_one_stop_and_resume, stopping_after
 
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / STOP_FILE).write_text("stop requested\n")
-    config = WatermarkConfig(out=str(tmp_path / "wm.safetensors"), key="beef", extractor=str(tiny_extractor),
-                             latents=2, sample_steps=2, max_steps=5, batch_size=1)
-    run = train_watermark(config, run_dir, model=load_model(MICRO_MODEL))
-    assert run.result.status == "stopped" and run.result.step == 1
-    assert read_metadata(tmp_path / "wm.safetensors")["atelier.watermark_steps"] == "1"
+    model = load_model(MICRO_MODEL)
+
+    def config(out: str, key: str | None = None) -> WatermarkConfig:
+        return WatermarkConfig(out=str(tmp_path / out), key=key, model=str(MICRO_MODEL), extractor=str(tiny_extractor),
+                               latents=4, sample_steps=2, max_steps=6, batch_size=2, noise_probability=0.5,
+                               checkpoint_every=2, seed=5)
+
+    run_dir, psnr = tmp_path / "b", watermark_lora.psnr
+    monkeypatch.setattr(watermark_lora, "psnr", stopping_after(3, run_dir, psnr))  # psnr: once a step
+    stopped = train_watermark(config("b.safetensors"), run_dir, model=model)  # no key: the drawn one must be kept
+    monkeypatch.setattr(watermark_lora, "psnr", psnr)
+    straight = train_watermark(config("a.safetensors", key=stopped.key), tmp_path / "a", model=model)
+    assert straight.result.status == "done" and straight.result.step == 6
+    assert stopped.result.status == "stopped" and stopped.result.step == 3
+    assert read_metadata(tmp_path / "b.safetensors")["atelier.watermark_steps"] == "3"  # the adapter as far as it got
     assert not (run_dir / STOP_FILE).exists()
     info = job_info(run_dir)
-    assert info.status == "stopped" and not info.resumable and info.artifact == str(tmp_path / "wm.safetensors")
+    assert info.status == "stopped" and info.artifact == str(tmp_path / "b.safetensors")
+
+    assert launch.main(["watermark", "train", "--resume", str(run_dir)]) == 0
+    a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    assert read_metadata(tmp_path / "b.safetensors")["atelier.watermark_key"] == straight.key
+    assert_one_stop_and_resume(run_dir, 6)
+    assert job_info(run_dir).status == "done"

@@ -43,3 +43,32 @@ def fixed_noise_loss(pipe, data: Path, caption: str, unet=None) -> float:
         cond = condition(pipe, [caption] * len(px))
         pred = unet(sched.add_noise(latents, noise, t), t, **cond.unet_kwargs()).sample
     return torch.nn.functional.mse_loss(pred, noise).item()
+
+
+def assert_one_stop_and_resume(run_dir: Path, steps: int) -> None:
+    """The event log of a run stopped once and resumed to the end: one ``stopped``, one ``resumed``, ``done`` last,
+    and every step from 1 to ``steps`` logged exactly once, in order (a resume neither repeats nor skips a step)."""
+    from trainers.events import read_events
+
+    events = list(read_events(run_dir))
+    kinds = [e["event"] for e in events]
+    assert kinds.count("stopped") == 1 and kinds.count("resumed") == 1 and kinds[-1] == "done", kinds
+    assert kinds.index("stopped") < kinds.index("resumed")
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, steps + 1))
+    assert all(e["eta_s"] >= 0 for e in events if e["event"] == "step")
+
+
+def stopping_after(calls: int, run_dir: Path, function):
+    """``function`` that also writes the run's STOP file (as the Stop button does) on its ``calls``-th call: patched
+    over something a trainer calls once a step, it stops the run after that many steps."""
+    from trainers.run_loop import STOP_FILE
+
+    count = [0]
+
+    def wrapper(*args, **kwargs):
+        count[0] += 1
+        if count[0] == calls:
+            (Path(run_dir) / STOP_FILE).write_text("stop requested\n")
+        return function(*args, **kwargs)
+
+    return wrapper

@@ -94,7 +94,8 @@ def save_checkpoint(folder: Path, *, step: int, epoch: int, batch: int, trainabl
                     extra: dict[str, Any] | None = None) -> Path:
     """Write checkpoint ``step`` under ``folder`` atomically and prune old ones; returns its path. A write that fails
     in the file system (disk full) raises a one-line ``UserError`` and leaves the earlier checkpoints as they were.
-    One writer per folder (the run's main process)."""
+    One writer per folder (the run's main process). ``scheduler`` may be None: a trainer without a learning-rate
+    schedule (the watermark LoRA)."""
     final = folder / f"{PREFIX}{step:07d}"
     tmp: Path | None = None
     try:
@@ -106,7 +107,8 @@ def save_checkpoint(folder: Path, *, step: int, epoch: int, batch: int, trainabl
         opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / FILES[1]))
         state = CheckpointState(step=step, epoch=epoch, batch=batch, rng=rng_snapshot(generators),
-                                optimizer=opt_meta, scheduler=_json_safe_scheduler(scheduler.state_dict()),
+                                optimizer=opt_meta,
+                                scheduler=_json_safe_scheduler(scheduler.state_dict()) if scheduler else {},
                                 extra=extra or {})
         with open(tmp / FILES[2], "w", encoding="utf-8") as fh:
             json.dump(asdict(state), fh)

@@ -161,7 +161,7 @@ def register(subparsers) -> None:
 
     # The same command as `watermark train` (one set of options, one handler), named here so the Train tab's job
     # queue, which runs `launch.py train METHOD`, can run it too.
-    from pipelines.watermark.cli import TRAIN_DESCRIPTION, add_train_options, handle_train
+    from trainers.watermark_cli import TRAIN_DESCRIPTION, add_train_options, handle_train
 
     watermark = methods.add_parser("watermark", help="the watermark LoRA for your key (= `watermark train`)",
                                    description=TRAIN_DESCRIPTION)

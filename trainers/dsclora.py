@@ -7,7 +7,6 @@ and the result is saved as a plain SPAN file, as fast and as small as the model 
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,11 +16,9 @@ import torch.nn.functional as F
 from pipelines.errors import UserError
 from pipelines.span import SPAN
 
-from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
 from .conv_lora import ConvLoRA
 from .hr_crops import HRCrops
-from .events import EventLog
-from .loop import StopFlag, TrainResult
+from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult
 
 
 @dataclass
@@ -94,16 +91,14 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 
 def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
+    """Fine-tune through the run loop (stop, exact resume, checkpoints, events); merge and save at the end."""
     from pipelines.devices import pick_device
     from pipelines.upscale import load_sr_model, save_sr_model
 
     config.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    loop = RunLoop(run_dir, total=config.steps, checkpoint_every=config.checkpoint_every, resume=resume)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    # A STOP file already here was written while this process started (spawning a job clears it): honoured after the
-    # first step, and removed once acted on.
-    log, stop = EventLog(run_dir), StopFlag(run_dir)
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
     student_model = load_sr_model(config.base, device=str(device), allow_pth=config.official_pth)
@@ -112,43 +107,16 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
     student = student_model.network
     layers = attach_conv_lora(student, config)
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
+    if loop.resumed is not None:
+        student.load_state_dict(loop.resumed.trainable, strict=False)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
     data = HRCrops(config.hr_folder, student.config.scale, config.patch, config.seed)
-
-    def trainable() -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in student.state_dict().items() if ".lora_" in k}
-
-    step = 0
-    if resume:
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        if ckpt is None:
-            raise UserError(f"{run_dir}: no complete checkpoint to resume from")
-        state, weights, opt_state = load_checkpoint(ckpt)
-        student.load_state_dict(weights, strict=False)
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
-        rng_restore(state.rng, {})
-        data.restore(state.extra["data"])
-        step = state.step
-        log.write("resumed", step=step, checkpoint=ckpt.name)
-    else:
+    if loop.resumed is None:
         for line in data.report.lines():
-            log.write("dataset", message=line)
-    log.write("start", step=step, total=config.steps, device=str(device),
-              trainable_parameters=sum(p.numel() for p in params), method="dsclora")
+            loop.log.write("dataset", message=line)
 
-    def checkpoint() -> None:
-        path = save_checkpoint(run_dir / "checkpoints", step=step, epoch=0, batch=0, trainable=trainable(),
-                               optimizer=optimizer, scheduler=scheduler, generators={},
-                               extra={"data": data.state()})
-        log.write("checkpoint", step=step, path=str(path.relative_to(run_dir)))
-
-    losses: list[float] = []
-    recent: list[float] = []
-    student.train()
-    while step < config.steps:
-        started = time.perf_counter()
+    def step(done: int) -> StepReport:
         lr_img, hr_img = (t.to(device) for t in data.batch(config.batch_size))
         out, feats = student(lr_img, return_features=True)
         with torch.no_grad():
@@ -162,25 +130,20 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        step += 1
-        losses.append(loss.item())
-        recent = (recent + [time.perf_counter() - started])[-20:]
-        log.write("step", step=step, total=config.steps, loss=round(loss.item(), 6), l1_hr=round(loss_hr.item(), 6),
-                  l1_teacher=round(loss_teacher.item(), 6), affinity=round(loss_aff.item(), 6),
-                  lr=scheduler.get_last_lr()[0], eta_s=round((config.steps - step) * sum(recent) / len(recent), 1))
-        if stop and step < config.steps:
-            checkpoint()
-            stop.file.unlink(missing_ok=True)  # acted on; a later --resume must not stop again
-            log.write("stopped", step=step)
-            return TrainResult("stopped", step, None, losses)
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            checkpoint()
-    checkpoint()
-    network = merge_conv_lora(student).eval()
-    save_sr_model(network, Path(config.out), {
-        "atelier.method": "dsclora", "atelier.settings": json.dumps(asdict(config)),
-        "dsclora.base": str(config.base or "shipped default"), "dsclora.steps": str(step)})
-    artifact = str(Path(config.out).resolve())
-    stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
-    log.write("done", step=step, artifact=artifact, final_loss=losses[-1] if losses else None)
-    return TrainResult("done", step, artifact, losses)
+        return StepReport(loss.item(), {"l1_hr": round(loss_hr.item(), 6), "l1_teacher": round(loss_teacher.item(), 6),
+                                        "affinity": round(loss_aff.item(), 6), "lr": scheduler.get_last_lr()[0]})
+
+    def finish(at: int) -> dict:
+        network = merge_conv_lora(student).eval()
+        save_sr_model(network, Path(config.out), {
+            "atelier.method": "dsclora", "atelier.settings": json.dumps(asdict(config)),
+            "dsclora.base": str(config.base or "shipped default"), "dsclora.steps": str(at)})
+        return {"artifact": str(Path(config.out).resolve())}
+
+    student.train()
+    trainer = StepTrainer(
+        step=step, optimizer=optimizer, lr_scheduler=scheduler, finish=finish,
+        trainable_state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items() if ".lora_" in k},
+        position=lambda: {"data": data.state()}, restore_position=lambda position: data.restore(position["data"]))
+    return loop.run(trainer, device=str(device), trainable_parameters=sum(p.numel() for p in params),
+                    method="dsclora")

@@ -3,7 +3,8 @@
 A method (LoRA, SaRA, …) only says what is trainable, how its state is saved and how its artefact is written
 (:class:`TrainingMethod`); this loop owns everything else: accelerate (devices, mixed precision, several
 processes), gradient accumulation and checkpointing, noise offset, min-SNR weighting, diffusers' learning-rate
-schedulers, exact resume, preview samples, the event log and graceful stop.
+schedulers and preview samples. Stop, resume, ETA, events and checkpoints are the run loop's
+(:mod:`trainers.run_loop`), which every other trainer shares: this module is its denoising-loss step.
 
 Several processes (``torchrun`` / ``accelerate launch``) give the same weights as one process with the same global
 batch: every process draws the whole global batch's noise, timesteps and latent samples from one seeded generator
@@ -12,8 +13,6 @@ and takes its own slice, and gradients are averaged over equal slices.
 from __future__ import annotations
 
 import json
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,13 +24,15 @@ from pipelines.atomic_files import write_text
 from pipelines.conditioning import SDXL, Conditioning, condition, model_family, text_encoders
 from pipelines.errors import UserError
 
-from .checkpoints import latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
 from .dataset import BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, step_arithmetic
 from .events import EventLog
+from .run_loop import STOP_FILE, AcceleratePeers, RunLoop, StepReport, StepTrainer, StopFlag, TrainResult
+
+__all__ = ["STOP_FILE", "StopFlag", "TrainConfig", "TrainResult", "TrainingMethod", "mixed_precision_for",
+           "snr_weights", "train"]
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
-STOP_FILE = "STOP"
 
 
 @dataclass
@@ -131,33 +132,6 @@ class TrainingMethod(Protocol):
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None: ...
 
 
-@dataclass
-class TrainResult:
-    status: str  # "done" | "stopped"
-    step: int
-    artifact: str | None
-    losses: list[float]
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT or a ``STOP`` file in the run folder; checked once per step."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.file = run_dir / STOP_FILE
-        self._set = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. tests calling train() from a worker)
-                pass
-
-    def _handler(self, signum, frame) -> None:
-        self._set = True
-
-    def __bool__(self) -> bool:
-        return self._set or self.file.exists()
-
-
 def mixed_precision_for(device: torch.device, requested: str) -> str:
     if requested != "auto":
         return requested
@@ -195,13 +169,10 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % world:
         raise UserError(f"batch size {config.batch_size} must be divisible by the {world} processes")
-    ckpt = latest_checkpoint(run_dir / "checkpoints") if resume else None
-    if resume and ckpt is None:  # said before the model loads
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
-    log = EventLog(run_dir, enabled=main)
-    stop = StopFlag(run_dir)
-    if main:  # a STOP file here was written after the job was spawned (which clears it): honoured at the first step
-        run_dir.mkdir(parents=True, exist_ok=True)
+    loop = RunLoop(run_dir, total=config.steps, checkpoint_every=config.checkpoint_every, resume=resume,
+                   processes=AcceleratePeers(accelerator))  # a resume without a checkpoint is refused before the model
+    log = loop.log
+    if main:
         config.save(run_dir / "config.json")
 
     torch.manual_seed(config.seed)
@@ -217,9 +188,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             frozen.to(accelerator.device, dtype=weight_dtype)
     vae_dtype = pipe.vae.dtype
     params = method.attach(pipe, config)
-    if ckpt is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
-        state, trainable, opt_state = load_checkpoint(ckpt)
-        params = method.load_trainable_state(trainable) or params
+    if loop.resumed is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
+        params = method.load_trainable_state(loop.resumed.trainable) or params
     for p in params:  # trainable values stay fp32 under mixed precision
         p.data = p.data.float()
     if config.gradient_checkpointing:
@@ -250,14 +220,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     noise_gen = torch.Generator("cpu").manual_seed(config.seed + 1)
 
-    step, pos = 0, DataPosition()
-    if ckpt is not None:
-        optimizer.load_state_dict(opt_state)
-        lr_scheduler.load_state_dict({**lr_scheduler.state_dict(), **state.scheduler})
-        rng_restore(state.rng, {"noise": noise_gen})
-        step, pos = state.step, DataPosition(state.epoch, state.batch)
-        log.write("resumed", step=step, checkpoint=ckpt.name)
-    else:
+    pos = DataPosition()
+    if loop.resumed is None:
         for line in dataset.report.lines():
             log.write("dataset", message=line)
         for line in prior.report.lines() if prior is not None else ():
@@ -269,11 +233,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             print(f"{method.name}: {summary['selection']}; training with learning rate {lr:.3g}", flush=True)
     arithmetic = step_arithmetic(len(dataset.samples), config.repeats, config.batch_size, config.grad_accum,
                                  config.steps)
-    if ckpt is None:
+    if loop.resumed is None:
         log.write("geometry", images=dataset.geometry_lines())  # bucket and crop of every image (SDXL's time ids)
-    log.write("start", step=step, total=config.steps, arithmetic=arithmetic, device=str(accelerator.device),
-              mixed_precision=precision, processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr,
-              model_family=family.describe(pipe))
     # Text-encoder layers that train (a LoRA's lora_te*) need their graph; their gradients are averaged by hand over
     # processes, as only the UNet goes through accelerate's DDP wrapper.
     text_params = [p for encoder in text_encoders(pipe) for p in encoder.parameters() if p.requires_grad]
@@ -284,14 +245,6 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             return condition(pipe, [s.caption for s in samples], original_sizes=[g[0] for g in geometry],
                              crops=[g[1] for g in geometry], target_sizes=[g[2] for g in geometry],
                              device=accelerator.device)
-
-    def checkpoint(at: int) -> None:
-        if main:
-            path = save_checkpoint(run_dir / "checkpoints", step=at, epoch=pos.epoch, batch=pos.batch,
-                                   trainable=method.trainable_state(), optimizer=optimizer, scheduler=lr_scheduler,
-                                   generators={"noise": noise_gen})
-            log.write("checkpoint", step=at, path=str(path.relative_to(run_dir)))
-        accelerator.wait_for_everyone()
 
     def denoising_loss(samples: list[_Item], size: tuple[int, int], global_batch: int, gen: torch.Generator,
                        sl: slice):
@@ -325,17 +278,11 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                                                   prediction_type)
         return per_sample.mean()
 
-    def stop_requested() -> bool:
-        """Every process stops at the same step: one that saw the request tells the others."""
-        if world == 1:
-            return bool(stop)
-        return accelerator.reduce(torch.tensor(float(bool(stop)), device=accelerator.device), "sum").item() > 0
-
-    losses: list[float] = []
-    recent: list[float] = []
     local = config.batch_size // world
-    while step < config.steps:
-        started = time.perf_counter()
+
+    def take_step(step: int) -> StepReport:
+        """One optimizer step of ``grad_accum`` micro-batches (this process's slice of each global batch)."""
+        nonlocal pos, params, unet
         step_loss = 0.0
         for micro in range(config.grad_accum):
             indices, pos = plan.next(pos)
@@ -379,41 +326,37 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
-        changed = method.after_step(step, optimizer) if hasattr(method, "after_step") else None
+        changed = method.after_step(step + 1, optimizer) if hasattr(method, "after_step") else None
         if changed:
             params = changed.pop("params")
             if world > 1:  # DDP's gradient buckets were built for the old parameters
                 unet = accelerator.prepare_model(accelerator.unwrap_model(unet))
-            log.write("parameters_changed", step=step, **changed)
-        mean_loss = accelerator.reduce(torch.tensor(step_loss, device=accelerator.device), "mean").item()
-        losses.append(mean_loss)
-        recent = (recent + [time.perf_counter() - started])[-20:]
-        eta = (config.steps - step) * sum(recent) / len(recent)
-        log.write("step", step=step, total=config.steps, loss=round(mean_loss, 6),
-                  lr=lr_scheduler.get_last_lr()[0], epoch=pos.epoch, eta_s=round(eta, 1))
+            log.write("parameters_changed", step=step + 1, **changed)
+        return StepReport(step_loss, {"lr": lr_scheduler.get_last_lr()[0], "epoch": pos.epoch})
+
+    def restore_position(position: dict[str, Any]) -> None:
+        nonlocal pos
+        pos = DataPosition(int(position["epoch"]), int(position["batch"]))
+
+    def preview(step: int) -> None:
         if config.sample_every and step % config.sample_every == 0 and step < config.steps:
             _preview(pipe, config, run_dir, step, log, accelerator)
-        if step < config.steps and stop_requested():  # a stop during the last step: the run finishes
-            checkpoint(step)
-            log.write("stopped", step=step)
-            if main:
-                stop.file.unlink(missing_ok=True)  # acted on; a later --resume must not stop again
-            return TrainResult("stopped", step, None, losses)
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            checkpoint(step)
 
-    checkpoint(step)
-    if config.sample_prompts:
-        _preview(pipe, config, run_dir, step, log, accelerator)
-    artifact = None
-    if main:
+    def finish(step: int) -> dict[str, Any]:
+        if config.sample_prompts:
+            _preview(pipe, config, run_dir, step, log, accelerator)
+        if not main:
+            return {"artifact": None}
         method.save_artifact(Path(config.out), model, config)
-        artifact = str(Path(config.out).resolve())
-        log.write("done", step=step, artifact=artifact, final_loss=losses[-1] if losses else None)
-        stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
-    accelerator.wait_for_everyone()
-    return TrainResult("done", step, artifact, losses)
+        return {"artifact": str(Path(config.out).resolve())}
+
+    trainer = StepTrainer(step=take_step, trainable_state=method.trainable_state, optimizer=optimizer,
+                          lr_scheduler=lr_scheduler, finish=finish, generators={"noise": noise_gen},
+                          position=lambda: {"epoch": pos.epoch, "batch": pos.batch}, restore_position=restore_position,
+                          after_logged=preview)
+    return loop.run(trainer, arithmetic=arithmetic, device=str(accelerator.device), mixed_precision=precision,
+                    processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr,
+                    model_family=family.describe(pipe))
 
 
 @dataclass

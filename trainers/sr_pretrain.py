@@ -5,7 +5,8 @@
 No pretrained SR weights can be downloaded here, so the default model is trained on the real photos that
 scikit-image bundles (install the ``assets`` extra). Three colour photos are held out for the benchmark and never
 trained on. The network trains in its Conv3XC form (the over-parameterised branches converge faster) and is saved
-folded, so it is exactly as fast as the release layout. Seeded; checkpoints let a stopped run continue.
+folded, so it is exactly as fast as the release layout. Seeded; it runs through the run loop (stop with
+Ctrl-C or a STOP file, events, checkpoints), and rerunning the command continues a stopped run exactly.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ from PIL import Image
 
 from pipelines.span import SPAN, SpanConfig, num_parameters
 
-from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoints import latest_checkpoint
 from .hr_crops import HRCrops
+from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult
 
 # scikit-image's bundled photos (no download needed). Grey ones are used as grey RGB.
 TRAIN_PHOTOS = ("astronaut", "brick", "camera", "clock", "coins", "grass", "gravel", "hubble_deep_field",
@@ -68,60 +70,67 @@ def write_photos(folder: Path, names: tuple[str, ...]) -> list[Path]:
     return paths
 
 
-def pretrain(config: PretrainConfig, run_dir: Path, log=print) -> Path:
-    """Train with L1 on random crops (cosine learning rate), then fold and save with metadata."""
+def pretrain(config: PretrainConfig, run_dir: Path, log=print) -> TrainResult:
+    """Train with L1 on random crops (cosine learning rate) through the run loop, then fold and save with metadata.
+    A run folder holding a checkpoint is continued exactly (rerun the same command after a stop or a crash)."""
     from pipelines.upscale import save_sr_model
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(run_dir)
+    loop = RunLoop(run_dir, total=config.steps, checkpoint_every=config.checkpoint_every,
+                   resume=latest_checkpoint(run_dir / "checkpoints") is not None)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     write_photos(Path(config.photos), TRAIN_PHOTOS)
     torch.manual_seed(config.seed)
     network = SPAN(SpanConfig(channels=config.channels, scale=config.scale))
+    if loop.resumed is not None:
+        network.load_state_dict(loop.resumed.trainable)
+        log(f"resumed at step {loop.resumed.state.step}")
     optimizer = torch.optim.Adam(network.parameters(), lr=config.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps,
                                                     pct_start=0.05)
     data = HRCrops(config.photos, config.scale, config.patch, config.seed)
-    step, elapsed = 0, 0.0
-    latest = latest_checkpoint(run_dir / "checkpoints")
-    if latest is not None:
-        state, weights, opt_state = load_checkpoint(latest)
-        network.load_state_dict(weights)
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict({**scheduler.state_dict(), **state.scheduler})
-        data.restore(state.extra["data"])
-        step, elapsed = state.step, float(state.extra["elapsed"])
-        log(f"resumed at step {step}")
-    started, window = time.time() - elapsed, []
+    clock = {"elapsed": 0.0, "since": time.time()}  # wall clock over every session of the run
+    window: list[float] = []
 
-    def checkpoint() -> None:
-        save_checkpoint(run_dir / "checkpoints", step=step, epoch=0, batch=0,
-                        trainable={k: v.detach().clone() for k, v in network.state_dict().items()},
-                        optimizer=optimizer, scheduler=scheduler, generators={},
-                        extra={"data": data.state(), "elapsed": time.time() - started})
+    def elapsed() -> float:
+        return clock["elapsed"] + time.time() - clock["since"]
 
-    network.train()
-    while step < config.steps:
+    def step(done: int) -> StepReport:
         lr_img, hr_img = data.batch(config.batch_size)
         loss = F.l1_loss(network(lr_img), hr_img)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        step += 1
         window.append(loss.item())
-        if step % 50 == 0:
-            log(f"step {step}/{config.steps} l1 {np.mean(window):.4f} {time.time() - started:.0f}s")
-            window = []
-        if step % config.checkpoint_every == 0 and step < config.steps:
-            checkpoint()
-    wall = time.time() - started
-    network.eval().reparameterize()
-    out = save_sr_model(network, Path(config.out), {
-        "atelier.method": "span-pretrain", "atelier.settings": json.dumps(asdict(config)),
-        "span.training_photos": ",".join(TRAIN_PHOTOS), "span.wall_clock_s": f"{wall:.0f}",
-        "span.parameters": str(num_parameters(network))})
-    log(f"saved {out} ({num_parameters(network)} parameters) after {wall:.0f}s")
-    return out
+        if (done + 1) % 50 == 0:
+            log(f"step {done + 1}/{config.steps} l1 {np.mean(window):.4f} {elapsed():.0f}s")
+            window.clear()
+        return StepReport(loss.item(), {"lr": scheduler.get_last_lr()[0]})
+
+    def restore_position(position: dict) -> None:
+        data.restore(position["data"])
+        clock.update(elapsed=float(position["elapsed"]), since=time.time())
+
+    def finish(at: int) -> dict:
+        wall = elapsed()
+        network.eval().reparameterize()
+        out = save_sr_model(network, Path(config.out), {
+            "atelier.method": "span-pretrain", "atelier.settings": json.dumps(asdict(config)),
+            "span.training_photos": ",".join(TRAIN_PHOTOS), "span.wall_clock_s": f"{wall:.0f}",
+            "span.parameters": str(num_parameters(network))})
+        log(f"saved {out} ({num_parameters(network)} parameters) after {wall:.0f}s")
+        return {"artifact": str(out)}
+
+    network.train()
+    trainer = StepTrainer(step=step, optimizer=optimizer, lr_scheduler=scheduler, finish=finish,
+                          trainable_state=lambda: {k: v.detach().clone() for k, v in network.state_dict().items()},
+                          position=lambda: {"data": data.state(), "elapsed": elapsed()},
+                          restore_position=restore_position)
+    result = loop.run(trainer, parameters=num_parameters(network), method="span-pretrain")
+    if result.status == "stopped":
+        log(f"stopped at step {result.step}; rerun the same command to continue")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

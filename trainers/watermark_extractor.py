@@ -29,6 +29,7 @@ from pipelines.watermark.attacks import noise_layer
 from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, save_extractor
 
 from .dataset import IMAGE_SUFFIXES, check_image
+from .run_loop import RunLoop, StepReport, StepTrainer, random_state, set_random_state
 
 
 @dataclass
@@ -48,6 +49,7 @@ class ExtractorTrainConfig:
     folder: str | None = None  # the owner's images; default: scikit-image's photos + micro-world scenes
     whiten_images: int = 512
     seed: int = 0
+    checkpoint_every: int = 250
 
 
 def image_pool(config: ExtractorTrainConfig, log: Callable[[dict], None] = print) -> list[np.ndarray]:
@@ -103,21 +105,39 @@ def random_batch(pool: list[np.ndarray], n: int, side: int, rng: random.Random) 
     return torch.stack(out).float() / 127.5 - 1
 
 
-def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = print) -> dict:
-    """Train, whiten, save; returns the run's summary (also stored in the file's metadata)."""
+def default_run_dir(config: ExtractorTrainConfig) -> Path:
+    out = Path(config.out)
+    return out.with_name(out.stem + "-run")
+
+
+def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = print, *,
+                    run_dir: Path | None = None, resume: bool = False) -> dict:
+    """Train through the run loop (stop, exact resume, checkpoints, events in ``run_dir``), whiten, save; returns the
+    run's summary (also stored in the file's metadata; ``hash`` is None for a stopped run, which saves nothing)."""
     if config.bits % 4 or not 8 <= config.bits <= 256:
         raise UserError("the key length must be a multiple of 4 bits between 8 and 256")
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    loop = RunLoop(run_dir, total=config.steps, checkpoint_every=config.checkpoint_every, resume=resume)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     pool = image_pool(config, log)
     spec = ExtractorConfig(bits=config.bits, filters=config.filters, kernel=config.kernel)
     encoder = BitEncoder(spec, strength=config.strength, tile=config.tile)
     extractor = BitExtractor(spec)
+    networks = torch.nn.ModuleDict({"encoder": encoder, "extractor": extractor})
+    if loop.resumed is not None:
+        networks.load_state_dict(loop.resumed.trainable)
     params = list(encoder.parameters()) + list(extractor.parameters())
     optimizer = torch.optim.Adam(params, lr=config.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    started, recent = time.perf_counter(), []
-    for step in range(1, config.steps + 1):
+    progress = {"recent": [], "elapsed": 0.0}
+    started = time.perf_counter()
+
+    def elapsed() -> float:
+        return progress["elapsed"] + time.perf_counter() - started
+
+    def step(done: int) -> StepReport:
         images = random_batch(pool, config.batch_size, rng.choice(config.sizes), rng)
         bits = torch.randint(0, 2, (config.batch_size, config.bits)).float()
         marked = encoder(images, bits, rng)
@@ -128,24 +148,47 @@ def train_extractor(config: ExtractorTrainConfig, log: Callable[[dict], None] = 
         loss.backward()
         optimizer.step()
         schedule.step()
-        recent.append(((logits > 0).float() == bits).float().mean().item())
-        if step % 100 == 0 or step == config.steps:
-            acc = sum(recent) / len(recent)
-            recent = []
-            log({"step": step, "loss": round(loss.item(), 4), "bit_accuracy": round(acc, 4),
-                 "elapsed_s": round(time.perf_counter() - started, 1)})
-    encoder.eval()
-    extractor.eval()
-    with torch.no_grad():
-        clean = torch.cat([random_batch(pool, 64, 64, rng) for _ in range(max(1, config.whiten_images // 64))])
-        extractor.fit_whitening(clean)
-    summary = {"steps": config.steps, "seconds": round(time.perf_counter() - started, 1),
-               "hash": extractor_hash(extractor), "config": asdict(config)}
-    save_extractor(extractor, Path(config.out),
-                   metadata={"extractor.training": json.dumps(summary), "extractor.whitened": "true"})
-    encoder_path = Path(config.out).with_suffix(".encoder.safetensors")
-    save_atomic(encoder.state_dict(), encoder_path,
-                metadata={"atelier.method": "watermark-encoder", "extractor.hash": summary["hash"],
-                          "encoder.strength": str(config.strength), "encoder.tile": str(config.tile),
-                          "extractor.bits": str(config.bits)})
-    return summary
+        accuracy = ((logits > 0).float() == bits).float().mean().item()
+        progress["recent"].append(accuracy)
+        if (done + 1) % 100 == 0 or done + 1 == config.steps:
+            acc = sum(progress["recent"]) / len(progress["recent"])
+            progress["recent"] = []
+            log({"step": done + 1, "loss": round(loss.item(), 4), "bit_accuracy": round(acc, 4),
+                 "elapsed_s": round(elapsed(), 1)})
+        return StepReport(loss.item(), {"bit_accuracy": round(accuracy, 4)})
+
+    def restore_position(position: dict) -> None:
+        nonlocal started
+        set_random_state(rng, position["random"])
+        progress.update(recent=list(position["recent"]), elapsed=float(position["elapsed"]))
+        started = time.perf_counter()
+
+    summary: dict = {}
+
+    def finish(at: int) -> dict:
+        encoder.eval()
+        extractor.eval()
+        with torch.no_grad():
+            clean = torch.cat([random_batch(pool, 64, 64, rng) for _ in range(max(1, config.whiten_images // 64))])
+            extractor.fit_whitening(clean)
+        summary.update({"steps": at, "seconds": round(elapsed(), 1), "hash": extractor_hash(extractor),
+                        "config": asdict(config)})
+        save_extractor(extractor, Path(config.out),
+                       metadata={"extractor.training": json.dumps(summary), "extractor.whitened": "true"})
+        encoder_path = Path(config.out).with_suffix(".encoder.safetensors")
+        save_atomic(encoder.state_dict(), encoder_path,
+                    metadata={"atelier.method": "watermark-encoder", "extractor.hash": summary["hash"],
+                              "encoder.strength": str(config.strength), "encoder.tile": str(config.tile),
+                              "extractor.bits": str(config.bits)})
+        return {"artifact": str(Path(config.out).resolve())}
+
+    trainer = StepTrainer(step=step, optimizer=optimizer, lr_scheduler=schedule, finish=finish,
+                          trainable_state=lambda: {k: v.detach().clone() for k, v in networks.state_dict().items()},
+                          position=lambda: {"random": random_state(rng), **progress, "elapsed": elapsed()},
+                          restore_position=restore_position)
+    result = loop.run(trainer, bits=config.bits, trainable_parameters=sum(p.numel() for p in params),
+                      method="watermark-extractor")
+    if result.status == "stopped":
+        return {"status": "stopped", "steps": result.step, "seconds": round(elapsed(), 1), "hash": None,
+                "run_dir": str(run_dir)}
+    return {"status": "done", **summary, "run_dir": str(run_dir)}

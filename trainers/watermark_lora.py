@@ -31,8 +31,7 @@ import torch.nn.functional as F
 
 from pipelines.errors import UserError
 
-from .events import EventLog
-from .loop import StopFlag, TrainResult
+from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult, random_state, set_random_state
 
 MODES = ("lora", "full_decoder")
 DECODER_METHOD = "watermark-decoder"  # the full-decoder artefact's atelier.method
@@ -72,13 +71,14 @@ class WatermarkConfig:
     stop_psnr: float = 30.0
     patience_stop: int = 10
     seed: int = 0
+    checkpoint_every: int = 100
     device: str = "auto"
 
     def validate(self) -> "WatermarkConfig":
         if not str(self.out).endswith(".safetensors"):
             raise UserError("--out must name a .safetensors file")
-        if self.rank < 1 or self.batch_size < 1 or self.max_steps < 1 or self.latents < 1:
-            raise UserError("rank, batch size, steps and latents must be ≥ 1")
+        if min(self.rank, self.batch_size, self.max_steps, self.latents, self.checkpoint_every) < 1:
+            raise UserError("rank, batch size, steps, latents and the checkpoint interval must be ≥ 1")
         if not 0 <= self.noise_probability <= 1:
             raise UserError("the noise probability must be between 0 and 1")
         if self.mode not in MODES:
@@ -241,13 +241,13 @@ class WatermarkRun:
     result: TrainResult
     key: str
     seconds_to_99: float | None
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # the steps this process ran (a resumed run: since the resume)
 
 
-def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> WatermarkRun:
-    """Train the watermark LoRA (or, in ``full_decoder`` mode, the whole decoder); write the adapter file (or the
-    decoder's state); return the run with its per-step history."""
-    from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
+def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None, resume: bool = False) -> WatermarkRun:
+    """Train the watermark LoRA (or, in ``full_decoder`` mode, the whole decoder) through the run loop; write the
+    adapter file (or the decoder's state); return the run with its per-step history. A stop also writes the adapter
+    as far as training got, and ``resume=True`` continues the run exactly from its last checkpoint."""
     from pipelines.loading import load_model
     from pipelines.watermark.attacks import noise_layer
     from pipelines.watermark.extractor import extractor_hash, load_extractor
@@ -256,19 +256,16 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
 
     config.validate()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    # A STOP file here was written after the job was spawned (which clears it), while this process started: it is
-    # honoured after the first step, and removed once acted on.
-    log, stop = EventLog(run_dir), StopFlag(run_dir)
+    loop = RunLoop(run_dir, total=config.max_steps, checkpoint_every=config.checkpoint_every, resume=resume)
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
-    model = model or load_model(config.model, device=config.device, dtype="fp32")
     extractor = load_extractor(Path(config.extractor) if config.extractor else default_extractor_path())
     bits_n = extractor.config.bits
-    key_hex = config.key or new_key(bits_n)
-    key = parse_key(key_hex, bits_n)
+    key = parse_key(config.key or new_key(bits_n), bits_n)
     key_hex = format_key(key)
+    # The run folder keeps the key (a drawn one too): a resumed run must train the same key.
+    (run_dir / "config.json").write_text(json.dumps({**asdict(config), "key": key_hex}, indent=2))
+    model = model or load_model(config.model, device=config.device, dtype="fp32")
     vae = model.pipe.vae
     device = vae.device
     extractor = extractor.to(device).requires_grad_(False)
@@ -278,18 +275,24 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
         targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
     full = config.mode == "full_decoder"
     with decoder_made_trainable(vae, config) as (params, names):
+        named = {n: p for n, p in vae.named_parameters() if p.requires_grad}
+        if loop.resumed is not None:
+            with torch.no_grad():
+                for name, value in loop.resumed.trainable.items():
+                    named[name].copy_(value)
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
         scheduler = LossWeightScheduler(config.bit_target, config.psnr_target, config.gamma, config.patience,
                                         config.bit_target_step, config.bit_target_cap, config.psnr_target_step)
-        trainable = sum(p.numel() for p in params)
-        log.write("start", step=0, total=config.max_steps, trainable_parameters=trainable, layers=len(names),
-                  extractor=extractor_id, bits=bits_n, mode=config.mode)
         key_batch = key.to(device)[None]
-        history, streak, started, seconds_to_99 = [], 0, time.perf_counter(), None
-        recent_acc: list[float] = []
-        step, status = 0, "done"
-        while step < config.max_steps:
-            step += 1
+        history: list[dict] = []
+        # What a checkpoint's position keeps besides the data RNG: counters of the schedule and the early stop.
+        progress = {"streak": 0, "recent_acc": [], "seconds_to_99": None, "elapsed": 0.0}
+        started = time.perf_counter()
+
+        def elapsed() -> float:
+            return progress["elapsed"] + time.perf_counter() - started
+
+        def step(done: int) -> StepReport:
             idx = torch.tensor(rng.sample(range(len(latents)), min(config.batch_size, len(latents))))
             marked = decode(vae, latents[idx])
             reference = targets[idx]
@@ -307,31 +310,50 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
                 acc = ((read > 0).float() == key_batch).float().mean().item()
                 quality = psnr(marked, reference).item()
             scheduler.update(acc, quality)
-            recent_acc = (recent_acc + [acc])[-5:]
-            elapsed = time.perf_counter() - started
-            if seconds_to_99 is None and len(recent_acc) == 5 and sum(recent_acc) / 5 >= 0.99:
-                seconds_to_99 = elapsed
-            entry = {"step": step, "loss": round(loss.item(), 5), "bit_accuracy": round(acc, 4),
-                     "psnr": round(quality, 2), **scheduler.state()}
-            history.append(entry)
-            log.write("step", total=config.max_steps, elapsed_s=round(elapsed, 2), **entry)
-            streak = streak + 1 if acc >= config.stop_bit_accuracy and quality >= config.stop_psnr else 0
-            if streak >= config.patience_stop:
-                log.write("early_stop", step=step, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and PSNR ≥ "
-                                                          f"{config.stop_psnr} dB for {streak} steps")
-                break
-            if stop and step < config.max_steps:
-                status = "stopped"
-                break
-        if full:
-            trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
-        else:
-            layers = {}
-            for name, module in vae.named_modules():
-                if name in names:
-                    lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
-                    lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
-                    layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
+            progress["recent_acc"] = (progress["recent_acc"] + [acc])[-5:]
+            recent = progress["recent_acc"]
+            if progress["seconds_to_99"] is None and len(recent) == 5 and sum(recent) / 5 >= 0.99:
+                progress["seconds_to_99"] = elapsed()
+            entry = {"bit_accuracy": round(acc, 4), "psnr": round(quality, 2), **scheduler.state()}
+            history.append({"step": done + 1, "loss": round(loss.item(), 5), **entry})
+            ok = acc >= config.stop_bit_accuracy and quality >= config.stop_psnr
+            progress["streak"] = progress["streak"] + 1 if ok else 0
+            finished = progress["streak"] >= config.patience_stop
+            if finished:
+                loop.log.write("early_stop", step=done + 1, reason=f"bit accuracy ≥ {config.stop_bit_accuracy} and "
+                                                                  f"PSNR ≥ {config.stop_psnr} dB for "
+                                                                  f"{progress['streak']} steps")
+            return StepReport(loss.item(), {**entry, "elapsed_s": round(elapsed(), 2)}, finished)
+
+        def position() -> dict:
+            return {"random": random_state(rng), "schedule": asdict(scheduler), **progress, "elapsed": elapsed()}
+
+        def restore_position(saved: dict) -> None:
+            nonlocal started
+            set_random_state(rng, saved["random"])
+            for name, value in saved["schedule"].items():
+                setattr(scheduler, name, value)
+            progress.update({k: saved[k] for k in progress})
+            started = time.perf_counter()
+
+        def finish(at: int) -> dict:
+            out = _save_watermark(vae, names, full, model, config, key_hex, bits_n, extractor_id, at,
+                                  progress["seconds_to_99"])
+            return {"artifact": str(out), "seconds_to_99": progress["seconds_to_99"]}
+
+        trainer = StepTrainer(step=step, trainable_state=lambda: {n: p.detach().clone() for n, p in named.items()},
+                              optimizer=optimizer, lr_scheduler=None, finish=finish, position=position,
+                              restore_position=restore_position, artifact_when_stopped=True)
+        result = loop.run(trainer, trainable_parameters=sum(p.numel() for p in params), layers=len(names),
+                          extractor=extractor_id, bits=bits_n, mode=config.mode)
+    return WatermarkRun(result=result, key=key_hex, seconds_to_99=progress["seconds_to_99"], history=history)
+
+
+def _save_watermark(vae, names: list[str], full: bool, model, config: WatermarkConfig, key_hex: str, bits_n: int,
+                    extractor_id: str, step: int, seconds_to_99: float | None) -> Path:
+    """Write the adapter (the LoRA's layers, or the full decoder's state) with the key and run in its metadata."""
+    from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
+
     metadata = {"atelier.method": DECODER_METHOD if full else "watermark",
                 "atelier.base_fingerprint": model.fingerprint,
                 "atelier.watermark_bits": str(bits_n), "atelier.watermark_extractor": extractor_id,
@@ -342,14 +364,15 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None) -> Wa
     if full:
         from pipelines.safetensors_files import save_atomic
 
-        out = save_atomic(trained, Path(config.out), metadata)
-    else:
-        out = save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
-    log.write("done" if status == "done" else "stopped", step=step, artifact=str(out), seconds_to_99=seconds_to_99)
-    stop.file.unlink(missing_ok=True)  # acted on (or asked for during the last step): a new run must not stop
-    return WatermarkRun(result=TrainResult(status=status, step=step, artifact=str(out),
-                                           losses=[h["loss"] for h in history]),
-                        key=key_hex, seconds_to_99=seconds_to_99, history=history)
+        trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
+        return save_atomic(trained, Path(config.out), metadata)
+    layers = {}
+    for name, module in vae.named_modules():
+        if name in names:
+            lora_a = module.lora_A["watermark"].weight.detach().float().cpu()
+            lora_b = module.lora_B["watermark"].weight.detach().float().cpu()
+            layers[f"vae.{name}"] = LoraLayer(down=lora_a.clone(), up=lora_b.clone(), alpha=config.alpha)
+    return save_lora(LoraAdapter(layers=layers, metadata=metadata), Path(config.out))
 
 
 @contextmanager
