@@ -11,6 +11,7 @@ from pipelines.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
 from pipelines.model_cache import ModelCache
 from pipelines.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
+from pipelines.upscale import upscale_files
 
 EXAMPLE_PROMPTS = [
     "a red circle on the left, gray background",
@@ -126,8 +127,6 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
     prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
 
     def on_upscale(paths):
-        from pipelines.upscale import upscale_files
-
         if not paths:
             raise gr.Error("Generate something first.")
         try:

@@ -10,7 +10,7 @@ from pipelines.errors import UserError
 from pipelines.library import export_adapter, import_adapter, list_adapters
 from pipelines.model_cache import ModelCache
 
-from .studio import serve_files
+from .file_serving import serve_files
 
 COLUMNS = ["file", "method", "format", "rank", "trigger words", "base model", "KB"]
 

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import UserError
+from pipelines.library import adapters_folder
 from pipelines.model_cache import ModelCache, ModelSpec
 from pipelines.paths import REPO_ROOT, data_home, default_outputs
+from pipelines.upscale import SRModelCache
+from trainers.jobs import JobQueue
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Gradio keeps each session (every page load, every API client) in memory until this many newer ones exist; with its
@@ -65,27 +68,11 @@ def served_folders(config: StudioConfig) -> list[str]:
     return [str(outputs)]
 
 
-def serve_files(demo, *paths: Path) -> None:
-    """Let the page show ``paths`` (files or folders outside the outputs folder, e.g. a run's samples or an exported
-    adapter): Gradio copies only allowed files into its cache and serves nothing else, so the runs and adapters
-    folders are not served as a whole. Takes effect at once (Gradio reads the list on every request)."""
-    allowed = getattr(demo, "allowed_paths", None)
-    if allowed is None:
-        return
-    for path in paths:
-        text = str(Path(path).resolve())
-        if text not in allowed:
-            allowed.append(text)
-
-
 def build_studio(config: StudioConfig):
+    # Gradio and the tabs (each imports Gradio at its top) load only here, when the page is built: serve() refuses a
+    # bad --auth or --outputs before paying for them, and `from app.studio import StudioConfig` (tests, bench) needs
+    # no Gradio.
     import gradio as gr
-
-    from trainers.jobs import JobQueue
-
-    from pipelines.library import adapters_folder
-
-    from pipelines.upscale import SRModelCache
 
     from .compose_tab import build_compose_tab
     from .generate_tab import build_generate_tab

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from .conditioning import SD2, SDXL, model_family
 from .errors import UserError
 from .safetensors_files import read_header, save_atomic
+from .single_file import unet_prefix_map
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # vae: the watermark LoRA on its decoder
 FORMATS = ("diffusers", "kohya")
@@ -199,8 +201,6 @@ def lora_metadata(method: str, base_fingerprint: str, trigger_words: Iterable[st
 def base_model_facts(pipe, resolution: int | None = None) -> dict[str, Any]:
     """:func:`lora_metadata`'s keywords for an adapter trained on ``pipe`` (family, prediction type, resolution;
     ``resolution`` defaults to the model's native size)."""
-    from .conditioning import SD2, SDXL, model_family
-
     family = model_family(pipe)
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return {"sdxl": family is SDXL, "v2": family is SD2,
@@ -233,8 +233,6 @@ def is_sdxl_unet(unet_config) -> bool:
 def sgm_unet_names(unet_config=None) -> list[tuple[str, str]]:
     """(diffusers prefix, sgm prefix) for a UNet's layers: single_file's checkpoint map plus SDXL's added-conditioning
     MLP. Without a config, SDXL base's layout."""
-    from .single_file import unet_prefix_map
-
     return unet_prefix_map(unet_config if unet_config is not None else SDXL_BASE_UNET) + _SGM_EXTRA
 
 
@@ -472,7 +470,7 @@ def _kohya_names_by_diffusers(stems: list[str], unet_config=None) -> dict[str, s
     diffusers only converts whole state dicts, so each stem goes in as a tiny tensor carrying its own index; the
     index that comes out under a diffusers name says which stem that name belongs to.
     """
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline  # ~1 s to import: only kohya names need it, not reading a file
 
     probe = {}
     for i, stem in enumerate(stems):

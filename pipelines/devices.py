@@ -78,7 +78,7 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", attention: str = 
 
 def apply_attention(pipe, attention: str) -> None:
     """Install the attention processors for ``attention`` on every attention module of the pipeline."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0  # heavy; only with a model
 
     if attention == "xformers":
         pipe.enable_xformers_memory_efficient_attention()
@@ -92,8 +92,6 @@ def apply_attention(pipe, attention: str) -> None:
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:
     """``from_pretrained`` keyword for the dtype: ``dtype`` on current diffusers, ``torch_dtype`` on older ones."""
-    import importlib
-
     # diffusers added ``dtype=`` together with this helper when it deprecated ``torch_dtype=``
     try:
         module = importlib.import_module("diffusers.utils.deprecation_utils")

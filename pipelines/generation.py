@@ -16,11 +16,16 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
+from .adapter_files import check_base, load_lora
 from .conditioning import encode_prompts
 from .errors import UserError, check_text
 from .loading import LoadedModel
+from .lora import apply_loras, remove_loras
 from .png_metadata import format_parameters, save_png_with_parameters
+from .safetensors_files import read_header
 from .schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
+from .sparse_delta import is_sparse_delta_file, load_sparse_delta, sparse_deltas_applied
+from .watermark.merge import is_watermark_file, load_watermark, watermark_applied
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 150
@@ -72,8 +77,6 @@ class GenerationRequest:
             raise UserError(f"seed must be at most {MAX_SEED}")
         make_scheduler(self.scheduler, model.base_scheduler)  # raises on an unknown name
         if self.watermark:
-            from .watermark.merge import is_watermark_file
-
             if not is_watermark_file(Path(self.watermark)):
                 raise UserError(f"{Path(self.watermark).name} is not a watermark adapter")
         for path, strength in self.loras:
@@ -119,11 +122,6 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def check_adapter_files(loras: Sequence[str], watermark: str | None = None) -> None:
     """Read every adapter file of a request as far as it can be checked without the model (format, layers, the
     watermark's decoder-only rule), so a bad file is refused at once, not after a model has loaded."""
-    from .adapter_files import load_lora
-    from .safetensors_files import read_header
-    from .sparse_delta import is_sparse_delta_file, load_sparse_delta
-    from .watermark.merge import is_watermark_file, load_watermark
-
     for path in map(Path, loras):
         if is_watermark_file(path):
             raise UserError(f"{path.name} is a watermark adapter (VAE decoder): choose it as the watermark "
@@ -149,12 +147,6 @@ def adapters_applied(model: LoadedModel, loras: tuple[tuple[str, float], ...]) -
     if not loras:
         yield []
         return
-    from .adapter_files import check_base, load_lora
-    from .lora import apply_loras, remove_loras
-    from .sparse_delta import is_sparse_delta_file, load_sparse_delta, sparse_deltas_applied
-
-    from .watermark.merge import is_watermark_file
-
     warnings, pairs, deltas = [], [], []
     for path, strength in loras:
         if is_watermark_file(Path(path)):
@@ -185,8 +177,6 @@ def generate(model: LoadedModel, request: GenerationRequest, *,
     pipe.scheduler = make_scheduler(req.scheduler, model.base_scheduler)
     sampler = scheduler_label(req.scheduler, model.base_scheduler)
     total = req.steps * req.batch_count
-    from .watermark.merge import watermark_applied
-
     with adapters_applied(model, req.loras) as adapter_warnings, \
             watermark_applied(pipe, Path(req.watermark) if req.watermark else None):
         warnings = prompt_warnings(model, req) + adapter_warnings

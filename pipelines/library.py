@@ -5,7 +5,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapter_files import export_lora, load_lora
 from .errors import UserError
+from .paths import safe_name
 from .safetensors_files import read_metadata
 
 
@@ -66,9 +68,6 @@ def _free_name(folder: Path, name: str) -> Path:
 
 def import_adapter(upload: Path, folder: Path, pipe, original_name: str | None = None) -> Path:
     """Check that ``upload`` is a LoRA this studio can read, then copy it in (never over an existing file)."""
-    from .adapter_files import load_lora
-    from .paths import safe_name
-
     name = safe_name(original_name or Path(upload).name, "adapter.safetensors")
     if not name.lower().endswith(".safetensors"):
         raise UserError(f"{name}: only .safetensors adapter files are imported")
@@ -83,8 +82,6 @@ def import_adapter(upload: Path, folder: Path, pipe, original_name: str | None =
 
 def export_adapter(path: Path, fmt: str, folder: Path, pipe=None) -> Path:
     """Write ``path`` in the other tool's format next to it: ``NAME.kohya.safetensors`` or ``NAME.diffusers...``."""
-    from .adapter_files import export_lora
-
     if fmt not in ("diffusers", "kohya"):
         raise UserError(f"unknown format {fmt!r} (diffusers or kohya)")
     stem = path.name.removesuffix(".safetensors")

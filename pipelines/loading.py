@@ -7,7 +7,6 @@ Flux, refiner or inpainting model is refused with one line naming it, not with a
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -15,30 +14,20 @@ from functools import lru_cache
 from pathlib import Path
 from types import SimpleNamespace
 
+from .conditioning import model_family
 from .devices import Runtime, apply_attention, dtype_kwargs, resolve_runtime
 from .errors import ModelLoadError
 from .fingerprint import pipeline_fingerprint
+from .model_architecture import (CONFIG_FILES, Architecture, architecture_from_configs, check_architecture,
+                                 names_component, read_config_json, read_folder_configs)
 from .paths import ASSETS
+from .safetensors_files import check_safetensors_file
+from .single_file import load_single_file, single_file_configs
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-SUPPORTED = "Atelier trains and composes on SD 1.x, SD 2.x and SDXL base models"
-# What users call the pipelines people most often try; any other class is named as it is.
-ARCHITECTURE_NAMES = {
-    "StableDiffusion3Pipeline": "Stable Diffusion 3", "StableDiffusion3Img2ImgPipeline": "Stable Diffusion 3",
-    "StableDiffusion3InpaintPipeline": "Stable Diffusion 3 inpainting", "FluxPipeline": "Flux",
-    "FluxImg2ImgPipeline": "Flux", "FluxFillPipeline": "Flux Fill", "FluxKontextPipeline": "Flux Kontext",
-    "Flux2Pipeline": "Flux 2", "StableDiffusionXLImg2ImgPipeline": "an SDXL image-to-image pipeline",
-    "StableDiffusionXLInpaintPipeline": "SDXL inpainting",
-    "StableDiffusionInpaintPipeline": "Stable Diffusion inpainting",
-    "StableDiffusionImg2ImgPipeline": "a Stable Diffusion image-to-image pipeline",
-    "StableDiffusionUpscalePipeline": "the Stable Diffusion ×4 upscaler",
-    "StableDiffusionInstructPix2PixPipeline": "InstructPix2Pix", "StableCascadeCombinedPipeline": "Stable Cascade",
-    "StableCascadePriorPipeline": "Stable Cascade", "PixArtAlphaPipeline": "PixArt-α",
-    "PixArtSigmaPipeline": "PixArt-Σ", "SanaPipeline": "Sana", "AuraFlowPipeline": "AuraFlow",
-    "KolorsPipeline": "Kolors", "HunyuanDiTPipeline": "Hunyuan-DiT", "LuminaText2ImgPipeline": "Lumina",
-    "Lumina2Pipeline": "Lumina 2", "QwenImagePipeline": "Qwen-Image", "KandinskyV22Pipeline": "Kandinsky 2.2",
-    "KandinskyV22CombinedPipeline": "Kandinsky 2.2",
-}
+# diffusers (~1 s), huggingface_hub and the tiny model (built with diffusers and transformers) are imported in the
+# functions that load weights or reach the Hub: reading configs and headers (describe_model_source, every check
+# before a load) does without them.
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 MICRO_MODEL_NAME = "micro-sd"  # assets/micro-sd: the shipped micro-world base model
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -70,85 +59,13 @@ def default_model_source() -> Path:
     return ensure_tiny_model()
 
 
-@dataclass(frozen=True)
-class Architecture:
-    """What a model is, as its configs (or a single file's header) tell it before any weights are read."""
-
-    class_name: str | None  # the diffusers pipeline class; None when nothing names one
-    in_channels: int | None = None  # the UNet's input channels: 4 for text-to-image, 9 for inpainting
-    refiner: bool = False  # an SDXL refiner: no CLIP ViT-L encoder, conditioned on an aesthetic score
-    label: str | None = None  # what to call it when the class does not say (a single file diffusers names)
-
-    def refusal(self) -> str | None:
-        """Why the studio cannot train or compose on this model (one phrase), or None when it can."""
-        cls = self.class_name
-        if cls is None:
-            return self.label or "an unknown architecture (model_index.json names no pipeline class)"
-        if self.refiner:
-            return f"an SDXL refiner ({cls}; it has no CLIP ViT-L text encoder and needs an aesthetic score)"
-        if self.in_channels == 9:
-            return f"an inpainting model ({cls} with a 9-channel UNet)"
-        if self.in_channels not in (None, 4):
-            return f"a UNet with {self.in_channels} input channels ({cls}), not a text-to-image base model"
-        if cls not in SUPPORTED_PIPELINES:
-            return f"{self.label or ARCHITECTURE_NAMES.get(cls, 'an unknown architecture')} ({cls})"
-        return None
-
-
-def check_architecture(architecture: Architecture, name: str) -> None:
-    """Refuse, with one line naming what the model is and what is supported, a model the studio cannot use."""
-    refusal = architecture.refusal()
-    if refusal:
-        raise ModelLoadError(f"{name}: {refusal} is not supported; {SUPPORTED}")
-
-
-def _present(component) -> bool:
-    """Whether a model_index.json entry names a component (a refiner's first text encoder is ``[null, null]``)."""
-    return isinstance(component, (list, tuple)) and any(component)
-
-
-def architecture_from_configs(index: dict, unet: dict | None) -> Architecture:
-    """The architecture ``model_index.json`` and ``unet/config.json`` describe."""
-    cls = index.get("_class_name") if isinstance(index, dict) else None
-    cls = cls if isinstance(cls, str) and cls.strip() else None
-    refiner = bool(cls and "XL" in cls and "text_encoder_2" in index
-                   and (index.get("requires_aesthetics_score") is True or not _present(index.get("text_encoder"))))
-    channels = unet.get("in_channels") if isinstance(unet, dict) else None
-    return Architecture(cls, int(channels) if isinstance(channels, int) else None, refiner)
-
-
-def _read_json(path: Path, shown: str) -> dict | None:
-    """A config file as a dict (None when absent); an unreadable one is refused by name."""
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{shown}: {path.parent.name}/{path.name} is unreadable ({exc.__class__.__name__})") \
-            from exc
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{shown}: {path.parent.name}/{path.name} is not a JSON object")
-    return data
-
-
-CONFIG_FILES = (("unet", "config.json"), ("scheduler", "scheduler_config.json"), ("vae", "config.json"))
-
-
-def read_folder_configs(folder: Path) -> dict[str, dict | None]:
-    """The small config files of a diffusers folder (model index, UNet, scheduler, VAE), no weights."""
-    index = _read_json(folder / "model_index.json", folder.name)
-    if index is None:
-        raise ModelLoadError(f"{folder.name}: this folder is not a diffusers pipeline (no model_index.json)")
-    return {"index": index, **{part: _read_json(folder / part / file, folder.name) for part, file in CONFIG_FILES}}
-
-
 def _hub_configs(repo_id: str) -> dict[str, dict | None]:
     """The same config files of a Hub repository (from the local cache when offline): kilobytes, not weights."""
     from huggingface_hub import hf_hub_download
 
     def fetch(filename: str) -> dict | None:
         path = hf_hub_download(repo_id, filename, local_files_only=_hub_offline())
-        return _read_json(Path(path), repo_id)
+        return read_config_json(Path(path), repo_id)
 
     try:
         index = fetch("model_index.json")
@@ -194,8 +111,6 @@ def _load_folder(folder: Path, torch_dtype):
 
 
 def _check_weight_files(folder: Path) -> None:
-    from .safetensors_files import check_safetensors_file
-
     for path in sorted(folder.glob("*/*.safetensors")):
         check_safetensors_file(path)
     for path in sorted(folder.glob("*/*")):
@@ -251,8 +166,6 @@ def load_model(source: str | Path | None = None, *, device: str = "auto", dtype:
     if kind == "folder":
         pipe = _load_folder(src, runtime.dtype)
     elif kind == "single_file":
-        from .single_file import load_single_file
-
         pipe = load_single_file(src, config=Path(config) if config else None, torch_dtype=runtime.dtype)
     else:
         pipe = _load_hub(str(source), runtime.dtype)
@@ -288,7 +201,7 @@ def config_view(configs: dict[str, dict | None]) -> SimpleNamespace:
     scale = 2 ** (len(vae.get("block_out_channels", ())) - 1) if vae else 8  # as the SD pipelines compute it
     return SimpleNamespace(unet=SimpleNamespace(config=FrozenDict(configs.get("unet") or {})),
                            scheduler=SimpleNamespace(config=FrozenDict(configs.get("scheduler") or {})),
-                           text_encoder_2=True if _present(configs["index"].get("text_encoder_2")) else None,
+                           text_encoder_2=True if names_component(configs["index"].get("text_encoder_2")) else None,
                            vae_scale_factor=scale)
 
 
@@ -301,12 +214,8 @@ def describe_model_source(source: str | Path | None, config: str | Path | None =
 
 @lru_cache(maxsize=32)
 def _describe(source: str, config: str) -> str:
-    from .conditioning import model_family
-
     src, kind = _source(source or None)
     if kind == "single_file":
-        from .single_file import single_file_configs
-
         configs = single_file_configs(src, Path(config) if config else None)
         if configs is None:  # its configs come from the Hub with the weights: load it once
             model = load_model(src)

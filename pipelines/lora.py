@@ -28,7 +28,7 @@ def loaded_adapter_names(pipe) -> set[str]:
 def _quiet_loaders() -> Iterator[None]:
     """Hush two false alarms while adapters load: diffusers' "no LoRA keys for the text encoder" for UNet-only
     adapters, and transformers' report listing the *other* adapters' keys as missing from each new one."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # heavy; loaded already once adapters load
 
     loggers = [logging.getLogger(name) for name in ("diffusers.loaders.lora_base", "transformers.integrations.peft")]
     levels = [lg.level for lg in loggers]

@@ -25,13 +25,18 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .adapter_files import LoraAdapter, LoraLayer, check_base, load_lora
+from .adapter_files import LoraAdapter, LoraLayer, check_base, load_lora, lora_targets
 from .composer_latents import coarsest_maps, composer_losses, reinitialise, step_size
 from .composition import AUTO, CompositionSpec, ConceptSpec, Mechanisms
 from .conditioning import Conditioning, PromptEmbeds, encode_prompts, time_ids
 from .errors import UserError
 from .generation import token_warnings
+from .lora import merge_lora
+from .png_metadata import format_parameters, save_png_with_parameters
 from .region_attention import Box, ConceptDeltas, LowRank, RegionState, region_processors
+from .schedulers import make_scheduler
+from .sparse_delta import is_sparse_delta_file
+from .watermark.merge import is_watermark_file
 
 INJECTED = {"to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}  # attn2 projection → ConceptDeltas field
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -101,9 +106,6 @@ def load_concept(spec: ConceptSpec, pipe, fingerprint: str | None = None) -> Con
     path = Path(spec.lora)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path.name}")
-    from .sparse_delta import is_sparse_delta_file
-    from .watermark.merge import is_watermark_file
-
     if is_watermark_file(path):
         raise UserError(f"{path.name} is a watermark adapter (VAE decoder), not a concept LoRA")
     if is_sparse_delta_file(path):
@@ -125,9 +127,6 @@ def lora_merged(pipe, adapter: LoraAdapter | None, strength: float):
     if adapter is None or strength == 0:
         yield
         return
-    from .adapter_files import lora_targets
-    from .lora import merge_lora
-
     targets = lora_targets(pipe)
     saved = {name: targets[name].weight.detach().clone() for name in adapter.layers if name in targets}
     merge_lora(pipe, adapter, strength)
@@ -277,7 +276,7 @@ class LoraComposerPipeline:
             state.concept_embeds = self.concept_embeddings(concepts, negative_prompt)
             state.deltas = self.cross_deltas(concepts)
             state.token_indices = [trigger_token_indices(pipe.tokenizer, c.prompt, c.trigger) for c in concepts]
-        from diffusers.utils.torch_utils import randn_tensor
+        from diffusers.utils.torch_utils import randn_tensor  # heavy: importing the composer does without it
 
         generator = torch.Generator("cpu").manual_seed(int(seed))
         shape = (1, pipe.unet.config.in_channels, latent_hw[0], latent_hw[1])
@@ -377,8 +376,6 @@ def load_concepts(specs: Sequence[ConceptSpec], model) -> list[Concept]:
 
 def compose(model, spec: CompositionSpec, *, on_step=None, cancel=None) -> ComposeOutput | None:
     """Run a composition on a loaded model (the CLI's and the Compose tab's one entry point)."""
-    from .schedulers import make_scheduler
-
     concepts = load_concepts(spec.concepts, model)
     model.pipe.scheduler = make_scheduler(spec.scheduler, model.base_scheduler)
     composer = LoraComposerPipeline(model.pipe, attention=model.runtime.attention)
@@ -405,8 +402,6 @@ def spec_warnings(spec: CompositionSpec, tokenizer) -> list[str]:
 
 def save_composition(output: ComposeOutput, spec: CompositionSpec, model, path: Path) -> Path:
     """The image as PNG with A1111-style parameters and a JSON sidecar holding the whole composition."""
-    from .png_metadata import format_parameters, save_png_with_parameters
-
     settings = {"Steps": spec.steps, "CFG scale": spec.guidance, "Seed": output.seed,
                 "Size": f"{output.image.width}x{output.image.height}", "Model hash": model.fingerprint[:10],
                 "Model": model.name, "Version": "atelier",

@@ -75,7 +75,7 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed:
            backend: str) -> torch.Tensor:
     """Attention on (batch, heads, tokens, dim) tensors: xformers when chosen (CUDA), else PyTorch's SDPA."""
     if backend == "xformers" and query.is_cuda:  # pragma: no cover - needs CUDA and xformers
-        import xformers.ops as xops
+        import xformers.ops as xops  # optional (the `cuda` extra)
 
         b, h, lq, _ = query.shape
         bias = None

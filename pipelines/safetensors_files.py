@@ -9,7 +9,7 @@ import json
 import struct
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .atomic_files import replacing
 from .errors import ModelLoadError
@@ -57,8 +57,6 @@ def read_header(path: Path) -> dict:
 def load_tensors(path: Path) -> dict:
     """All tensors of a checked file; what safetensors still refuses in a whole file (an unknown dtype, sizes that
     do not match the shapes) is a ``ModelLoadError`` too."""
-    from safetensors.torch import load_file
-
     read_header(path)
     try:
         return load_file(str(path))

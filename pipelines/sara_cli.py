@@ -7,6 +7,9 @@ from pathlib import Path
 
 from pipelines.errors import UserError
 
+# `launch.py --help` imports this module to register the command; the handlers import the work (torch and the
+# models behind it) when they run, so the help stays instant.
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(

@@ -41,7 +41,7 @@ def make_scheduler(name: str, base_scheduler):
     if name in NEEDS_FINITE_SIGMA and has_zero_terminal_snr(base_scheduler):
         usable = ", ".join(n for n in SCHEDULERS if n not in NEEDS_FINITE_SIGMA)
         raise UserError(f"{name} does not work with this model's zero-terminal-SNR noise schedule; use {usable}")
-    import diffusers
+    import diffusers  # ~1 s: `launch.py --help` imports this module for MODEL_DEFAULT
 
     cls_name, extra = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_scheduler.config, **extra)

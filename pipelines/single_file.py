@@ -17,8 +17,9 @@ from typing import Iterable
 import torch
 from safetensors import safe_open
 
+from .devices import dtype_kwargs
 from .errors import ModelLoadError
-from .loading import Architecture, check_architecture, read_folder_configs
+from .model_architecture import Architecture, check_architecture, read_folder_configs
 from .paths import ASSETS
 from .safetensors_files import read_header, save_atomic
 
@@ -67,7 +68,7 @@ class _Shape:
 def diffusers_model_type(header: dict) -> str:
     """diffusers' own name for a checkpoint ("v1", "xl_base", "xl_refiner", "inpainting", "sd3", "flux-dev", …),
     from the header's names and shapes; no tensor is read. "unknown" where its test needs values or other keys."""
-    from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+    from diffusers.loaders.single_file_utils import infer_diffusers_model_type  # heavy: only when a header is read
 
     shapes = {k: _Shape(v.get("shape", ())) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
     try:
@@ -129,14 +130,12 @@ def config_for(architecture: str, config: Path | None, name: str) -> Path | None
 
 def load_single_file(path: Path, *, config: Path | None = None, torch_dtype=torch.float32):
     """A ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` from one ``.safetensors`` checkpoint."""
-    from .devices import dtype_kwargs
-
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (pickle formats are refused)")
     architecture = check_single_file(path)  # before any weights are read
     config_dir = config_for(architecture, config, path.name)
-    import diffusers
+    import diffusers  # ~1 s: only when weights load
 
     cls = getattr(diffusers, FAMILY_PIPELINES[architecture])
     kwargs = dict(**dtype_kwargs(torch_dtype))

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from .adapter_files import LoraAdapter, LoraLayer, canonical_name, lora_metadata
+from .conditioning import SD1, SD2, SDXL, model_family
 from .errors import UserError
+from .loading import load_model
 from .safetensors_files import read_header, save_atomic
 
 METHOD = "sara"
@@ -149,8 +151,6 @@ def load_sparse_delta(path: Path) -> SparseDelta:
 def check_same_family(delta: SparseDelta, pipe, label: str = "this SaRA delta") -> None:
     """Refuse a delta made for another model family (e.g. SDXL's on SD 1.x) naming both, before the fingerprints
     (which would only say "another base model")."""
-    from .conditioning import SD1, SD2, SDXL, model_family
-
     made_for, loaded = delta.base_family, model_family(pipe)
     if made_for and made_for != loaded.key:
         name = {f.key: f.label for f in (SD1, SD2, SDXL)}.get(made_for, made_for)
@@ -249,8 +249,6 @@ def merge_sparse_deltas(pipe, deltas: Sequence[tuple[SparseDelta, float]], *, fi
 
 def merge_into_folder(model: str | Path | None, deltas: Sequence[tuple[Path, float]], out: Path) -> Path:
     """Write a full diffusers pipeline folder with the deltas merged, loadable by any diffusers user."""
-    from .loading import load_model
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: the folder exists and is not empty")

@@ -7,12 +7,14 @@ second on a CPU. The tokenizer is the genuine CLIP one shipped in ``assets/clip_
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .paths import CLIP_TOKENIZER, data_home
 
@@ -81,8 +83,6 @@ def ensure_tiny_model(folder: Path | None = None) -> Path:
     try:
         os.replace(tmp, folder)
     except OSError:  # another process won the race: keep theirs
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
@@ -104,9 +104,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
     """Random-weight SDXL-shaped pipeline: two text encoders (the second with a projection, giving the pooled
     embedding), ``text_time`` added conditioning, linear projections and two transformer layers in the deeper block
     (SDXL's ``transformer_layers_per_block``), no attention at the top level; 32 px images."""
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModelWithProjection
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
@@ -132,8 +129,6 @@ def build_tiny_sdxl_pipeline(seed: int = 0):
 def build_tiny_sd2_pipeline(seed: int = 0, zero_terminal_snr: bool = False) -> StableDiffusionPipeline:
     """Random-weight SD-2.x-shaped pipeline: v-prediction, linear transformer projections, per-level head sizes;
     ``zero_terminal_snr`` rescales the betas to zero terminal SNR with trailing timesteps (as zsnr fine-tunes do)."""
-    from diffusers import DDIMScheduler
-
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import torch
 from PIL import Image
 
 from .atomic_files import replacing
+from .devices import pick_device
 from .errors import ModelLoadError, UserError
 from .image_files import open_image, rgb_image
+from .paths import ASSETS, safe_name
 from .safetensors_files import load_tensors, read_header, save_atomic
 from .span import SPAN, SpanConfig
 
@@ -38,8 +41,6 @@ class SRModel:
 
 
 def default_sr_model_path() -> Path:
-    from .paths import ASSETS
-
     return ASSETS / "sr" / "span-x4-default.safetensors"
 
 
@@ -83,8 +84,6 @@ def network_from_state(state: dict[str, torch.Tensor], name: str) -> SPAN:
 
 def load_sr_model(path: Path | None = None, *, device: str = "auto", allow_pth: bool = False) -> SRModel:
     """Load a SPAN model (default: the shipped one). ``.pth`` needs ``allow_pth`` (an official release file)."""
-    from .devices import pick_device
-
     path = Path(path) if path else default_sr_model_path()
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such SR model file")
@@ -202,8 +201,6 @@ class SRModelCache:
     """The last SR model used, kept loaded (SR models are small; switching reloads)."""
 
     def __init__(self, home: Path, device: str = "auto") -> None:
-        import threading
-
         self.home, self.device = home, device
         self._key: tuple | None = None
         self._model: SRModel | None = None
@@ -216,8 +213,6 @@ class SRModelCache:
         elif not choice or choice == SHIPPED:
             key, path, allow = ("shipped",), None, False
         else:
-            from .paths import safe_name
-
             key = ("user", choice)
             path, allow = sr_models_folder(self.home) / safe_name(choice), False
         if key != self._key:
@@ -227,8 +222,6 @@ class SRModelCache:
 
 def save_upscaled(image: Image.Image, folder: Path, source_name: str, scale: float) -> Path:
     """``NAME_x4.png`` in ``folder`` (never over an existing file), written atomically."""
-    from .paths import safe_name
-
     folder.mkdir(parents=True, exist_ok=True)
     stem = Path(safe_name(source_name, "image")).stem
     target, n = folder / f"{stem}_x{scale:g}.png", 1

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 import launch
 from pipelines.conditioning import SD1, SD2, SDXL, model_family
 from pipelines.errors import ModelLoadError
-from pipelines.loading import SUPPORTED, describe_model_source, is_micro_model, load_model
+from pipelines.loading import describe_model_source, is_micro_model, load_model
+from pipelines.model_architecture import SUPPORTED
 from trainers.jobs import JobQueue
 
 REPO = Path(__file__).resolve().parent.parent

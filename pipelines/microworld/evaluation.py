@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from pipelines.generation import adapters_applied
+
+from .judge import judge_images
 from .scenes import COLORS, FILL_ADJECTIVES, SceneConfig, generate_scene, restrict, write_dataset
 
 
@@ -64,10 +67,6 @@ def sample(pipe, prompts: list[str], seeds: list[int], *, steps: int = 20, guida
 def concept_and_prior(model, adapters: tuple, concept_prompt: str, shape: str, n: int, seed: int) -> dict:
     """With ``adapters`` ((file, strength), ...) applied: *learned* = share of ``concept_prompt`` samples the judge
     reads as ``shape``; *prior* = share of base-set prompts whose shape and colour both come out right."""
-    from pipelines.generation import adapters_applied
-
-    from .judge import judge_images
-
     prior = base_prompts(n, seed)
     with adapters_applied(model, adapters):
         learned = judge_images(sample(model.pipe, [concept_prompt] * n, [seed * 1000 + 500 + i for i in range(n)]))
@@ -81,10 +80,6 @@ def content_and_style(model, adapters: tuple, shape: str, fill: str, triggers: s
     """With ``adapters`` applied, samples of "<triggers> a <colour> <shape> in the center, gray background" in every
     base colour × ``n_seeds`` seeds: the shares the judge reads as ``shape`` (content), as ``fill`` (style), and as
     both in one image."""
-    from pipelines.generation import adapters_applied
-
-    from .judge import judge_images
-
     prompts, seeds = [], []
     for c_index, color in enumerate(COLORS):
         for i in range(n_seeds):

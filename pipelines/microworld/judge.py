@@ -15,10 +15,12 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from pipelines.errors import ModelLoadError, UserError
 from pipelines.image_files import rgb_image
+from pipelines.safetensors_files import load_tensors, read_metadata
 
 from .scenes import COLORS, FILLS, SHAPES
 
@@ -104,8 +106,6 @@ def to_input(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None = N
 
 def save_judge(net: JudgeNet, path: str | Path, extra: dict[str, str] | None = None) -> str:
     """Write weights with vocab metadata; returns the file's sha256."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items() if "num_batches" not in k}
     metadata = {"format": JUDGE_FORMAT, "version": str(JUDGE_VERSION), "vocab": net.vocab.to_json(),
                 "input_size": str(JUDGE_INPUT), "width": str(net.trunk[0][0].out_channels), **(extra or {})}
@@ -119,8 +119,6 @@ _CACHE: dict[str, Judge] = {}
 
 def load_judge(path: str | Path | None = None) -> Judge:
     """The judge from a weights file (default: the shipped one), cached per path."""
-    from pipelines.safetensors_files import load_tensors, read_metadata
-
     file = Path(path) if path else DEFAULT_WEIGHTS
     key = str(file.resolve())
     if key in _CACHE:
@@ -182,7 +180,7 @@ def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None
 
 def find_objects(image: ImageLike, threshold: float = 60.0, min_pixels: int = 12) -> list[tuple[float, ...]]:
     """Normalised boxes of blobs that differ from the background (the median border colour), largest first."""
-    from scipy import ndimage
+    from scipy import ndimage  # scipy (~0.3 s) only for finding objects, not for loading or running the judge
 
     pixels = np.asarray(rgb_image(image) if isinstance(image, Image.Image) else image, dtype=np.float32)
     h, w = pixels.shape[:2]

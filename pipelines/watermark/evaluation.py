@@ -8,6 +8,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from pipelines.generation import GenerationRequest, generate
+from pipelines.microworld.scenes import SceneConfig, generate_scenes
+
 from .verify import image_tensor, read_bits
 
 
@@ -25,17 +28,12 @@ def bit_accuracy(extractor, image: Image.Image, key: torch.Tensor) -> float:
 def fresh_requests(n: int, seed: int = 0) -> list:
     """The ``n`` generation requests :func:`fresh_generations` makes: micro-world prompts (not the training ones),
     20 steps, one seed each."""
-    from pipelines.generation import GenerationRequest
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
-
     return [GenerationRequest(prompt=scene.caption, steps=20, seed=70_000 + i)
             for i, scene in enumerate(generate_scenes(n, seed=4_000 + seed, config=SceneConfig()))]
 
 
 def fresh_generations(model, watermark: Path, n: int, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
     """``n`` micro-world prompts (not the training ones) generated with and without ``watermark``, seed by seed."""
-    from pipelines.generation import GenerationRequest, generate
-
     plain, marked = [], []
     for request in fresh_requests(n, seed):
         plain.append(next(generate(model, request)).image)

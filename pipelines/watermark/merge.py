@@ -11,12 +11,14 @@ from typing import Iterator
 
 import torch
 
+from pipelines.adapter_files import load_lora
 from pipelines.errors import UserError
+from pipelines.loading import load_model
+from pipelines.lora import merge_lora
+from pipelines.safetensors_files import read_metadata
 
 
 def is_watermark_file(path: Path) -> bool:
-    from pipelines.safetensors_files import read_metadata
-
     try:
         return read_metadata(Path(path)).get("atelier.method") == "watermark"
     except Exception:
@@ -25,8 +27,6 @@ def is_watermark_file(path: Path) -> bool:
 
 def load_watermark(path: Path):
     """The adapter of a watermark file (only ``vae.decoder`` layers allowed)."""
-    from pipelines.adapter_files import load_lora
-
     adapter = load_lora(Path(path))
     if adapter.metadata.get("atelier.method") != "watermark":
         raise UserError(f"{Path(path).name}: not a watermark adapter")
@@ -38,8 +38,6 @@ def load_watermark(path: Path):
 
 def _merge(pipe, adapter, path: Path) -> None:
     """``merge_lora`` with the file named in its refusals (a decoder of another shape)."""
-    from pipelines.lora import merge_lora
-
     try:
         merge_lora(pipe, adapter)
     except UserError as exc:
@@ -67,8 +65,6 @@ def watermark_applied(pipe, path: Path | None) -> Iterator[None]:
 
 def merge_into_folder(adapter_path: Path, out: Path, model: str | None = None) -> Path:
     """A full diffusers pipeline folder whose decoder carries the watermark (the key stays in the adapter only)."""
-    from pipelines.loading import load_model
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out}: the folder exists and is not empty")

@@ -14,11 +14,14 @@ import torch
 from PIL import Image
 
 from pipelines.errors import UserError
-from pipelines.image_files import rgb_image
+from pipelines.image_files import open_image, rgb_image, shown_name
+from pipelines.safetensors_files import read_metadata
 
 from .attacks import ATTACKS, attack_image
 from .extractor import BitExtractor, extractor_hash, load_extractor
 from .keys import format_key, parse_key
+from .merge import is_watermark_file
+from .shipped import default_extractor_path
 from .stats import KeyMatch, Verdict, best_key, pooled, verdict
 
 DEFAULT_FPR = 1e-6
@@ -32,8 +35,6 @@ class KeySource:
 
 def key_from_adapter(path: Path) -> KeySource:
     """The key and extractor hash a watermark adapter (or a merged model's metadata) carries."""
-    from pipelines.safetensors_files import read_metadata
-
     path = Path(path)
     meta = read_metadata(path)
     if meta.get("atelier.method") != "watermark":
@@ -47,8 +48,6 @@ def key_from_adapter(path: Path) -> KeySource:
 def open_extractor(path: str | Path | None, expected_hash: str | None = None,
                    device: str | torch.device = "cpu") -> BitExtractor:
     """The named (or shipped) extractor; refused when an adapter says it was trained against another one."""
-    from .shipped import default_extractor_path
-
     extractor = load_extractor(Path(path) if path else default_extractor_path(), device=device)
     actual = extractor_hash(extractor)
     if expected_hash and expected_hash != actual:
@@ -59,8 +58,6 @@ def open_extractor(path: str | Path | None, expected_hash: str | None = None,
 
 def load_image(path: str | Path) -> Image.Image:
     """An RGB image from a user's file, or a one-line reason it cannot be read (size-guarded)."""
-    from pipelines.image_files import open_image, shown_name
-
     image = open_image(path)
     if min(image.size) < 8:
         raise UserError(f"{shown_name(path)}: too small ({image.width}x{image.height}) to carry a watermark")
@@ -142,8 +139,6 @@ def extractor_choices(home: Path) -> list[str]:
 
 
 def watermark_adapter_choices(adapters: Path) -> list[str]:
-    from .merge import is_watermark_file
-
     return sorted(p.name for p in Path(adapters).glob("*.safetensors") if is_watermark_file(p)) \
         if Path(adapters).is_dir() else []
 
