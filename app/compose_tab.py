@@ -20,16 +20,14 @@ from PIL import Image, ImageDraw
 
 from pipelines.composition import AUTO, CompositionSpec, parse_composition, read_composition, write_composition
 from pipelines.errors import UserError
-from pipelines.library import describe, list_adapters
+from pipelines.library import EXAMPLE_CONCEPTS, describe, list_adapters
 from pipelines.lora_composer import BOX_COLOURS, box_overlay, compose, save_composition
 from pipelines.model_cache import ModelCache
-from pipelines.paths import ASSETS
 from pipelines.schedulers import MODEL_DEFAULT, SCHEDULER_NAMES
 
 from .generate_tab import CancelTokens
 
 SLOTS = 4  # concept rows on the page (a composition file may hold up to MAX_CONCEPTS; the CLI runs those)
-EXAMPLE_CONCEPTS = ASSETS / "concepts"
 CANVAS_MAX = (512, 320)  # the box canvas on screen, at the composition's aspect ratio
 MAX_SIDE = 2048  # width and height sliders, as on the Generate tab
 OVERLAY_SIDE = 512  # the overlay preview is scaled up (nearest) to about this long side, so thin boxes stay sharp

@@ -7,7 +7,7 @@ import gradio as gr
 import pandas as pd
 
 from pipelines.errors import UserError
-from pipelines.library import export_adapter, import_adapter, list_adapters
+from pipelines.library import export_adapter, import_adapter, library_entries, library_label, library_path
 from pipelines.model_cache import ModelCache
 
 from .file_serving import serve_files
@@ -16,7 +16,8 @@ COLUMNS = ["file", "method", "format", "rank", "trigger words", "base model", "K
 
 
 def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None:
-    gr.Markdown(f"Adapters in `{folder}`. *Base model* says whether an adapter was trained on the model loaded now.")
+    gr.Markdown(f"Adapters in `{folder}`, then the shipped example concepts. *Base model* says whether an adapter was "
+                "trained on the model loaded now.")
     table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="lib-table", wrap=True)
     problems = gr.Markdown(elem_id="lib-problems")
     with gr.Row():
@@ -31,12 +32,12 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
 
     def refresh():
         fingerprint = models.peek().fingerprint
-        entries, bad = list_adapters(folder, fingerprint)
-        rows = [[e.name, e.method, e.format, e.rank, e.triggers,
+        entries, bad = library_entries(folder, fingerprint)
+        rows = [[library_label(e), e.method, e.format, e.rank, e.triggers,
                  {True: "✓ this model", False: "⚠ another model", None: "unknown"}[e.matches_model], e.size_kb]
                 for e in entries]
         note = "\n".join(f"- ⚠ {line}" for line in bad)
-        return pd.DataFrame(rows, columns=COLUMNS), note, gr.update(choices=[e.name for e in entries])
+        return pd.DataFrame(rows, columns=COLUMNS), note, gr.update(choices=[library_label(e) for e in entries])
 
     def on_import(file):
         if file is None:
@@ -54,7 +55,7 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
             raise gr.Error("Choose an adapter first.")
         try:
             with models.use() as model:
-                target = export_adapter(folder / name, fmt_v, folder, model.pipe)
+                target = export_adapter(library_path(name, folder), fmt_v, folder, model.pipe)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
         serve_files(demo, target)  # the adapters folder is not served as a whole

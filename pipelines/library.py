@@ -7,8 +7,12 @@ from pathlib import Path
 
 from .adapter_files import export_lora, load_lora
 from .errors import UserError
+from .paths import ASSETS
 from .paths import safe_name
 from .safetensors_files import read_metadata
+
+
+EXAMPLE_CONCEPTS = ASSETS / "concepts"  # the shipped concept LoRAs (a heart, a ring) of the micro world
 
 
 @dataclass
@@ -27,8 +31,29 @@ class AdapterEntry:
         return self.path.name
 
 
+EXAMPLE_SUFFIX = " (example)"
+
+
 def adapters_folder(home: Path) -> Path:
     return home / "adapters"
+
+
+def library_entries(folder: Path, fingerprint: str | None = None) -> tuple[list[AdapterEntry], list[str]]:
+    """The user's adapters, then the shipped example concepts (``name (example)``): what the Library lists."""
+    entries, problems = list_adapters(folder, fingerprint)
+    examples, bad = list_adapters(EXAMPLE_CONCEPTS, fingerprint)
+    return entries + examples, problems + bad
+
+
+def library_label(entry: AdapterEntry) -> str:
+    return entry.name + (EXAMPLE_SUFFIX if entry.path.parent.resolve() == EXAMPLE_CONCEPTS.resolve() else "")
+
+
+def library_path(label: str, folder: Path) -> Path:
+    """The file behind a Library label: a shipped example, or a file of the user's folder (by name only)."""
+    if label.endswith(EXAMPLE_SUFFIX):
+        return EXAMPLE_CONCEPTS / Path(label.removesuffix(EXAMPLE_SUFFIX)).name
+    return folder / Path(label).name
 
 
 def describe(path: Path, fingerprint: str | None) -> AdapterEntry:
@@ -87,6 +112,7 @@ def export_adapter(path: Path, fmt: str, folder: Path, pipe=None) -> Path:
     stem = path.name.removesuffix(".safetensors")
     for other in (".kohya", ".diffusers"):
         stem = stem.removesuffix(other)
+    folder.mkdir(parents=True, exist_ok=True)
     target = _free_name(folder, f"{stem}.{fmt}.safetensors")
     export_lora(path, target, fmt, pipe)
     return target

@@ -40,3 +40,22 @@ def test_import_refuses_what_it_cannot_read(model, tmp_path):
     assert not (tmp_path / "adapters" / "x.safetensors").exists()
     with pytest.raises(UserError, match="only .safetensors"):
         import_adapter(bad, tmp_path / "adapters", model.pipe, original_name="x.ckpt")
+
+
+def test_the_library_lists_the_shipped_example_concepts_after_the_users_adapters(default_model_dir, tmp_path):
+    from pipelines.library import EXAMPLE_CONCEPTS, library_entries, library_label, library_path
+
+    shipped = sorted(p.name for p in EXAMPLE_CONCEPTS.glob("*.safetensors"))
+    if not shipped:
+        pytest.skip("no shipped example concepts in this checkout")
+    model = load_model(default_model_dir)
+    folder = tmp_path / "adapters"
+    save_lora(random_adapter(model.pipe, seed=2), folder / "mine.safetensors")
+    entries, problems = library_entries(folder, model.fingerprint)
+    labels = [library_label(e) for e in entries]
+    assert not problems and labels == ["mine.safetensors", *(f"{name} (example)" for name in shipped)]
+    assert all(e.matches_model for e in entries[1:])  # the examples were trained on the shipped micro model
+    assert library_path(labels[1], folder) == EXAMPLE_CONCEPTS / shipped[0]
+    assert library_path("../../x.safetensors (example)", folder) == EXAMPLE_CONCEPTS / "x.safetensors"  # names only
+    exported = export_adapter(library_path(labels[1], folder), "kohya", folder, model.pipe)
+    assert exported.parent == folder and not list(EXAMPLE_CONCEPTS.glob("*.kohya.safetensors"))  # assets untouched
