@@ -205,6 +205,21 @@ def config_view(configs: dict[str, dict | None]) -> SimpleNamespace:
                            vae_scale_factor=scale)
 
 
+def unet_layout(source: str | Path | None) -> SimpleNamespace | None:
+    """A weightless stand-in of the model's UNet (built on torch's meta device from ``unet/config.json``), so that
+    adapter files can be resolved against its module names and shapes before any weight loads (a kohya file's SDXL
+    block numbering depends on the layout). None where only loading tells (single files, Hub ids)."""
+    import torch
+    from diffusers import UNet2DConditionModel  # deferred: heavy, and this module is imported by --help
+
+    src, kind = _source(source)
+    unet_config = read_folder_configs(src).get("unet") if kind == "folder" else None
+    if not unet_config:
+        return None
+    with torch.device("meta"):
+        return SimpleNamespace(unet=UNet2DConditionModel.from_config(unet_config))
+
+
 def describe_model_source(source: str | Path | None, config: str | Path | None = None) -> str:
     """The model's family in one line ("SDXL (2 text encoders, epsilon, 1024 px)") for the Train tab, read from the
     config files: pages show it and must not load gigabytes of weights for it. A model the studio cannot use is

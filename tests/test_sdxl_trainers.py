@@ -205,6 +205,11 @@ def test_b4m_on_sdxl_stages_learn_combine_and_apply(tiny_sdxl_dir, circles, squa
     for name, layer in start.layers.items():
         torch.testing.assert_close(layer.down_trainable.detach(), c.layers[name].e, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(layer.up_trainable.detach(), s.layers[name].b, atol=1e-6, rtol=1e-5)
+    # the command's early check of the two files reads that kohya file by the model's layout too (the tiny SDXL's
+    # blocks are not SDXL base's: read by base's numbering, its frozen halves would not match)
+    assert cli("train", "b4m-combine", "--content", content, "--style", kohya_style, "--content-data", circles,
+               "--style-data", squares, "--out", tmp_path / "from-kohya.safetensors", "--steps", 1, "--run-dir",
+               tmp_path / "rk", *common) == 0
 
 
 def test_microworld_sets_are_drawn_for_the_micro_model_only(tiny_sdxl_dir, tmp_path):

@@ -233,11 +233,13 @@ def run_train_b4m(args: argparse.Namespace) -> int:
     if args.resume:
         return run_train(args)
     if args.method == "b4m-combine":
+        from pipelines.loading import unet_layout
         from trainers.break_for_make import check_combinable, read_plp_file
 
         if not args.content or not args.style:
             raise UserError("--content and --style (the two stage-1 files) are required")
-        content, style = read_plp_file(args.content), read_plp_file(args.style)
+        layout = unet_layout(args.model)  # a kohya file's SDXL names are read by the model's own block layout
+        content, style = read_plp_file(args.content, layout), read_plp_file(args.style, layout)
         check_combinable(content, style)
         args.data = args.content_data or args.data
         args.prior_data = args.style_data
