@@ -144,6 +144,8 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 sample_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: end)",
                                          elem_id="train-sample-every")
                 ckpt_every = gr.Number(value=100, precision=0, label="Checkpoint every", elem_id="train-ckpt-every")
+            train_te = gr.Checkbox(value=False, label="Also train the text encoder (both on SDXL)", elem_id="train-te",
+                                   info="A LoRA on the text encoder's attention too, at the same learning rate")
             # A Column carries the id and visibility (a Group given both renders twice in Gradio 6.31).
             with gr.Column(visible=False, elem_id="train-sara") as sara_group, gr.Group():
                 with gr.Row():
@@ -262,10 +264,10 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         else:
             lr_value = lr_v
         new_name = DEFAULT_NAMES[method_v] if name_v in DEFAULT_NAMES.values() or not name_v else name_v
-        return (gr.update(visible=not sara), gr.update(visible=sara),
+        return (gr.update(visible=not sara), gr.update(visible=not sara), gr.update(visible=sara),
                 gr.update(value=lr_value, label=LR_LABELS[method_v]), new_name)
 
-    method.change(on_method, [method, lr, name], [rank, sara_group, lr, name], queue=False).then(
+    method.change(on_method, [method, lr, name], [rank, train_te, sara_group, lr, name], queue=False).then(
         on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
     for widget in (sara_budget, sara_threshold):
         widget.change(on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
@@ -274,7 +276,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return [j.name for j in list_jobs(queue.runs_root)]
 
     def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, rank_v, lr_v,
-                 sample_v, ckpt_v, prompts_v, method_v, budget_v, threshold_v, lambda_v, progressive_v):
+                 sample_v, ckpt_v, prompts_v, method_v, budget_v, threshold_v, lambda_v, progressive_v, te_v=False):
         kind = METHODS.get(method_v, "lora")
         # the job's own checks, here: a bad number is refused on the page, not by a job failing in the background
         steps_n, repeats_n, batch_n, accum_n, ckpt_n = (_whole(v, label, 1) for v, label in (
@@ -297,6 +299,8 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             args += ["--lr", str(float(lr_v))]
         if kind == "lora":
             args += ["--rank", str(_whole(rank_v, "Rank", 1))]
+            if te_v:
+                args += ["--train-text-encoder"]
         else:
             budget, threshold = sara_choice(budget_v, threshold_v)
             lambda_rank = 5e-3 if lambda_v is None else float(lambda_v)
@@ -324,7 +328,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return gr.update(choices=choices(), value=run_name), summary
 
     start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts, method, sara_budget, sara_threshold,
-                                    sara_lambda, sara_progressive], [runs, arithmetic])
+                                    sara_lambda, sara_progressive, train_te], [runs, arithmetic])
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         folder_v = (folder_v or "").strip()

@@ -444,7 +444,7 @@ def preview(client: Client, folder: str, files=None, name: str = "my-lora") -> t
 
 
 def start_args(folder: str, *, batch=1, steps=10):
-    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 4, 1e-4, 0, 100, "", "LoRA", "5%", 0, 5e-3, 0.5)
+    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 4, 1e-4, 0, 100, "", "LoRA", "5%", 0, 5e-3, 0.5, False)
 
 
 def test_train_dataset_folders(studio, bad_corpus):

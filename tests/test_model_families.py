@@ -307,3 +307,22 @@ def test_the_train_tab_on_an_sdxl_model_in_the_browser(browser, tiny_sdxl_dir, t
         shot = tmp_path / "train-sdxl.png"
         page.screenshot(path=str(shot), full_page=True)
         shutil.copy(shot, "/tmp/train_sdxl.png")
+
+
+def test_the_train_tab_offers_text_encoder_training_for_a_lora(tiny_sdxl_dir, data, tmp_path):
+    """The LoRA form's checkbox puts --train-text-encoder on the queued command; SaRA hides it."""
+    import json
+
+    from trainers.jobs import JOB_FILE
+
+    demo = train_tab(str(tiny_sdxl_dir), tmp_path)
+    fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
+    form = [str(data), None, "x", "sks", "", 1, 1, 1, 10, 4, 1e-4, 0, 100, "", "LoRA", "5%", 0, 5e-3, 0.5]
+    for name, checked in (("with-te", True), ("without-te", False)):
+        fns["on_start"](*form[:2], name, *form[3:], checked)
+    records = [json.loads(p.read_text())["args"] for p in (tmp_path / "runs").glob(f"*/{JOB_FILE}")]
+    assert len(records) == 2
+    with_te = [args for args in records if "--train-text-encoder" in args]
+    assert len(with_te) == 1 and any(a.endswith("with-te.safetensors") for a in with_te[0])
+    rank_update, te_update, sara_update, *_ = fns["on_method"]("SaRA", 1e-4, "x")
+    assert te_update["visible"] is False and sara_update["visible"] is True
