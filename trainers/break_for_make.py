@@ -80,10 +80,12 @@ def read_plp_file(path: str | Path, pipe=None) -> PLPFile:
     from pipelines.adapter_files import load_lora
 
     path = Path(path)
-    adapter = load_lora(path, pipe)
+    adapter = load_lora(path)  # what the file is comes first: a LoRA for another model is "not a B4M file"
     meta = adapter.metadata
     if meta.get("atelier.method") != "b4m":
         raise UserError(f"{path.name}: not a Break-for-Make file (method {meta.get('atelier.method') or 'unknown'})")
+    if pipe is not None:
+        adapter = load_lora(path, pipe)
     try:
         seed, rank = int(meta["atelier.b4m_seed"]), int(meta["atelier.b4m_rank"])
         alpha = float(meta["atelier.b4m_alpha"])
