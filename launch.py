@@ -13,9 +13,9 @@ import sys
 import warnings
 
 # Feature modules that add their own sub-commands through ``register(subparsers)``.
-# ``trainers.watermark_cli`` makes the ``watermark`` group (pipelines.watermark.cli) and adds its training commands.
-COMMAND_MODULES = ("pipelines.microworld.cli", "pipelines.sara_cli", "trainers.cli", "trainers.watermark_cli",
-                   "pipelines.composer_cli")
+# ``cli.watermark_train`` makes the ``watermark`` group (cli.watermark) and adds its training commands.
+COMMAND_MODULES = ("cli.microworld", "cli.sara", "cli.train", "cli.watermark_train",
+                   "cli.compose")
 
 
 def quiet_libraries() -> None:
@@ -63,9 +63,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipelines.errors import UserError
+    from core.errors import UserError
     from pipelines.generation import GenerationRequest, check_adapter_files, generate, parse_lora_arg, save_generated
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     out = Path(args.out)
     if out.suffix.lower() != ".png":
@@ -95,8 +95,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_upscale(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipelines.errors import UserError
-    from pipelines.image_files import open_image, shown_name
+    from core.errors import UserError
+    from core.image_files import open_image, shown_name
     from pipelines.upscale import load_sr_model, max_input_pixels, save_upscaled, upscale_image
 
     model = load_sr_model(args.model, device=args.device, allow_pth=args.official_pth)
@@ -119,7 +119,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.schedulers import MODEL_DEFAULT
+    from models.schedulers import MODEL_DEFAULT
 
     parser = argparse.ArgumentParser(prog="launch.py", description="Atelier: a diffusion customization studio. "
                                      "With no command, opens the studio in the browser.")
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.errors import UserError
+    from core.errors import UserError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.errors import UserError
-from pipelines.library import adapters_folder
-from pipelines.loading import is_micro_model
-from pipelines.paths import safe_name
+from core.errors import UserError
+from adapters.library import adapters_folder
+from models.loading import is_micro_model
+from core.paths import safe_name
 from trainers.dataset import DatasetConfig, dataset_summary
 from trainers.jobs import JobQueue, list_jobs
 

@@ -19,19 +19,19 @@ from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
 from pipelines.composition import AUTO, CompositionSpec, parse_composition, read_composition, write_composition
-from pipelines.errors import UserError
-from pipelines.library import EXAMPLE_CONCEPTS, describe, list_adapters
+from core.errors import UserError
+from adapters.library import EXAMPLE_CONCEPTS, describe, list_adapters
 from pipelines.lora_composer import BOX_COLOURS, box_overlay, compose, save_composition
-from pipelines.model_cache import ModelCache
-from pipelines.schedulers import MODEL_DEFAULT, SCHEDULER_NAMES
+from models.cache import ModelCache
+from models.schedulers import MODEL_DEFAULT, SCHEDULER_NAMES
 
-from .generate_tab import CancelTokens
+from app.generate_tab import CancelTokens
 
 SLOTS = 4  # concept rows on the page (a composition file may hold up to MAX_CONCEPTS; the CLI runs those)
 CANVAS_MAX = (512, 320)  # the box canvas on screen, at the composition's aspect ratio
 MAX_SIDE = 2048  # width and height sliders, as on the Generate tab
 OVERLAY_SIDE = 512  # the overlay preview is scaled up (nearest) to about this long side, so thin boxes stay sharp
-NOT_LORAS = ("watermark", "sara", "span", "dsclora")  # adapter methods that are not concept LoRAs
+UPSCALERS = ("span", "dsclora")  # upscaler files a user may have dropped into the adapters folder: no adapters
 
 # What works on the micro model (README, Compose): the global prompt names only the background, each box is about
 # the model's native 64 px, and the strengths balance the two LoRAs (the weaker ring up, the heart down).
@@ -69,7 +69,7 @@ def lora_choices(adapters: Path) -> list[tuple[str, str]]:
     for folder, note in ((adapters, ""), (EXAMPLE_CONCEPTS, "example")):
         entries, _ = list_adapters(folder)
         for e in entries:
-            if e.method.startswith(NOT_LORAS):
+            if not e.kind.composable or e.method.startswith(UPSCALERS):
                 continue
             extra = ", ".join(x for x in (note, f"trigger {e.triggers}" if e.triggers else "") if x)
             choices.append((f"{e.name} ({extra})" if extra else e.name, str(e.path.resolve())))

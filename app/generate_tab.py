@@ -6,11 +6,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.errors import UserError
-from pipelines.library import list_adapters
+from core.errors import UserError
+from adapters.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
-from pipelines.model_cache import ModelCache
-from pipelines.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
+from models.cache import ModelCache
+from models.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
 from pipelines.upscale import upscale_files
 
 EXAMPLE_PROMPTS = [
@@ -140,8 +140,8 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
 
     def adapter_choices():
         entries, _ = list_adapters(adapters)
-        names = [e.name for e in entries if e.method != "watermark"]
-        marks = [e.name for e in entries if e.method == "watermark"]
+        names = [e.name for e in entries if e.kind.role != "decoder"]
+        marks = [e.name for e in entries if e.kind.role == "decoder"]
         return [gr.update(choices=[None, *names]) for _ in range(LORA_SLOTS)] + [gr.update(choices=[None, *marks])]
 
     refresh_loras.click(adapter_choices, None, [*lora_files, watermark], queue=False)

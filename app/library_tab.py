@@ -6,13 +6,15 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from pipelines.errors import UserError
-from pipelines.library import export_adapter, import_adapter, library_entries, library_label, library_path
-from pipelines.model_cache import ModelCache
+from core.errors import UserError
+from adapters.library import export_adapter, import_adapter, library_entries, library_label, library_path
+from adapters.registry import library_columns
+from models.cache import ModelCache
 
-from .file_serving import serve_files
+from app.file_serving import serve_files
 
-COLUMNS = ["file", "method", "format", "rank", "trigger words", "base model", "KB"]
+# The adapter types' own columns (rank, θ, PLP seed, ...) come from their declarations (adapters.registry).
+COLUMNS = ["file", "type", "format", *(title for title, _ in library_columns()), "trigger words", "base model", "KB"]
 
 
 def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None:
@@ -21,7 +23,8 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
     table = gr.Dataframe(headers=COLUMNS, interactive=False, elem_id="lib-table", wrap=True)
     problems = gr.Markdown(elem_id="lib-problems")
     with gr.Row():
-        upload = gr.File(label="Import a LoRA (.safetensors: diffusers/peft or kohya format)",
+        upload = gr.File(label="Import an adapter (.safetensors: a LoRA in diffusers/peft or kohya format, a SaRA "
+                               "delta, ...)",
                          file_types=[".safetensors"], elem_id="lib-import")
         with gr.Column():
             chosen = gr.Dropdown(label="Adapter", choices=[], elem_id="lib-chosen")
@@ -33,7 +36,7 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
     def refresh():
         fingerprint = models.peek().fingerprint
         entries, bad = library_entries(folder, fingerprint)
-        rows = [[library_label(e), e.method, e.format, e.rank, e.triggers,
+        rows = [[library_label(e), e.kind.label, e.format, *e.columns.values(), e.triggers,
                  {True: "✓ this model", False: "⚠ another model", None: "unknown"}[e.matches_model], e.size_kb]
                 for e in entries]
         note = "\n".join(f"- ⚠ {line}" for line in bad)

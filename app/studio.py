@@ -6,10 +6,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.errors import UserError
-from pipelines.library import adapters_folder
-from pipelines.model_cache import ModelCache, ModelSpec
-from pipelines.paths import REPO_ROOT, data_home, default_outputs
+from core.errors import UserError
+from adapters.library import adapters_folder
+from models.cache import ModelCache, ModelSpec
+from core.paths import REPO_ROOT, data_home, default_outputs
 from pipelines.upscale import SRModelCache
 from trainers.jobs import JobQueue
 
@@ -74,12 +74,12 @@ def build_studio(config: StudioConfig):
     # no Gradio.
     import gradio as gr
 
-    from .compose_tab import build_compose_tab
-    from .generate_tab import build_generate_tab
-    from .library_tab import build_library_tab
-    from .train_tab import build_train_tab
-    from .upscale_tab import build_upscale_tab
-    from .verify_tab import build_verify_tab
+    from app.compose_tab import build_compose_tab
+    from app.generate_tab import build_generate_tab
+    from app.library_tab import build_library_tab
+    from app.train_tab import build_train_tab
+    from app.upscale_tab import build_upscale_tab
+    from app.verify_tab import build_verify_tab
 
     models = ModelCache(ModelSpec(source=config.model, config=config.config, device=config.device,
                                   dtype=config.dtype, attention=config.attention))

@@ -7,24 +7,36 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from pipelines.errors import UserError
-from pipelines.library import adapters_folder
-from pipelines.loading import default_model_source, describe_model_source
+from core.errors import UserError
+from core.option_fields import OptionField, cli_args, form_values
+from adapters.library import adapters_folder
+from models.loading import default_model_source, describe_model_source
 from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
-from pipelines.paths import safe_name
+from core.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
 from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
-from trainers.sara import SaraOptions, preview_selection
+from trainers.options import parse_options
+from trainers.registry import MethodSpec, train_tab_methods
 
-from .b4m_wizard import build_b4m_wizard
-from .file_serving import serve_files
+from app.b4m_wizard import build_b4m_wizard
+from app.file_serving import serve_files
 
-METHODS = {"LoRA": "lora", "SaRA": "sara"}
-LORA_LR = 1e-4
-DEFAULT_NAMES = {"LoRA": "my-lora", "SaRA": "my-sara"}
-LR_LABELS = {"LoRA": "Learning rate", "SaRA": "Learning rate (0 or empty = derived from θ)"}
+
+
+def _option_widget(spec: MethodSpec, f: OptionField):
+    """The form field of one option, as its declaration describes it."""
+    common = {"label": f.label, "elem_id": f"train-{spec.name}-{f.name.replace('_', '-')}", "info": None}
+    value = f.form_value()
+    if f.choices:
+        return gr.Dropdown(list(f.choices), value=value, **common)
+    if f.kind == "bool":
+        return gr.Checkbox(value=bool(value), **{**common, "info": f.help[:1].upper() + f.help[1:]})
+    if f.kind in ("int", "float"):
+        return gr.Number(value=value, precision=0 if f.kind == "int" else None, minimum=f.minimum,
+                         maximum=f.maximum, step=f.step or (1 if f.kind == "int" else None), **common)
+    return gr.Textbox(value=value, **common)
 
 
 def _progress_html(info) -> str:
@@ -125,9 +137,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
     with gr.Row():
         with gr.Column(scale=3):
             gr.Markdown("### New run")
-            method = gr.Radio(list(METHODS), value="LoRA", label="Method", elem_id="train-method",
-                              info="LoRA: low-rank adapters on the attention layers · SaRA: fine-tune the UNet's "
-                                   "smallest weights (a sparse delta file)")
+            specs = {spec.label: spec for spec in train_tab_methods()}
+            first = next(iter(specs.values()))
+            method = gr.Radio(list(specs), value=first.label, label="Method", elem_id="train-method",
+                              info=" · ".join(f"{spec.label}: {spec.help.partition(': ')[2] or spec.help}"
+                                              for spec in specs.values()))
             folder = gr.Textbox(label="Dataset folder (images + same-name .txt captions)", elem_id="train-folder")
             uploads = gr.File(label="…or upload images and captions", file_count="multiple", elem_id="train-upload")
             with gr.Row():
@@ -139,30 +153,24 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 accum = gr.Number(value=1, precision=0, label="Grad. accumulation", elem_id="train-accum")
                 steps = gr.Number(value=300, precision=0, label="Steps", elem_id="train-steps")
             with gr.Row():
-                rank = gr.Number(value=8, precision=0, label="Rank", elem_id="train-rank")
-                lr = gr.Number(value=LORA_LR, label=LR_LABELS["LoRA"], elem_id="train-lr")
+                lr = gr.Number(value=first.default_lr or 0, label=first.lr_label, elem_id="train-lr")
                 sample_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: end)",
                                          elem_id="train-sample-every")
                 ckpt_every = gr.Number(value=100, precision=0, label="Checkpoint every", elem_id="train-ckpt-every")
-            train_te = gr.Checkbox(value=False, label="Also train the text encoder (both on SDXL)", elem_id="train-te",
-                                   info="A LoRA on the text encoder's attention too, at the same learning rate")
+            # Each method's own fields, generated from its options (trainers.registry); only the chosen one shows.
             # A Column carries the id and visibility (a Group given both renders twice in Gradio 6.31).
-            with gr.Column(visible=False, elem_id="train-sara") as sara_group, gr.Group():
-                with gr.Row():
-                    sara_budget = gr.Textbox(value="5%", label="Budget (share 5% or count 50M)",
-                                             elem_id="train-sara-budget")
-                    sara_threshold = gr.Number(value=0, minimum=0, step=1e-4, label="Threshold θ (0 = use the budget)",
-                                               elem_id="train-sara-threshold")
-                with gr.Row():
-                    sara_lambda = gr.Number(value=5e-3, minimum=0, step=1e-3, label="λ rank (0 = off)",
-                                            elem_id="train-sara-lambda")
-                    sara_progressive = gr.Number(value=0.5, minimum=0, maximum=0.99, step=0.05,
-                                                 label="Progressive fraction (0 = off)",
-                                                 elem_id="train-sara-progressive")
-                sara_plan = gr.Textbox(label="SaRA selection (before training)", interactive=False, lines=1,
-                                       elem_id="train-sara-plan")
+            groups, option_widgets, previews = {}, [], {}
+            for spec in specs.values():
+                with gr.Column(visible=spec is first, elem_id=f"train-{spec.name}") as groups[spec.name], gr.Group():
+                    fields = spec.ui_fields()
+                    for row in range(0, len(fields), 2):
+                        with gr.Row():
+                            option_widgets += [(spec, f, _option_widget(spec, f)) for f in fields[row:row + 2]]
+                    if spec.preview is not None:
+                        previews[spec.name] = gr.Textbox(label=f"{spec.label}: before training", interactive=False,
+                                                         lines=1, elem_id=f"train-{spec.name}-plan")
             prompts = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts")
-            name = gr.Textbox(label="Output name", value=DEFAULT_NAMES["LoRA"], elem_id="train-name")
+            name = gr.Textbox(label="Output name", value=first.default_name, elem_id="train-name")
             arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             connect_b4m = build_b4m_wizard(queue, data_root, model_source)
@@ -230,54 +238,70 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         widget.change(on_preview, inputs, [folder, arithmetic], queue=False)
     uploads.upload(on_preview, inputs, [folder, arithmetic])
 
-    def sara_choice(budget_v, threshold_v) -> tuple[str | None, float | None]:
-        """(budget, threshold) as the CLI takes them: a positive θ wins over the budget; an empty budget is 5 %."""
-        threshold = float(threshold_v or 0)
-        if threshold > 0:
-            return None, threshold
-        return (str(budget_v or "").strip() or "5%"), None
+    widgets = [widget for _, _, widget in option_widgets]
 
-    plans: dict[tuple, str] = {}  # each preview loads the model on CPU: remember the answers
+    def options_of(spec: MethodSpec, own_values: list) -> dict:
+        """A method's form values → its options (by field name), checked as the job will check them, so a typo is
+        refused on the page and not by a job failing in the background."""
+        options = spec.from_form(form_values(spec.ui_fields(), own_values))
+        parse_options(spec.options, options, spec.label)
+        return options
 
-    def on_plan(method_v, budget_v, threshold_v):
-        if method_v != "SaRA":
-            return gr.skip()
-        budget, threshold = sara_choice(budget_v, threshold_v)
-        key = (budget, threshold)
-        if key not in plans:
+    plans: dict[tuple, str] = {}  # each preview may load the model on CPU: remember the answers
+
+    def plan_for(spec: MethodSpec):
+        def on_plan(method_v, *values):
+            if specs.get(method_v) is not spec:
+                return gr.skip()
             try:
-                plans[key] = preview_selection(model_source, budget, threshold).describe()
-            except UserError as exc:
-                return f"⚠ {exc}"  # not remembered: cheap (checked before the model loads) or worth a retry
-            except Exception as exc:  # the preview must never put a traceback on the page
-                return f"⚠ could not plan the selection: {exc.__class__.__name__}: {exc}"
-            if len(plans) > 32:
-                plans.pop(next(iter(plans)))
-        return plans[key]
+                options = options_of(spec, list(values))
+            except (UserError, ValueError) as exc:
+                return f"⚠ {exc}"
+            key = (spec.name, *sorted((k, str(v)) for k, v in options.items() if k in spec.preview_inputs))
+            if key not in plans:
+                try:
+                    plans[key] = spec.preview(model_source, options)
+                except UserError as exc:
+                    return f"⚠ {exc}"  # not remembered: cheap (checked before the model loads) or worth a retry
+                except Exception as exc:  # the preview must never put a traceback on the page
+                    return f"⚠ could not plan: {exc.__class__.__name__}: {exc}"
+                if len(plans) > 32:
+                    plans.pop(next(iter(plans)))
+            return plans[key]
+        return on_plan
 
     def on_method(method_v, lr_v, name_v):
-        sara = method_v == "SaRA"
-        if sara and lr_v == LORA_LR:
-            lr_value = 0  # untouched LoRA default → SaRA's derived learning rate
-        elif not sara and not lr_v:
-            lr_value = LORA_LR
+        spec = specs.get(method_v, first)
+        default_lrs = {s.default_lr for s in specs.values()} - {None}
+        if spec.default_lr is None and lr_v in default_lrs:
+            lr_value = 0  # an untouched default of another method → this method's derived learning rate
+        elif spec.default_lr is not None and (not lr_v or lr_v in default_lrs):
+            lr_value = spec.default_lr
         else:
             lr_value = lr_v
-        new_name = DEFAULT_NAMES[method_v] if name_v in DEFAULT_NAMES.values() or not name_v else name_v
-        return (gr.update(visible=not sara), gr.update(visible=not sara), gr.update(visible=sara),
-                gr.update(value=lr_value, label=LR_LABELS[method_v]), new_name)
+        default_names = {s.default_name for s in specs.values()}
+        new_name = spec.default_name if name_v in default_names or not name_v else name_v
+        return (*(gr.update(visible=name == spec.name) for name in groups),
+                gr.update(value=lr_value, label=spec.lr_label), new_name)
 
-    method.change(on_method, [method, lr, name], [rank, train_te, sara_group, lr, name], queue=False).then(
-        on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
-    for widget in (sara_budget, sara_threshold):
-        widget.change(on_plan, [method, sara_budget, sara_threshold], sara_plan, show_progress="minimal")
+    changed = method.change(on_method, [method, lr, name], [*groups.values(), lr, name], queue=False)
+    for spec in specs.values():
+        if spec.preview is None:
+            continue
+        own = [widget for s, f, widget in option_widgets if s is spec]
+        plan = plan_for(spec)
+        inputs_ = [method, *own]
+        changed = changed.then(plan, inputs_, previews[spec.name], show_progress="minimal")
+        for s, f, widget in option_widgets:
+            if s is spec and f.name in spec.preview_inputs:
+                widget.change(plan, inputs_, previews[spec.name], show_progress="minimal")
 
     def choices():
         return [j.name for j in list_jobs(queue.runs_root)]
 
-    def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, rank_v, lr_v,
-                 sample_v, ckpt_v, prompts_v, method_v, budget_v, threshold_v, lambda_v, progressive_v, te_v=False):
-        kind = METHODS.get(method_v, "lora")
+    def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, lr_v,
+                 sample_v, ckpt_v, prompts_v, method_v, *option_values):
+        spec = specs.get(method_v, first)
         # the job's own checks, here: a bad number is refused on the page, not by a job failing in the background
         steps_n, repeats_n, batch_n, accum_n, ckpt_n = (_whole(v, label, 1) for v, label in (
             (steps_v, "Steps"), (repeats_v, "Repeats"), (batch_v, "Batch size"), (accum_v, "Grad. accumulation"),
@@ -285,33 +309,23 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         _whole(sample_v or 0, "Preview every N steps", 0)
         if lr_v is not None and float(lr_v) < 0:
             raise gr.Error("Learning rate must be positive (0 or empty: the method's default).")
+        try:
+            options = options_of(spec, [v for (s, _, _), v in zip(option_widgets, option_values) if s is spec])
+        except (UserError, ValueError) as exc:
+            raise gr.Error(str(exc)) from exc
         path = resolve_folder(folder_v, files_v, name_v)
         try:
             summary = dataset_summary(DatasetConfig(path, repeats=repeats_n, caption=caption_v or None,
                                                     trigger=trigger_v or None), batch_n, accum_n, steps_n)
         except UserError as exc:
             raise gr.Error(str(exc)) from exc
-        stem = safe_name(name_v or DEFAULT_NAMES.get(method_v, "my-lora"))
+        stem = safe_name(name_v or spec.default_name)
         out = adapters_folder(data_root) / f"{stem}.safetensors"
         args = ["--data", path, "--out", str(out), "--steps", str(steps_n), "--repeats", str(repeats_n),
                 "--batch-size", str(batch_n), "--grad-accum", str(accum_n), "--checkpoint-every", str(ckpt_n)]
         if lr_v:  # empty/0: the method's default (LoRA 1e-4; SaRA derived from θ)
             args += ["--lr", str(float(lr_v))]
-        if kind == "lora":
-            args += ["--rank", str(_whole(rank_v, "Rank", 1))]
-            if te_v:
-                args += ["--train-text-encoder"]
-        else:
-            budget, threshold = sara_choice(budget_v, threshold_v)
-            lambda_rank = 5e-3 if lambda_v is None else float(lambda_v)
-            progressive = 0.5 if progressive_v is None else float(progressive_v)
-            try:  # the same checks the job makes, so a typo fails here and not in a subprocess
-                SaraOptions(budget=budget, threshold=threshold, lambda_rank=lambda_rank,
-                            progressive=progressive).validate()
-            except UserError as exc:
-                raise gr.Error(str(exc)) from exc
-            args += ["--threshold", repr(threshold)] if threshold is not None else ["--budget", budget]
-            args += ["--lambda-rank", repr(lambda_rank), "--progressive", repr(progressive)]
+        args += cli_args(spec.option_fields(), options)
         if int(sample_v or 0):
             args += ["--sample-every", str(int(sample_v))]
         for prompt in (prompts_v or "").splitlines():
@@ -323,12 +337,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             args += ["--caption", caption_v]
         if model_source:
             args += ["--model", model_source]
-        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{stem}"
-        _submit(queue, run_name, kind, args)
+        run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.name}-{stem}"
+        _submit(queue, run_name, spec.name, args)
         return gr.update(choices=choices(), value=run_name), summary
 
-    start.click(on_start, inputs + [rank, lr, sample_every, ckpt_every, prompts, method, sara_budget, sara_threshold,
-                                    sara_lambda, sara_progressive, train_te], [runs, arithmetic])
+    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, *widgets], [runs, arithmetic])
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         folder_v = (folder_v or "").strip()

@@ -6,8 +6,8 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.image_files import rgb_image
+from core.errors import UserError
+from core.image_files import rgb_image
 from pipelines.upscale import SHIPPED, SRModelCache, sr_model_choices, upscale_files
 
 

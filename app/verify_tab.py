@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.watermark.verify import SHIPPED_EXTRACTOR, extractor_choices, identify_files, robustness_file, \
     verify_files, watermark_adapter_choices
 

@@ -40,13 +40,13 @@ CONTENT_TRIGGER, STYLE_TRIGGER = "sks", "w@z"
 
 
 def content_images(folder: Path, n: int) -> Path:
-    from pipelines.microworld.evaluation import novel_shape_set
+    from microworld.evaluation import novel_shape_set
 
     return novel_shape_set(folder, CONTENT, n, seed=3)
 
 
 def style_images(folder: Path, n: int) -> Path:
-    from pipelines.microworld.evaluation import novel_fill_set
+    from microworld.evaluation import novel_fill_set
 
     return novel_fill_set(folder, STYLE, n, seed=5)
 
@@ -65,7 +65,7 @@ def joint_images(folder: Path, content: Path, style: Path) -> Path:
 
 def accuracies(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
     """Content and style accuracy of "sks w@z a <colour> star" over the base colours × ``n_seeds`` seeds."""
-    from pipelines.microworld.evaluation import content_and_style
+    from microworld.evaluation import content_and_style
 
     return content_and_style(model, adapters, CONTENT, STYLE, f"{CONTENT_TRIGGER} {STYLE_TRIGGER}", n_seeds, seed)
 
@@ -107,7 +107,7 @@ def train_b4m(work: Path, content: Path, style: Path, aux_styles: Path, aux_cont
 def run(args: argparse.Namespace) -> dict:
     from accelerate.state import AcceleratorState
 
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers.aux_sets import microworld_aux
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train

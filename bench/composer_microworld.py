@@ -213,8 +213,8 @@ class Runner:
     @contextmanager
     def region_loras(self, layout: dict):
         """Each distinct LoRA loaded under its own adapter name (for latent mode to switch between)."""
-        from pipelines.adapter_files import load_lora
-        from pipelines.lora import apply_loras, remove_loras
+        from adapters.lora.files import load_lora
+        from adapters.lora.apply import apply_loras, remove_loras
 
         files = self.distinct_files(layout)
         names = [f"region_{i}" for i in range(len(files))]
@@ -228,7 +228,7 @@ class Runner:
     @contextmanager
     def merged_weights(self, file: str):
         """One LoRA merged into the base weights; the exact weights are written back afterwards."""
-        from pipelines.adapter_files import load_lora
+        from adapters.lora.files import load_lora
         from pipelines.lora_composer import lora_merged
 
         with lora_merged(self.pipe, load_lora(Path(file), self.pipe), 1.0):
@@ -345,7 +345,7 @@ class Runner:
 
 def judge_layout(images: list, layout: dict) -> list[list[dict]]:
     """Per seed, per box: the judge's top-1 shape and colour of the box crop, blobs found, and the verdicts."""
-    from pipelines.microworld.judge import judge_images
+    from microworld.judge import judge_images
 
     regions = layout["regions"]
     per_box = [judge_images(images, [tuple(r["box"])] * len(images)) for r in regions]
@@ -447,7 +447,7 @@ def cost_times(runner: Runner, shapes: list[str], reps: int) -> dict:
 
 def child(method: str, n: int, shapes: list[str]) -> None:
     """One configuration's peak memory, in a fresh process; prints one JSON line."""
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     torch.set_num_threads(1)
     model = load_model(MODEL)
@@ -647,7 +647,7 @@ def main() -> int:
         print("micro base model not shipped; nothing to measure", file=sys.stderr)
         return 1
     from report import write_report
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     if args.render:
         data = json.loads(Path(args.render).read_text(encoding="utf-8"))

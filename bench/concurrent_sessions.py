@@ -31,7 +31,7 @@ difference; recorded in the JSON).
 
 What it found: the model lock was an ``RLock``, which a generator handler (Generate) may leave from another worker
 thread than it entered it in; under load the release failed and every later generation hung (now a ``Lock``,
-``pipelines/model_cache.py``). And Gradio's default of keeping 10 000 sessions made memory climb with every session
+``models/cache.py``). And Gradio's default of keeping 10 000 sessions made memory climb with every session
 (now ``SESSIONS_KEPT``).
 
 Writes ``OUT.json`` (every request) and ``OUT.md`` (the table). ``tests/test_load.py`` reuses the requests, the
@@ -113,7 +113,7 @@ class SessionRequest:
 
 def input_images(folder: Path, n: int) -> tuple[list[Path], list[Path]]:
     """``n`` distinct micro-world scenes to verify (64 px) and ``n`` small pictures to upscale (48×32 crops)."""
-    from pipelines.microworld.scenes import SceneConfig, generate_scene
+    from microworld.scenes import SceneConfig, generate_scene
 
     folder.mkdir(parents=True, exist_ok=True)
     verify, upscale = [], []
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     elif (MICRO_MODEL / "model_index.json").is_file():
         model = MICRO_MODEL
     else:
-        from pipelines.tiny_model import ensure_tiny_model
+        from models.tiny_model import ensure_tiny_model
 
         model = ensure_tiny_model(Path(tempfile.gettempdir()) / "atelier-bench" / "tiny")
         print("micro model not shipped: the tiny random model (compose's example LoRAs will not fit)",

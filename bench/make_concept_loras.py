@@ -46,8 +46,8 @@ def check_prompt(shape: str) -> str:
 def plain_lora_share(model, path: Path, shape: str) -> float:
     """Share of ``CHECK_SEEDS`` in which the judge reads ``shape`` with the LoRA applied to the whole model."""
     from pipelines.generation import adapters_applied
-    from pipelines.microworld.evaluation import sample
-    from pipelines.microworld.judge import judge_images
+    from microworld.evaluation import sample
+    from microworld.judge import judge_images
 
     with adapters_applied(model, ((str(path), 1.0),)):
         images = sample(model.pipe, [check_prompt(shape)] * len(CHECK_SEEDS), CHECK_SEEDS)
@@ -57,8 +57,8 @@ def plain_lora_share(model, path: Path, shape: str) -> float:
 def main() -> int:
     import torch
 
-    from pipelines.loading import load_model
-    from pipelines.microworld.evaluation import novel_shape_set
+    from models.loading import load_model
+    from microworld.evaluation import novel_shape_set
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train
 

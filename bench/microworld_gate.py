@@ -28,7 +28,7 @@ PAIR_GATE = 0.50
 
 def gate_prompts(n_single: int, n_pairs: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Captions (and their labels) of random base-set scenes with one and with two objects."""
-    from pipelines.microworld.scenes import SceneConfig, generate_scene
+    from microworld.scenes import SceneConfig, generate_scene
 
     singles, pairs = [], []
     for index in range(n_single):
@@ -46,7 +46,7 @@ def gate_prompts(n_single: int, n_pairs: int, seed: int) -> tuple[list[dict], li
 def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024, steps: int = 20,
                  guidance: float = 4.0, keep_images: bool = False) -> dict:
     """Generate the gate's prompts with ``pipe`` and return rates, verdicts and pass/fail."""
-    from pipelines.microworld.judge import judge_images, judge_scene
+    from microworld.judge import judge_images, judge_scene
 
     singles, pairs = gate_prompts(n_single, n_pairs, seed)
     started = time.time()

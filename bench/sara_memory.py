@@ -163,7 +163,7 @@ def phase(name: str, **info) -> None:
 def attach_method(method: str, unet: torch.nn.Module, budget: str, rank: int) -> tuple[list[torch.nn.Parameter], dict]:
     """Make ``method``'s parameters trainable on ``unet``; returns them and what was attached."""
     from trainers.sara import SaraOptions, masks_for, parse_budget, plan_selection, selectable_weights
-    from trainers.sparse_delta_layer import wrap_layers
+    from adapters.sara.layer import wrap_layers
 
     if method == "full":
         unet.requires_grad_(True)
@@ -536,7 +536,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.memory_limit_gib = DEFAULT_MEMORY_LIMIT_GIB[args.arch]
     elif args.memory_limit_gib <= 0:
         args.memory_limit_gib = None
-    from pipelines.errors import UserError
+    from core.errors import UserError
     from trainers.sara import parse_budget
 
     try:

@@ -36,7 +36,7 @@ LOCON_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.
 
 
 def judge_rates(model, adapters: tuple, n_seeds: int, seed: int) -> dict:
-    from pipelines.microworld.evaluation import concept_and_prior
+    from microworld.evaluation import concept_and_prior
 
     return concept_and_prior(model, adapters, f"{TRIGGER} a red {NOVEL} in the center, gray background", NOVEL,
                              n_seeds, seed)
@@ -66,12 +66,12 @@ def lora_rank_for(count: int, model_dir: Path) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> dict:
     from accelerate.state import AcceleratorState
 
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train
     from trainers.sara import SaraMethod, SaraOptions, plan_selection
 
-    from pipelines.microworld.evaluation import base_set, novel_shape_set
+    from microworld.evaluation import base_set, novel_shape_set
 
     work = Path(tempfile.mkdtemp(prefix="sara-bench-"))
     data = novel_shape_set(work / "data", NOVEL, args.images)

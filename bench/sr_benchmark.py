@@ -35,7 +35,7 @@ SCALE = 4
 
 def pixel_art_scenes(n: int, seed: int) -> list[Image.Image]:
     """The user-domain set: micro-world scenes blown up ×4 with hard pixel edges (what photo upscalers smooth)."""
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
 
     config = SceneConfig(size=48, fills=("solid", "stripes", "checker"), min_objects=2, max_objects=3)
     scenes = generate_scenes(n, seed=seed, config=config)
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from pipelines.image_metrics import sr_scores
-    from pipelines.span import num_parameters
+    from core.image_metrics import sr_scores
+    from models.span import num_parameters
     from pipelines.upscale import default_sr_model_path, load_sr_model, upscale_image
     from trainers.dsclora import DscLoraConfig, attach_conv_lora, train_dsclora
 

@@ -13,7 +13,7 @@ fine-tuning (Stable Signature style) and post-hoc dwtDct (``invisible-watermark`
   dwtDct (attacks, PSNR/SSIM, clean images) is measured at 256 px. An attacked image smaller than 256 × 256 (crops,
   resizes) is resized back to 256 × 256 (bicubic) before decoding.
 
-For each: bit accuracy of ``--images`` fresh generations (``pipelines.watermark.evaluation.fresh_requests``: other
+For each: bit accuracy of ``--images`` fresh generations (``microworld.watermark_evaluation.fresh_requests``: other
 prompts and seeds than training) clean and under every attack of ``pipelines.watermark.attacks.ATTACKS``, the share
 flagged at FPR 1e-6 (exact binomial, ``pipelines.watermark.stats``), the same generations without the watermark
 (flagged?), PSNR/SSIM of marked vs unmarked same-seed image, flags on ``--clean`` clean micro-world scenes (the
@@ -79,7 +79,7 @@ def dwt_read(image: Image.Image, bits: int) -> torch.Tensor:
 
 
 def quality(plain: list[Image.Image], marked: list[Image.Image]) -> dict:
-    from pipelines.image_metrics import psnr, ssim
+    from core.image_metrics import psnr, ssim
 
     return {"psnr": float(np.mean([psnr(np.asarray(a), np.asarray(b)) for a, b in zip(plain, marked)])),
             "ssim": float(np.mean([ssim(np.asarray(a.convert("L")), np.asarray(b.convert("L")))
@@ -147,9 +147,9 @@ def trained(model, mode: str, lr: float, args: argparse.Namespace, work: Path) -
 
 def run(args: argparse.Namespace) -> dict:
     from pipelines.generation import generate
-    from pipelines.loading import load_model
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
-    from pipelines.watermark.evaluation import fresh_requests
+    from models.loading import load_model
+    from microworld.scenes import SceneConfig, generate_scenes
+    from microworld.watermark_evaluation import fresh_requests
     from pipelines.watermark.extractor import extractor_hash, load_extractor
     from pipelines.watermark.keys import parse_key
     from pipelines.watermark.shipped import default_extractor_path

@@ -25,9 +25,9 @@ if str(REPO) not in sys.path:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.attacks import ATTACKS, attack_image
-    from pipelines.watermark.evaluation import bit_accuracy, encoder_marked
+    from microworld.watermark_evaluation import bit_accuracy, encoder_marked
     from pipelines.watermark.extractor import extractor_hash, load_encoder, load_extractor
     from pipelines.watermark.shipped import default_extractor_path
     from pipelines.watermark.stats import threshold

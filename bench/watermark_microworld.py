@@ -27,9 +27,9 @@ KEY = "5c3a9e1f07b2"
 
 
 def run(args: argparse.Namespace) -> dict:
-    from pipelines.image_metrics import psnr, ssim
-    from pipelines.loading import load_model
-    from pipelines.watermark.evaluation import fresh_generations
+    from core.image_metrics import psnr, ssim
+    from models.loading import load_model
+    from microworld.watermark_evaluation import fresh_generations
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.shipped import default_extractor_path
     from pipelines.watermark.verify import verify
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> dict:
                                            latents=args.latents, lr=args.lr, seed=args.seed),
                            work / "run", model=model)
     seconds = time.perf_counter() - started
-    from pipelines.adapter_files import load_lora
+    from adapters.lora.files import load_lora
 
     trainable = sum(layer.down.numel() + layer.up.numel() for layer in load_lora(work / "wm.safetensors").layers.values())
     extractor = load_extractor(default_extractor_path())

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .region_attention import Box, box_masks, grid_of
+from pipelines.region_attention import Box, box_masks, grid_of
 
 LOSS_WEIGHTS = {"enhance": 1.0, "fill": 0.25, "region": 0.8}  # the paper's L = L_ce + 0.25·L_fill + 0.8·L_region
 

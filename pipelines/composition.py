@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UserError, check_text
-from .schedulers import MODEL_DEFAULT
+from core.errors import UserError, check_text
+from models.schedulers import MODEL_DEFAULT
 
 Box = tuple[float, float, float, float]
 MAX_CONCEPTS = 8

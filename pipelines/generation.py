@@ -16,16 +16,17 @@ from typing import Callable, Iterator, Sequence
 import torch
 from PIL import Image
 
-from .adapter_files import check_base, load_lora
-from .conditioning import encode_prompts
-from .errors import UserError, check_text
-from .loading import LoadedModel
-from .lora import apply_loras, remove_loras
-from .png_metadata import format_parameters, save_png_with_parameters
-from .safetensors_files import read_header
-from .schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
-from .sparse_delta import is_sparse_delta_file, load_sparse_delta, sparse_deltas_applied
-from .watermark.merge import is_watermark_file, load_watermark, watermark_applied
+from adapters.lora.files import check_base
+from adapters.registry import identify, read_adapter
+from models.conditioning import encode_prompts
+from core.errors import UserError, check_text
+from models.loading import LoadedModel
+from adapters.lora.apply import apply_loras, remove_loras
+from core.png_metadata import format_parameters, save_png_with_parameters
+from core.safetensors_files import read_header
+from models.schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
+from adapters.sara.files import sparse_deltas_applied
+from pipelines.watermark.merge import is_watermark_file, load_watermark, watermark_applied
 
 MAX_SEED = 2**32 - 1
 MAX_STEPS = 150
@@ -123,13 +124,10 @@ def check_adapter_files(loras: Sequence[str], watermark: str | None = None) -> N
     """Read every adapter file of a request as far as it can be checked without the model (format, layers, the
     watermark's decoder-only rule), so a bad file is refused at once, not after a model has loaded."""
     for path in map(Path, loras):
-        if is_watermark_file(path):
+        if identify(path).role == "decoder":
             raise UserError(f"{path.name} is a watermark adapter (VAE decoder): choose it as the watermark "
                             "(--watermark), not as a LoRA")
-        if is_sparse_delta_file(path):
-            load_sparse_delta(path)
-        else:
-            load_lora(path)
+        read_adapter(path)
     if watermark:
         read_header(Path(watermark))  # an empty or truncated file says so, not just "not a watermark adapter"
         if not is_watermark_file(Path(watermark)):
@@ -149,13 +147,14 @@ def adapters_applied(model: LoadedModel, loras: tuple[tuple[str, float], ...]) -
         return
     warnings, pairs, deltas = [], [], []
     for path, strength in loras:
-        if is_watermark_file(Path(path)):
+        kind = identify(Path(path))
+        if kind.role == "decoder":
             raise UserError(f"{Path(path).name} is a watermark adapter (VAE decoder): choose it as the watermark "
                             "(--watermark), not as a LoRA")
-        if is_sparse_delta_file(Path(path)):
-            deltas.append((load_sparse_delta(Path(path)), float(strength)))
+        if kind.reader == "sparse_delta":
+            deltas.append((read_adapter(Path(path), kind=kind), float(strength)))
             continue
-        adapter = load_lora(Path(path), model.pipe)
+        adapter = read_adapter(Path(path), model.pipe, kind)
         note = check_base(adapter, model.fingerprint)
         if note:
             warnings.append(note)

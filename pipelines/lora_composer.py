@@ -25,18 +25,17 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from .adapter_files import LoraAdapter, LoraLayer, check_base, load_lora, lora_targets
-from .composer_latents import coarsest_maps, composer_losses, reinitialise, step_size
-from .composition import AUTO, CompositionSpec, ConceptSpec, Mechanisms
-from .conditioning import Conditioning, PromptEmbeds, encode_prompts, time_ids
-from .errors import UserError
-from .generation import token_warnings
-from .lora import merge_lora
-from .png_metadata import format_parameters, save_png_with_parameters
-from .region_attention import Box, ConceptDeltas, LowRank, RegionState, region_processors
-from .schedulers import make_scheduler
-from .sparse_delta import is_sparse_delta_file
-from .watermark.merge import is_watermark_file
+from adapters.lora.files import LoraAdapter, LoraLayer, check_base, lora_targets
+from adapters.registry import identify, read_adapter
+from pipelines.composer_latents import coarsest_maps, composer_losses, reinitialise, step_size
+from pipelines.composition import AUTO, CompositionSpec, ConceptSpec, Mechanisms
+from models.conditioning import Conditioning, PromptEmbeds, encode_prompts, time_ids
+from core.errors import UserError
+from pipelines.generation import token_warnings
+from adapters.lora.apply import merge_lora
+from core.png_metadata import format_parameters, save_png_with_parameters
+from pipelines.region_attention import Box, ConceptDeltas, LowRank, RegionState, region_processors
+from models.schedulers import make_scheduler
 
 INJECTED = {"to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}  # attn2 projection → ConceptDeltas field
 BOX_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45")
@@ -106,11 +105,12 @@ def load_concept(spec: ConceptSpec, pipe, fingerprint: str | None = None) -> Con
     path = Path(spec.lora)
     if not path.is_file():
         raise UserError(f"LoRA file not found: {path.name}")
-    if is_watermark_file(path):
+    kind = identify(path)
+    if kind.role == "decoder":
         raise UserError(f"{path.name} is a watermark adapter (VAE decoder), not a concept LoRA")
-    if is_sparse_delta_file(path):
-        raise UserError(f"{path.name} is a SaRA sparse delta; LoRA-Composer needs a low-rank adapter (LoRA)")
-    adapter = load_lora(path, pipe)
+    if not kind.composable:
+        raise UserError(f"{path.name} is a {kind.label}; LoRA-Composer needs a low-rank adapter (LoRA)")
+    adapter = read_adapter(path, pipe, kind)
     concept = concept_from_adapter(adapter, spec, path.stem)
     if not concept.cross_deltas and concept.text_encoder is None:
         raise UserError(f"{path.name}: no cross-attention or text-encoder layers, so LoRA-Composer has nothing "

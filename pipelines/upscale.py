@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .atomic_files import replacing
-from .devices import pick_device
-from .errors import ModelLoadError, UserError
-from .image_files import open_image, rgb_image
-from .paths import ASSETS, safe_name
-from .safetensors_files import load_tensors, read_header, save_atomic
-from .span import SPAN, SpanConfig
+from core.atomic_files import replacing
+from models.devices import pick_device
+from core.errors import ModelLoadError, UserError
+from core.image_files import open_image, rgb_image
+from core.paths import ASSETS, safe_name
+from core.safetensors_files import load_tensors, read_header, save_atomic
+from models.span import SPAN, SpanConfig
 
 PTH_SUFFIXES = (".pth", ".pt")
 DEFAULT_TILE = 256

@@ -14,7 +14,7 @@ Kinds and what reads them:
 - ``prompt``, ``key``, ``filename``: plain values (``value``), no file.
 - ``dataset``: a folder of good micro-world images mixed with bad files, for train lora/sara/sr.
 
-Adapters shaped for a model are shaped for the *tiny random* model (``pipelines.tiny_model``: 32-wide attention,
+Adapters shaped for a model are shaped for the *tiny random* model (``models.tiny_model``: 32-wide attention,
 32-dim text features); the micro model (64-wide) refuses them as another architecture.
 Pickles are only ever written here (``pickle.dumps`` of plain data), never loaded.
 """
@@ -33,7 +33,7 @@ from PIL import Image
 
 KINDS = ("image", "adapter", "sr_model", "spec", "prompt", "key", "dataset", "filename")
 
-# Layers of the tiny random model (pipelines/tiny_model.py) a concept LoRA can target, with their (out, in) shape.
+# Layers of the tiny random model (models/tiny_model.py) a concept LoRA can target, with their (out, in) shape.
 TINY_CROSS_LAYERS = ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2",
                      "unet.up_blocks.1.attentions.0.transformer_blocks.0.attn2")
 TINY_WIDTH = 32
@@ -89,7 +89,7 @@ def _save_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = N
 
 def _scene(seed: int, size: int = 64) -> tuple[Image.Image, str]:
     """A valid micro-world scene and its caption (what the studio's own datasets hold)."""
-    from pipelines.microworld.scenes import SceneConfig, generate_scene
+    from microworld.scenes import SceneConfig, generate_scene
 
     scene = generate_scene(seed, SceneConfig(size=size))
     return scene.to_pil(), scene.caption

@@ -52,7 +52,7 @@ def atelier_home() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from pipelines.tiny_model import ensure_tiny_model
+    from models.tiny_model import ensure_tiny_model
 
     return ensure_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
@@ -60,7 +60,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory) -> Path:
     """A tiny random SDXL pipeline (two text encoders, pooled embeddings, time ids) saved as a diffusers folder."""
-    from pipelines.tiny_model import build_tiny_sdxl_pipeline
+    from models.tiny_model import build_tiny_sdxl_pipeline
 
     folder = tmp_path_factory.mktemp("models") / "tiny-sdxl"
     build_tiny_sdxl_pipeline().save_pretrained(folder, safe_serialization=True)
@@ -70,7 +70,7 @@ def tiny_sdxl_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sd2_dir(tmp_path_factory) -> Path:
     """A tiny random SD 2.x pipeline: v-prediction on a zero-terminal-SNR schedule."""
-    from pipelines.tiny_model import build_tiny_sd2_pipeline
+    from models.tiny_model import build_tiny_sd2_pipeline
 
     folder = tmp_path_factory.mktemp("models") / "tiny-sd2"
     build_tiny_sd2_pipeline(zero_terminal_snr=True).save_pretrained(folder, safe_serialization=True)
@@ -89,7 +89,7 @@ def default_model_dir(tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     return load_model(tiny_model_dir)
 

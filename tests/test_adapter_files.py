@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines import safetensors_files
-from pipelines.adapter_files import (LoraAdapter, LoraLayer, check_base, delta, detect_format, export_lora,
+from core import safetensors_files
+from adapters.lora.files import (LoraAdapter, LoraLayer, check_base, delta, detect_format, export_lora,
                                      load_lora, lora_metadata, save_lora)
-from pipelines.errors import UserError
+from core.errors import UserError
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -233,7 +233,7 @@ def test_diffusers_adapter_config_alpha_is_honoured(tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
-    from pipelines.tiny_model import build_tiny_pipeline
+    from models.tiny_model import build_tiny_pipeline
 
     pipe = build_tiny_pipeline()
     config = LoraConfig(r=4, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],

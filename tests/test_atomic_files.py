@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.atomic_files import replacing, write_text
-from pipelines.png_metadata import save_png_with_parameters
-from pipelines.safetensors_files import save_atomic
+from core.atomic_files import replacing, write_text
+from core.png_metadata import save_png_with_parameters
+from core.safetensors_files import save_atomic
 
 
 def test_a_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path):

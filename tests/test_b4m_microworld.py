@@ -33,7 +33,7 @@ def _bench():
 
 
 def test_the_combined_adapter_draws_the_content_in_the_style(tmp_path):
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers.aux_sets import microworld_aux
 
     bench = _bench()

@@ -209,7 +209,7 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, tiny_model_dir, bad_corpus) -> Env:
     import launch
-    from pipelines.microworld.scenes import SceneConfig, generate_scene
+    from microworld.scenes import SceneConfig, generate_scene
 
     root = tmp_path_factory.mktemp("cli-env")
     image = root / "scene.png"

@@ -88,7 +88,7 @@ def assert_readable(message: str, *fragments: str) -> None:
 def test_the_log_check_tells_a_message_from_a_crash():
     """The server-log check below can fail: a UserError shown as a gr.Error passes, a bare exception does not."""
     frame = '  File "/x.py", line 1, in f\n    g()\n'
-    shown = (f"Traceback (most recent call last):\n{frame}pipelines.errors.UserError: bad box\n\n"
+    shown = (f"Traceback (most recent call last):\n{frame}core.errors.UserError: bad box\n\n"
              "The above exception was the direct cause of the following exception:\n\n"
              f"Traceback (most recent call last):\n{frame}gradio.exceptions.Error: 'bad box'\n")
     crash = f"Traceback (most recent call last):\n{frame}TypeError: int() argument must be a string\n"
@@ -444,7 +444,10 @@ def preview(client: Client, folder: str, files=None, name: str = "my-lora") -> t
 
 
 def start_args(folder: str, *, batch=1, steps=10):
-    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 4, 1e-4, 0, 100, "", "LoRA", "5%", 0, 5e-3, 0.5, False)
+    # common fields, then each Train-tab method's own (LoRA: rank, text encoder; rsLoRA: the same; SaRA: budget, θ, λ,
+    # progressive), as trainers.registry declares them
+    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 1e-4, 0, 100, "", "LoRA", 4, False, 8, False,
+            "5%", 0, 5e-3, 0.5)
 
 
 def test_train_dataset_folders(studio, bad_corpus):

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.break_for_make import B4MMethod, read_plp_file
-from trainers.plp_adapter import PLPLinear, attach_plp, frozen_parts, gradient_route, precondition_gradients
+from adapters.plp.layer import PLPLinear, attach_plp, frozen_parts, gradient_route, precondition_gradients
 
 
 def _layer(seed: int = 0, rank: int = 3, out_features: int = 10, in_features: int = 12) -> PLPLinear:
@@ -46,7 +46,7 @@ def test_delta_leaves_out_the_frozen_block_and_the_forward_matches_it():
 def test_conv_layers_split_input_channels_and_match_their_delta():
     import torch.nn.functional as F
 
-    from trainers.plp_adapter import plp_halves
+    from adapters.plp.layer import plp_halves
 
     torch.manual_seed(2)
     conv = nn.Conv2d(6, 8, 3, padding=1, stride=2)
@@ -159,9 +159,9 @@ def test_stage_files_combine_exactly_and_export_loads_in_diffusers(data, tiny_mo
                                                                      fresh_accelerator_state):
     from accelerate.state import AcceleratorState
 
-    from pipelines.adapter_files import load_lora
-    from pipelines.loading import load_model
-    from pipelines.lora import merge_lora
+    from adapters.lora.files import load_lora
+    from models.loading import load_model
+    from adapters.lora.apply import merge_lora
     from trainers.loop import train
 
     content, style = tmp_path / "content.safetensors", tmp_path / "style.safetensors"

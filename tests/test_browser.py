@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import open_tab, running_studio
-from pipelines.png_metadata import parse_parameters, read_png_parameters
+from core.png_metadata import parse_parameters, read_png_parameters
 
 pytestmark = pytest.mark.browser
 

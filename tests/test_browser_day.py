@@ -35,8 +35,8 @@ def pick(page, elem_id: str, option) -> None:
 
 
 def test_a_new_users_day(browser, tmp_path, monkeypatch):
-    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
-    from pipelines.safetensors_files import read_metadata
+    from microworld.scenes import SceneConfig, restrict, write_dataset
+    from core.safetensors_files import read_metadata
     from pipelines.upscale import default_sr_model_path
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.shipped import ASSETS, EXTRACTOR_FILE

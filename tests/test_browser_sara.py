@@ -32,21 +32,21 @@ def _type_budget(page, text: str) -> None:
 
 
 def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
-    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
-    from pipelines.sparse_delta import is_sparse_delta_file
+    from microworld.scenes import SceneConfig, restrict, write_dataset
+    from adapters.sara.files import is_sparse_delta_file
 
     data = tmp_path / "data"
     write_dataset(data, 4, seed=3, config=restrict(SceneConfig(), shape="star", objects=1))
     home = Path(os.environ["ATELIER_HOME"])
     with running_studio(default_model_dir, tmp_path / "outputs") as url:
         page = open_tab(browser, url, "Train", width=1500, height=1400)
-        assert page.locator("#train-rank").is_visible()
+        assert page.locator("#train-lora-rank").is_visible()
         assert not page.locator("#train-sara").is_visible()
 
         # Choosing SaRA swaps rank for the SaRA group and plans the default 5 % selection at once.
         page.locator("#train-method label", has_text="SaRA").click()
         page.locator("#train-sara").wait_for(state="visible", timeout=10_000)
-        page.locator("#train-rank").wait_for(state="hidden", timeout=10_000)
+        page.locator("#train-lora-rank").wait_for(state="hidden", timeout=10_000)
         assert "derived" in page.locator("#train-lr").inner_text()
         assert float(page.locator("#train-lr input").input_value() or 0) == 0
         page.wait_for_function(f"{PLAN}.includes('θ =')", timeout=60_000)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from conftest import open_tab, running_studio, upload
-from pipelines.microworld.scenes import SceneConfig, generate_scene
+from microworld.scenes import SceneConfig, generate_scene
 from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, load_extractor, save_extractor
 from pipelines.watermark.verify import identify, load_image, verify
 

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import MICRO_MODEL, run_cli
-from pipelines.png_metadata import parse_parameters, read_png_parameters
+from core.png_metadata import parse_parameters, read_png_parameters
 
 
 def _all_command_paths() -> list[list[str]]:

@@ -18,7 +18,7 @@ LEFT, RIGHT = (0.02, 0.05, 0.48, 0.95), (0.52, 0.05, 0.98, 0.95)
 
 @pytest.fixture(scope="module")
 def model():
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     loaded = load_model(MICRO_MODEL)
     loaded.pipe.set_progress_bar_config(disable=True)
@@ -28,7 +28,7 @@ def model():
 def _random_adapter(pipe, seed: int = 0, scale: float = 0.3):
     """A LoRA touching cross-attention K/V/out, the text encoder(s), and (skipped) self-attention and feed-forward;
     also used by ``test_composer_sdxl.py``."""
-    from pipelines.adapter_files import LoraAdapter, LoraLayer, lora_targets
+    from adapters.lora.files import LoraAdapter, LoraLayer, lora_targets
 
     targets = lora_targets(pipe)
     g = torch.Generator().manual_seed(seed)
@@ -84,7 +84,7 @@ def test_zero_concepts_reproduce_the_base_pipeline(model):
 
 def test_one_full_image_box_is_plain_lora_generation(model, tmp_path):
     """A concept whose box is the whole image, prompted like the global prompt, is exactly the LoRA applied."""
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec, Mechanisms
     from pipelines.generation import adapters_applied
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
@@ -108,7 +108,7 @@ def test_one_full_image_box_is_plain_lora_generation(model, tmp_path):
 
 @pytest.mark.parametrize("file_format", ["diffusers", "kohya"])
 def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_format):
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
     from pipelines.region_attention import RegionState
@@ -134,8 +134,8 @@ def test_concept_keys_and_values_equal_a_merged_unet(model, tmp_path, file_forma
 def assert_concept_kv_equal_merged(pipe, composer, state, concept, path, prompt: str, strength: float) -> None:
     """Every attn2 layer's concept keys/values (its deltas on its region prompt encoded with its text-encoder LoRA)
     and output projection equal those of the model with the whole LoRA merged into its weights."""
-    from pipelines.adapter_files import load_lora
-    from pipelines.lora import merge_lora, unmerge_lora
+    from adapters.lora.files import load_lora
+    from adapters.lora.apply import merge_lora, unmerge_lora
     from pipelines.region_attention import _project, region_processors
 
     processors = region_processors(pipe.unet, state)
@@ -256,7 +256,7 @@ def test_reinitialisation_moves_the_best_patch_and_keeps_statistics():
 
 
 def test_latent_optimisation_lowers_the_attention_losses(model, tmp_path):
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composer_latents import composer_losses
     from pipelines.composition import ConceptSpec
     from pipelines.lora_composer import LoraComposerPipeline, load_concept, trigger_token_indices
@@ -295,7 +295,7 @@ def test_latent_optimisation_lowers_the_attention_losses(model, tmp_path):
 
 
 def test_optimisation_is_logged_when_switched_on(model, tmp_path):
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec, Mechanisms
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
 
@@ -333,7 +333,7 @@ GOOD = {"prompt": "two shapes, gray background", "steps": 4, "guidance": 4.0, "s
 ])
 def test_invalid_compositions_are_refused_naming_the_field(change, field):
     from pipelines.composition import parse_composition
-    from pipelines.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match=field.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")):
         parse_composition({**GOOD, **change})

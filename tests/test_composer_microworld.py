@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def _both_in_place(images) -> list[bool]:
-    from pipelines.microworld.judge import judge_images
+    from microworld.judge import judge_images
 
     verdicts = [judge_images(images, [box] * len(images)) for _, box, _, _, _ in LAYOUT]
     return [all(v[i]["shape"] == layout[-1] for v, layout in zip(verdicts, LAYOUT)) for i in range(len(images))]
@@ -39,7 +39,7 @@ def _both_in_place(images) -> list[bool]:
 def test_two_concepts_land_in_their_own_boxes_more_often_than_a_global_merge():
     from pipelines.composition import ConceptSpec
     from pipelines.generation import adapters_applied
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
 
     model = load_model(MICRO_MODEL)

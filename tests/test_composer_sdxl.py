@@ -22,7 +22,7 @@ PROMPT = "a red circle on the left, gray background"
 
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_dir):
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     model = load_model(tiny_sdxl_dir)
     assert type(model.pipe).__name__ == "StableDiffusionXLPipeline"
@@ -31,7 +31,7 @@ def sdxl(tiny_sdxl_dir):
 
 @pytest.fixture(scope="module")
 def sd2(tiny_sd2_dir):
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     model = load_model(tiny_sd2_dir)
     assert model.pipe.scheduler.config.prediction_type == "v_prediction"
@@ -69,7 +69,7 @@ def test_zero_concepts_reproduce_the_base_sd2_pipeline(sd2):
 def test_one_full_image_box_is_plain_lora_generation_on_sdxl(sdxl, tmp_path):
     """A concept whose box is the whole image, prompted like the global prompt, is exactly its cross-attention LoRA
     applied to the whole model (the pooled embedding and time ids are the global prompt's in both)."""
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec, Mechanisms
     from pipelines.generation import adapters_applied
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
@@ -97,7 +97,7 @@ def _encoder_weights(pipe) -> dict[str, torch.Tensor]:
 def test_sdxl_concept_keys_and_values_equal_a_merged_model(sdxl, tmp_path, file_format):
     """K/V from the concept's deltas on its region prompt encoded with its text-encoder LoRA (both encoders) equal
     those of the model with the whole LoRA merged into its weights."""
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
     from pipelines.region_attention import RegionState
@@ -154,7 +154,7 @@ def _box_union(boxes, h: int, w: int) -> torch.Tensor:
 def test_isolation_and_injection_masks_are_right_at_sdxl_levels(sdxl, tmp_path, latent_hw):
     """Every attn1/attn2 module (two per level) runs its processor with the masks of its own grid; the top level,
     without attention, asks for none; injection changes exactly the cells inside the boxes."""
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.composition import ConceptSpec
     from pipelines.lora_composer import LoraComposerPipeline, load_concept
     from pipelines.region_attention import (RegionCrossAttnProcessor, RegionSelfAttnProcessor, RegionState,
@@ -261,7 +261,7 @@ def test_sdxl_composition_runs_end_to_end_with_reinit_and_optimisation(sdxl, tmp
     (48, 32, 0, 0, 48, 32))."""
     from dataclasses import replace
 
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.lora_composer import LoraComposerPipeline, compose
 
     pipe = sdxl.pipe
@@ -291,7 +291,7 @@ def test_sdxl_composition_runs_end_to_end_with_reinit_and_optimisation(sdxl, tmp
 
 def test_sd2_composition_runs_end_to_end(sd2, tmp_path):
     """compose() on a v-prediction, zero-terminal-SNR SD 2.x model, re-initialisation and optimisation on."""
-    from pipelines.adapter_files import save_lora
+    from adapters.lora.files import save_lora
     from pipelines.lora_composer import compose
 
     path = save_lora(_random_adapter(sd2.pipe, seed=4, scale=0.3), tmp_path / "c.safetensors")

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 
 import trainers.loop as loop
-from pipelines.conditioning import SD1, SD2, SDXL, Conditioning, condition, encode_prompts, model_family
+from models.conditioning import SD1, SD2, SDXL, Conditioning, condition, encode_prompts, model_family
 from pipelines.generation import GenerationRequest, generate
-from pipelines.loading import load_model
+from models.loading import load_model
 from trainers.dataset import DatasetConfig, ImageFolderDataset, centre_crop
 from trainers.loop import TrainConfig, snr_weights, train
 from trainers.lora import LoraMethod

@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.paths import safe_name
+from core.errors import UserError
+from core.paths import safe_name
 from trainers.dataset import (BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, bucket_size, import_files,
                               step_arithmetic)
 from training_data import draw_dataset

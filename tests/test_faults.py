@@ -24,7 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from conftest import REPO, file_hashes, start_studio, wait_for
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainers.events import EventLog, read_events
 
@@ -277,7 +277,7 @@ class FullDisk:
         monkeypatch.setattr(builtins, "open", limited_open)
         monkeypatch.setattr(io, "open", limited_open)
         monkeypatch.setattr(os, "write", limited_write)
-        monkeypatch.setattr("pipelines.safetensors_files.save_file", save_file)
+        monkeypatch.setattr("core.safetensors_files.save_file", save_file)
         monkeypatch.setattr("trainers.checkpoints.save_file", save_file)
 
     def take(self, n: int) -> int:
@@ -310,7 +310,7 @@ class _Limited:
 
 
 def _adapter_case(folder: Path):
-    from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
+    from adapters.lora.files import LoraAdapter, LoraLayer, save_lora
 
     def adapter(value: float):
         layer = LoraLayer(down=torch.full((4, 32), value), up=torch.full((32, 4), value), alpha=4.0)
@@ -523,8 +523,8 @@ def test_a_restarted_studio_reattaches_to_the_running_job_and_stops_and_resumes_
     try:
         studios.append(start_studio(tiny_model_dir, tmp_path / "outputs"))
         client = Client(studios[0][1], verbose=False)
-        update, _ = client.predict(str(data), None, "restart", "sks", "", 1, 1, 1, 400, 4, 1e-3, 0, 2, "", "LoRA",
-                                   "5%", 0, 5e-3, 0.5, api_name="/on_start")
+        update, _ = client.predict(str(data), None, "restart", "sks", "", 1, 1, 1, 400, 1e-3, 0, 2, "", "LoRA", 4,
+                                   False, 8, False, "5%", 0, 5e-3, 0.5, api_name="/on_start")
         name = update["value"]
         run_dir = home / "runs" / name
         _wait(lambda: len(_events(run_dir, "step")) >= 2)

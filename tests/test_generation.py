@@ -3,10 +3,10 @@ import threading
 import numpy as np
 import pytest
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.generation import GenerationRequest, generate, save_generated
-from pipelines.png_metadata import parse_parameters, read_png_parameters
-from pipelines.schedulers import SCHEDULER_NAMES
+from core.png_metadata import parse_parameters, read_png_parameters
+from models.schedulers import SCHEDULER_NAMES
 
 
 def _arr(item):
@@ -86,7 +86,7 @@ def test_saved_files_carry_parameters(tiny_model, tmp_path):
 def test_samplers_that_need_a_finite_sigma_are_refused_on_zero_snr_schedules():
     from diffusers import DDIMScheduler
 
-    from pipelines.schedulers import NEEDS_FINITE_SIGMA, SCHEDULERS, make_scheduler
+    from models.schedulers import NEEDS_FINITE_SIGMA, SCHEDULERS, make_scheduler
 
     zero_snr = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                              timestep_spacing="trailing")

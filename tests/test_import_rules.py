@@ -1,5 +1,6 @@
 """Import rules, read from the source with ``ast`` (nothing is imported): layers only import downwards
-(launch → app → trainers → pipelines) and no modules import each other, directly or round a longer loop.
+(launch → app, cli → trainers → microworld → pipelines → adapters → models → core; see docs/architecture.md) and no
+modules import each other, directly or round a longer loop.
 
 Every import statement counts, the deferred ones inside functions too: a deferred import still ties the two modules
 together, and a loop that only closes at call time is a loop all the same."""
@@ -10,9 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("app", "pipelines", "trainers")
-# Each layer may import only the layers listed after it; ``launch`` (the CLI entry point) sits on top.
-LAYERS = ("launch", "app", "trainers", "pipelines")
+# Top to bottom. A module may import its own package and the layers below its own; packages sharing a layer (the
+# page and the commands) never import each other. ``launch`` (the entry point) sits on top.
+LAYERS = (("launch",), ("app", "cli"), ("trainers",), ("microworld",), ("pipelines",), ("adapters",), ("models",),
+          ("core",))
+PACKAGES = tuple(name for layer in LAYERS for name in layer if name != "launch")
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[0]
+    return next(i for i, layer in enumerate(LAYERS) if top in layer)
 
 
 @dataclass(frozen=True)
@@ -37,7 +45,7 @@ def project_modules(root: Path) -> dict[str, Path]:
 
 
 def _known(name: str, modules: dict[str, Path]) -> str | None:
-    """The longest prefix of ``name`` that is a project module (``pipelines.paths.ASSETS`` → ``pipelines.paths``)."""
+    """The longest prefix of ``name`` that is a project module (``core.paths.ASSETS`` → ``core.paths``)."""
     parts = name.split(".")
     for end in range(len(parts), 0, -1):
         candidate = ".".join(parts[:end])
@@ -74,12 +82,13 @@ def project_imports(root: Path) -> list[Import]:
 
 
 def layer_violations(imports: list[Import]) -> list[str]:
-    """Imports that reach up a layer (e.g. ``pipelines`` importing ``trainers``): a lower layer must work without
-    the ones above it."""
+    """Imports that reach up a layer (e.g. ``pipelines`` importing ``trainers``) or sideways into another package of
+    the same layer (``app`` importing ``cli``): a lower layer must work without the ones above it."""
     bad = []
     for item in imports:
-        source, target = LAYERS.index(item.source.split(".")[0]), LAYERS.index(item.target.split(".")[0])
-        if target < source:
+        source, target = layer_of(item.source), layer_of(item.target)
+        same_package = item.source.split(".")[0] == item.target.split(".")[0]
+        if target < source or (target == source and not same_package):
             bad.append(f"{item.where}: {item.source} imports {item.target}")
     return bad
 
@@ -194,21 +203,26 @@ def test_the_checker_catches_a_bad_import_in_a_source_tree(tmp_path):
         "app/__init__.py": "",
         "app/studio.py": "from .tab import build\n",
         "app/tab.py": "def build():\n    from app.studio import x  # deferred, still a loop\n",
+        "cli/__init__.py": "",
+        "cli/train.py": "import app.studio\nimport trainers.loop\n",
+        "core/__init__.py": "",
+        "core/paths.py": "ASSETS = 1\n",
         "pipelines/__init__.py": "",
-        "pipelines/paths.py": "ASSETS = 1\n",
+        "pipelines/generation.py": "from core.paths import ASSETS\n",
         "pipelines/watermark/__init__.py": "",
-        "pipelines/watermark/cli.py": "from .. import paths\n\ndef handle():\n    import trainers.loop\n",
+        "pipelines/watermark/verify.py": "from .. import generation\n\ndef handle():\n    import trainers.loop\n",
         "trainers/__init__.py": "",
-        "trainers/loop.py": "from pipelines.paths import ASSETS\nfrom pipelines import watermark\nimport launch\n",
+        "trainers/loop.py": "from core.paths import ASSETS\nfrom pipelines import watermark\nimport launch\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     imports = project_imports(tmp_path)
-    assert Import("pipelines.watermark.cli", "pipelines.paths", "pipelines/watermark/cli.py:1") in imports
+    assert Import("pipelines.watermark.verify", "pipelines.generation", "pipelines/watermark/verify.py:1") in imports
     assert Import("trainers.loop", "pipelines.watermark", "trainers/loop.py:2") in imports
     assert layer_violations(imports) == [
-        "pipelines/watermark/cli.py:4: pipelines.watermark.cli imports trainers.loop",
+        "cli/train.py:1: cli.train imports app.studio",
+        "pipelines/watermark/verify.py:4: pipelines.watermark.verify imports trainers.loop",
         "trainers/loop.py:3: trainers.loop imports launch",
     ]
     assert describe_cycles(imports) == [

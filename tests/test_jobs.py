@@ -28,7 +28,7 @@ def test_cli_train_lora_writes_a_loadable_adapter(data, tiny_model_dir, tmp_path
                      "--sample-prompt", "sks a red circle", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr
     assert out.is_file() and "done:" in result.stdout
-    from pipelines.safetensors_files import read_metadata
+    from core.safetensors_files import read_metadata
 
     meta = read_metadata(out)
     assert meta["atelier.method"] == "lora" and "sks" in meta["atelier.trigger_words"]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import ModelLoadError, UserError
-from pipelines.microworld import cli
-from pipelines.microworld.judge import DEFAULT_WEIGHTS, find_objects, judge_images, judge_scene, load_judge
-from pipelines.microworld.scenes import FILLS, SHAPES, ObjectSpec, SceneConfig, generate_scenes, render
+from core.errors import ModelLoadError, UserError
+from cli import microworld as cli
+from microworld.judge import DEFAULT_WEIGHTS, find_objects, judge_images, judge_scene, load_judge
+from microworld.scenes import FILLS, SHAPES, ObjectSpec, SceneConfig, generate_scenes, render
 from trainers.judge_training import heldout_accuracy
 
 CARD = DEFAULT_WEIGHTS.with_name("judge.json")

@@ -1,9 +1,9 @@
 import pytest
 
-from pipelines.adapter_files import load_lora, save_lora
-from pipelines.errors import UserError
-from pipelines.library import export_adapter, import_adapter, list_adapters
-from pipelines.loading import load_model
+from adapters.lora.files import load_lora, save_lora
+from core.errors import UserError
+from adapters.library import export_adapter, import_adapter, list_adapters
+from models.loading import load_model
 from test_adapter_files import random_adapter
 
 
@@ -43,7 +43,7 @@ def test_import_refuses_what_it_cannot_read(model, tmp_path):
 
 
 def test_the_library_lists_the_shipped_example_concepts_after_the_users_adapters(default_model_dir, tmp_path):
-    from pipelines.library import EXAMPLE_CONCEPTS, library_entries, library_label, library_path
+    from adapters.library import EXAMPLE_CONCEPTS, library_entries, library_label, library_path
 
     shipped = sorted(p.name for p in EXAMPLE_CONCEPTS.glob("*.safetensors"))
     if not shipped:

@@ -33,7 +33,7 @@ def test_the_model_lock_may_be_left_from_another_thread(monkeypatch):
     ``ModelCache.use()`` in one thread and may leave it in another. With an RLock that release failed ("cannot
     release un-acquired lock") and the lock stayed held, so every later generation waited forever (found by the
     load benchmark)."""
-    import pipelines.model_cache as model_cache
+    import models.cache as model_cache
 
     monkeypatch.setattr(model_cache, "load_model", lambda *a, **k: "model")
     cache = model_cache.ModelCache(model_cache.ModelSpec())

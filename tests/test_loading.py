@@ -5,11 +5,11 @@ import shutil
 import pytest
 import torch
 
-from pipelines.devices import pick_attention, pick_dtype, resolve_runtime
-from pipelines.errors import ModelLoadError, UserError
-from pipelines.fingerprint import pipeline_fingerprint
-from pipelines.loading import load_model
-from pipelines.tiny_model import build_tiny_pipeline
+from models.devices import pick_attention, pick_dtype, resolve_runtime
+from core.errors import ModelLoadError, UserError
+from models.fingerprint import pipeline_fingerprint
+from models.loading import load_model
+from models.tiny_model import build_tiny_pipeline
 
 
 def test_load_folder(tiny_model_dir):
@@ -131,7 +131,7 @@ def test_fingerprint_of_tensors_larger_than_float_precision():
     """SD's larger weights have more than 2**24 elements; sampling them must stay in bounds and see the last one."""
     import hashlib
 
-    from pipelines.fingerprint import module_fingerprint
+    from models.fingerprint import module_fingerprint
 
     big = torch.nn.Embedding(5000, 4000)  # 20 M elements
     h1 = hashlib.sha256()

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipelines.adapter_files import LoraLayer, delta, load_lora, save_lora
-from pipelines.errors import UserError
-from pipelines.loading import load_model
-from pipelines.lora import apply_loras, loaded_adapter_names, merge_lora, remove_loras, unmerge_lora
+from adapters.lora.files import LoraLayer, delta, load_lora, save_lora
+from core.errors import UserError
+from models.loading import load_model
+from adapters.lora.apply import apply_loras, loaded_adapter_names, merge_lora, remove_loras, unmerge_lora
 
 from test_adapter_files import random_adapter  # one helper for both files
 

@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def _star_rate(pipe) -> tuple[float, list[str]]:
-    from pipelines.microworld.judge import judge_images
+    from microworld.judge import judge_images
 
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
     images = pipe([PROMPT] * len(SEEDS), num_inference_steps=20, guidance_scale=4.0, generator=generators,
@@ -30,9 +30,9 @@ def _star_rate(pipe) -> tuple[float, list[str]]:
 
 
 def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from pipelines.generation import adapters_applied
-    from pipelines.microworld.scenes import SceneConfig, restrict, write_dataset
+    from microworld.scenes import SceneConfig, restrict, write_dataset
     from trainers.lora import LoraMethod
     from trainers.loop import TrainConfig, train
 

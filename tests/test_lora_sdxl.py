@@ -12,9 +12,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from pipelines.adapter_files import (LoraAdapter, delta, export_lora, kohya_stem, load_lora, save_lora,
+from adapters.lora.files import (LoraAdapter, delta, export_lora, kohya_stem, load_lora, save_lora,
                                      sgm_unet_names)
-from pipelines.lora import merge_lora
+from adapters.lora.apply import merge_lora
 from test_training_loop import StateOnly, StopAt
 from training_data import draw_dataset, fixed_noise_loss
 from trainers.checkpoints import latest_checkpoint, load_checkpoint
@@ -92,7 +92,7 @@ def _stems(path: Path) -> set[str]:
 
 
 def test_sdxl_lora_trains_the_unet_and_both_text_encoders(sdxl_run, tiny_sdxl_dir):
-    from pipelines.conditioning import encode_prompts
+    from models.conditioning import encode_prompts
 
     pipe = _pipe(tiny_sdxl_dir)
     adapter = load_lora(sdxl_run, pipe)
@@ -172,7 +172,7 @@ def test_sdxl_kohya_names_are_sd_scripts_names():
     and diffusers' own kohya converter maps each back to the same layer."""
     from diffusers import UNet2DConditionModel
 
-    from pipelines.adapter_files import _kohya_names_by_diffusers
+    from adapters.lora.files import _kohya_names_by_diffusers
 
     sgm = sgm_unet_names()  # SDXL base's layout
     known = {  # as in kohya SDXL LoRA files (attention set; LoCon layers)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.microworld import cli
-from pipelines.microworld.scenes import (BACKGROUNDS, BASE_FILLS, BASE_SHAPES, COLORS, FILLS, NOVEL_FILLS,
+from core.errors import UserError
+from cli import microworld as cli
+from microworld.scenes import (BACKGROUNDS, BASE_FILLS, BASE_SHAPES, COLORS, FILLS, NOVEL_FILLS,
                                          NOVEL_SHAPES, SHAPES, ObjectSpec, SceneConfig, generate_scene,
                                          generate_scenes, parse_caption, render, vocabulary)
 

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 import launch
-from pipelines.conditioning import SD1, SD2, SDXL, model_family
-from pipelines.errors import ModelLoadError
-from pipelines.loading import describe_model_source, is_micro_model, load_model
-from pipelines.model_architecture import SUPPORTED
+from models.conditioning import SD1, SD2, SDXL, model_family
+from core.errors import ModelLoadError
+from models.loading import describe_model_source, is_micro_model, load_model
+from models.architecture import SUPPORTED
 from trainers.jobs import JobQueue
 
 REPO = Path(__file__).resolve().parent.parent
@@ -164,7 +164,7 @@ def test_the_supported_families_load_and_say_what_they_are(fixture, family, line
 def test_a_single_file_describes_itself_from_its_header_and_config_folder(tiny_model_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.single_file import save_single_file
+    from models.single_file import save_single_file
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir, safety_checker=None)
     path = save_single_file(pipe, tmp_path / "tiny.safetensors")
@@ -217,7 +217,7 @@ MICRO_FINGERPRINT = "3b2df623d79764b9"
 def test_the_micro_model_runs_in_plain_diffusers_and_keeps_its_identity():
     from diffusers import StableDiffusionPipeline
 
-    from pipelines.safetensors_files import read_header, read_metadata
+    from core.safetensors_files import read_header, read_metadata
 
     pipe = StableDiffusionPipeline.from_pretrained(MICRO)  # no dtype argument: as a diffusers user types it
     pipe.set_progress_bar_config(disable=True)
@@ -317,12 +317,12 @@ def test_the_train_tab_offers_text_encoder_training_for_a_lora(tiny_sdxl_dir, da
 
     demo = train_tab(str(tiny_sdxl_dir), tmp_path)
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
-    form = [str(data), None, "x", "sks", "", 1, 1, 1, 10, 4, 1e-4, 0, 100, "", "LoRA", "5%", 0, 5e-3, 0.5]
+    form = [str(data), None, "x", "sks", "", 1, 1, 1, 10, 1e-4, 0, 100, "", "LoRA"]
     for name, checked in (("with-te", True), ("without-te", False)):
-        fns["on_start"](*form[:2], name, *form[3:], checked)
+        fns["on_start"](*form[:2], name, *form[3:], 4, checked, 8, False, "5%", 0, 5e-3, 0.5)
     records = [json.loads(p.read_text())["args"] for p in (tmp_path / "runs").glob(f"*/{JOB_FILE}")]
     assert len(records) == 2
     with_te = [args for args in records if "--train-text-encoder" in args]
     assert len(with_te) == 1 and any(a.endswith("with-te.safetensors") for a in with_te[0])
-    rank_update, te_update, sara_update, *_ = fns["on_method"]("SaRA", 1e-4, "x")
-    assert te_update["visible"] is False and sara_update["visible"] is True
+    lora_update, rslora_update, sara_update, *_ = fns["on_method"]("SaRA", 1e-4, "x")
+    assert lora_update["visible"] is False and sara_update["visible"] is True

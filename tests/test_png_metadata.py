@@ -2,7 +2,7 @@ import json
 
 from PIL import Image
 
-from pipelines.png_metadata import format_parameters, parse_parameters, read_png_parameters, save_png_with_parameters
+from core.png_metadata import format_parameters, parse_parameters, read_png_parameters, save_png_with_parameters
 
 
 def test_parameters_round_trip_with_awkward_text():

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from conftest import REPO, one_and_two_processes, run_cli
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.sara import (SaraMethod, SaraOptions, masks_for, nuclear_norm, parse_budget, plan_selection,
                            progressive_freeze, threshold_for_count)
-from trainers.sparse_delta_layer import wrap_layers
+from adapters.sara.layer import wrap_layers
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
@@ -231,8 +231,8 @@ def test_runs_with_bf16_autocast_checkpointing_and_accumulation(data, tiny_model
 
 
 def test_delta_file_round_trip_strength_merge_and_base_check(data, tiny_model_dir, tmp_path):
-    from pipelines.loading import load_model
-    from pipelines.sparse_delta import (check_same_base, load_sparse_delta, merge_sparse_deltas,
+    from models.loading import load_model
+    from adapters.sara.files import (check_same_base, load_sparse_delta, merge_sparse_deltas,
                                         sparse_deltas_applied)
     from trainers.loop import train
 
@@ -263,8 +263,8 @@ def test_delta_file_round_trip_strength_merge_and_base_check(data, tiny_model_di
 def test_cli_train_info_merge_extract_and_refusals(data, tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from pipelines.adapter_files import delta as lora_delta, load_lora
-    from pipelines.sparse_delta import load_sparse_delta
+    from adapters.lora.files import delta as lora_delta, load_lora
+    from adapters.sara.files import load_sparse_delta
 
     out = tmp_path / "d.safetensors"
     trained = run_cli("train", "sara", "--data", str(data), "--model", str(tiny_model_dir), "--out", str(out),
@@ -304,7 +304,7 @@ def test_cli_train_info_merge_extract_and_refusals(data, tiny_model_dir, tmp_pat
 
 
 def test_two_processes_give_the_delta_of_one(data, tiny_model_dir, tmp_path):
-    from pipelines.sparse_delta import load_sparse_delta
+    from adapters.sara.files import load_sparse_delta
     from trainers.events import read_events
 
     common = ["train", "sara", "--data", str(data), "--model", str(tiny_model_dir), "--steps", "4",
@@ -328,7 +328,7 @@ def test_generation_applies_a_delta_with_its_strength_and_restores_the_base(data
     import numpy as np
 
     from pipelines.generation import GenerationRequest, generate
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers.loop import train
 
     result = train(_config(data, tiny_model_dir, tmp_path, steps=3, lr=5e-2), SaraMethod(), tmp_path / "run")

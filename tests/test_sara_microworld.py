@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerator_state
 
 
 def test_sara_learns_a_novel_shape_and_keeps_the_base_prompts(tmp_path):
-    from pipelines.loading import load_model
-    from pipelines.microworld.evaluation import base_set, concept_and_prior, novel_shape_set
+    from models.loading import load_model
+    from microworld.evaluation import base_set, concept_and_prior, novel_shape_set
     from trainers.loop import TrainConfig, train
     from trainers.sara import SaraMethod
 

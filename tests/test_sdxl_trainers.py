@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 CONTENT_TRIGGER, STYLE_TRIGGER = "sks", "wz"
@@ -105,8 +105,8 @@ def images_with_adapter(model, path: Path, prompt: str) -> tuple[np.ndarray, np.
 
 def test_sara_on_sdxl_learns_applies_in_generation_and_is_refused_on_sd1(tiny_sdxl_dir, tiny_model_dir, circles,
                                                                         tmp_path, capsys):
-    from pipelines.loading import load_model
-    from pipelines.sparse_delta import extract_lora, load_sparse_delta
+    from models.loading import load_model
+    from adapters.sara.files import extract_lora, load_sparse_delta
 
     out, run = tmp_path / "sdxl-sara.safetensors", tmp_path / "run"
     assert cli("train", "sara", "--data", circles, "--model", tiny_sdxl_dir, "--out", out, "--trigger",
@@ -155,8 +155,8 @@ def test_sara_on_sd2_v_prediction_zero_snr_loss_falls(tiny_sd2_dir, circles, tmp
 
 
 def test_b4m_on_sdxl_stages_learn_combine_and_apply(tiny_sdxl_dir, circles, squares, tmp_path, capsys):
-    from pipelines.adapter_files import load_lora, save_lora
-    from pipelines.loading import load_model
+    from adapters.lora.files import load_lora, save_lora
+    from models.loading import load_model
     from trainers.break_for_make import B4MMethod, read_plp_file
     from trainers.loop import TrainConfig
 
@@ -244,8 +244,8 @@ def test_watermark_lora_on_the_sdxl_decoder_marks_generations(tiny_sdxl_dir, tmp
     """As tests/test_watermark_microworld.py measures it (fresh generations with and without the watermark, read
     by the shipped extractor), in short: 40 steps instead of 200, 4 generations instead of 8. The shipped extractor
     pools over the whole image, so SDXL's tiny 32 px images read (it was trained on 64 px scenes)."""
-    from pipelines.loading import load_model
-    from pipelines.watermark.evaluation import fresh_generations
+    from models.loading import load_model
+    from microworld.watermark_evaluation import fresh_generations
     from pipelines.watermark.merge import load_watermark
 
     model = load_model(tiny_sdxl_dir)

@@ -27,8 +27,8 @@ from PIL import Image
 
 from bad_inputs import good_tiny_lora, of_kind
 from conftest import REPO, free_port, start_studio
-from pipelines.errors import UserError
-from pipelines.paths import safe_name
+from core.errors import UserError
+from core.paths import safe_name
 
 pytestmark = pytest.mark.slow
 
@@ -130,7 +130,7 @@ def test_a_runs_samples_are_served_only_once_the_page_shows_them(studio):
 
 def test_outputs_folder_may_not_hold_the_home_data_or_code(tmp_path):
     from app.studio import StudioConfig, served_folders
-    from pipelines.paths import data_home
+    from core.paths import data_home
 
     assert served_folders(StudioConfig(outputs=str(tmp_path / "outputs"))) == [str((tmp_path / "outputs").resolve())]
     for outputs in ("/", str(Path.home()), str(data_home()), str(data_home().parent), str(REPO)):
@@ -191,8 +191,8 @@ def test_uploads_land_in_the_data_folder_under_safe_names(studio, bad_corpus):
 
 # ------------------------------------------------------------------------------------------------- (c) pickles
 
-CODE = [*sorted((REPO / "app").rglob("*.py")), *sorted((REPO / "pipelines").rglob("*.py")),
-        *sorted((REPO / "trainers").rglob("*.py")), REPO / "launch.py"]
+CODE = [*(path for package in ("adapters", "app", "cli", "core", "microworld", "models", "pipelines", "trainers")
+          for path in sorted((REPO / package).rglob("*.py"))), REPO / "launch.py"]
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "joblib", "cloudpickle", "shelve", "marshal"}
 
 
@@ -253,10 +253,10 @@ class _Touch:
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch reads the header before it refuses
 def test_a_disguised_pickle_is_refused_by_every_loader_without_being_loaded(tmp_path):
-    from pipelines.adapter_files import load_lora
-    from pipelines.library import import_adapter
-    from pipelines.loading import load_model
-    from pipelines.sparse_delta import load_sparse_delta
+    from adapters.lora.files import load_lora
+    from adapters.library import import_adapter
+    from models.loading import load_model
+    from adapters.sara.files import load_sparse_delta
     from pipelines.upscale import load_sr_model
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.merge import load_watermark

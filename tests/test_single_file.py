@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.errors import ModelLoadError
-from pipelines.loading import load_model
-from pipelines.single_file import (SD15_CONFIG, checkpoint_keys, config_for, detect_architecture, load_single_file,
+from core.errors import ModelLoadError
+from models.loading import load_model
+from models.single_file import (SD15_CONFIG, checkpoint_keys, config_for, detect_architecture, load_single_file,
                                    save_single_file)
 
 
@@ -128,6 +128,6 @@ def test_full_size_sd15_single_file_loads_offline_with_the_shipped_configs(tmp_p
     assert model.kind == "single_file" and list(model.pipe.unet.config.block_out_channels) == [320, 640, 1280, 1280]
     source = pipe.unet.state_dict()
     assert all(torch.equal(source[k].float(), v.float()) for k, v in model.pipe.unet.state_dict().items())
-    from pipelines.fingerprint import pipeline_fingerprint
+    from models.fingerprint import pipeline_fingerprint
 
     assert model.fingerprint == pipeline_fingerprint(pipe)

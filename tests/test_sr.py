@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.errors import ModelLoadError, UserError
-from pipelines.image_metrics import sr_scores
-from pipelines.span import SPAN, Conv3XC, SpanConfig, num_parameters
+from core.errors import ModelLoadError, UserError
+from core.image_metrics import sr_scores
+from models.span import SPAN, Conv3XC, SpanConfig, num_parameters
 from pipelines.upscale import default_sr_model_path, load_sr_model, save_sr_model, upscale_image, upscale_tensor
-from trainers.conv_lora import ConvLoRA
+from adapters.conv_lora.layer import ConvLoRA
 from trainers.dsclora import DscLoraConfig, affinity_loss, attach_conv_lora, merge_conv_lora, train_dsclora
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -87,7 +87,7 @@ def test_checkpoints_are_complete_and_pruned(data, tiny_model_dir, tmp_path):
 
 def test_training_lowers_the_denoising_loss(data, tiny_model_dir, tmp_path):
     """On fixed noise and timesteps, the trained LoRA denoises its dataset better than the base model."""
-    from pipelines.loading import load_model
+    from models.loading import load_model
 
     method = StateOnly()
     cfg = _config(data, tiny_model_dir, tmp_path, steps=40, lr=3e-3, min_snr_gamma=0.0, noise_offset=0.0,
@@ -152,7 +152,7 @@ def test_accumulation_bf16_and_checkpointing_run(data, tiny_model_dir, tmp_path)
 
 
 def test_bad_config_is_refused(data, tiny_model_dir, tmp_path):
-    from pipelines.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="lr scheduler"):
         train(_config(data, tiny_model_dir, tmp_path, lr_scheduler="bogus"), StateOnly(), tmp_path / "r")

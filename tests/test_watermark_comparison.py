@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 def test_full_decoder_mode_trains_every_decoder_parameter_and_lora_mode_none_of_the_base():
@@ -39,8 +39,8 @@ def test_unknown_mode_is_refused():
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_full_decoder_training_writes_the_decoder_state_and_gives_the_model_its_decoder_back(tmp_path):
     from conftest import MICRO_MODEL
-    from pipelines.loading import load_model
-    from pipelines.safetensors_files import read_metadata
+    from models.loading import load_model
+    from core.safetensors_files import read_metadata
     from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, save_extractor
     from pipelines.watermark.merge import is_watermark_file
     from trainers.watermark_lora import WatermarkConfig, decoder_state_applied, train_watermark
@@ -77,7 +77,7 @@ def _bench():
 
 def test_dwtdct_round_trip_at_256_px_and_small_images_read_after_resizing():
     pytest.importorskip("imwatermark")
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.keys import parse_key
 
     bench = _bench()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.errors import ModelLoadError
-from pipelines.microworld.scenes import SceneConfig, generate_scene
+from core.errors import ModelLoadError
+from microworld.scenes import SceneConfig, generate_scene
 from pipelines.watermark.attacks import ATTACKS, attack_image, diff_jpeg, noise_layer
 from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, \
     load_extractor, save_extractor
@@ -85,7 +85,7 @@ def test_extractor_files_round_trip_and_refuse_tampering(tmp_path):
     assert torch.equal(loaded(x), extractor(x))
     from safetensors.torch import load_file, save_file
 
-    from pipelines.safetensors_files import read_metadata
+    from core.safetensors_files import read_metadata
 
     state, meta = load_file(str(path)), read_metadata(path)
     state["head.bias"] = state["head.bias"] + 0.01
@@ -105,7 +105,7 @@ def test_encoder_residual_is_bounded():
 
 
 def test_extractor_training_writes_a_whitened_extractor_and_its_encoder(tmp_path):
-    from pipelines.safetensors_files import read_metadata
+    from core.safetensors_files import read_metadata
     from pipelines.watermark.extractor import load_encoder
     from trainers.watermark_extractor import ExtractorTrainConfig, train_extractor
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.watermark_lora import LossWeightScheduler, psnr, ssim
 
 
@@ -72,8 +72,8 @@ def tiny_extractor(tmp_path_factory):
 @pytest.mark.usefixtures("fresh_accelerator_state")
 def test_training_writes_a_decoder_lora_with_key_and_schedule_and_merges_back_exactly(tmp_path, tiny_extractor):
     from conftest import MICRO_MODEL
-    from pipelines.loading import load_model
-    from pipelines.safetensors_files import read_metadata
+    from models.loading import load_model
+    from core.safetensors_files import read_metadata
     from pipelines.watermark.extractor import extractor_hash, load_extractor
     from pipelines.watermark.merge import load_watermark, watermark_applied
     from trainers.events import read_events
@@ -114,7 +114,7 @@ def test_training_writes_a_decoder_lora_with_key_and_schedule_and_merges_back_ex
 def test_generation_with_a_watermark_changes_the_decoder_only_for_that_request(tmp_path, tiny_extractor):
     from conftest import MICRO_MODEL
     from pipelines.generation import GenerationRequest, generate
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers.watermark_lora import WatermarkConfig, train_watermark
 
     model = load_model(MICRO_MODEL)
@@ -139,7 +139,7 @@ def test_generation_with_a_watermark_changes_the_decoder_only_for_that_request(t
 @pytest.mark.parametrize("mode", ["lora", "full_decoder"])
 def test_a_training_that_fails_part_way_gives_the_model_its_decoder_back(tmp_path, tiny_extractor, monkeypatch, mode):
     from conftest import MICRO_MODEL
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from trainers import watermark_lora
     from trainers.watermark_lora import WatermarkConfig, train_watermark
 
@@ -191,7 +191,7 @@ def test_cli_train_mode_reaches_the_trainer(monkeypatch, tmp_path):
 def test_train_watermark_is_the_watermark_train_command(tmp_path):
     """The Train tab's jobs run ``launch.py train watermark``: the same options and the same handler."""
     import launch
-    from trainers.watermark_cli import handle_train
+    from cli.watermark_train import handle_train
 
     parser = launch.build_parser()
     argv = ["--out", str(tmp_path / "x.safetensors"), "--key", "beef", "--steps", "3", "--images", "pics"]
@@ -210,8 +210,8 @@ def test_a_stopped_watermark_run_keeps_its_adapter_and_resumes_exactly(tmp_path,
 
     import launch
     from conftest import MICRO_MODEL
-    from pipelines.loading import load_model
-    from pipelines.safetensors_files import read_metadata
+    from models.loading import load_model
+    from core.safetensors_files import read_metadata
     from trainers import watermark_lora
     from trainers.jobs import job_info
     from trainers.loop import STOP_FILE

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.skipif(not (ASSETS / EXTRACTOR_FILE).is_file(), reason=
 
 
 def test_shipped_extractor_reads_keys_its_encoder_wrote():
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.attacks import attack_image
-    from pipelines.watermark.evaluation import bit_accuracy, encoder_marked
+    from microworld.watermark_evaluation import bit_accuracy, encoder_marked
     from pipelines.watermark.extractor import load_encoder, load_extractor
 
     extractor = load_extractor(ASSETS / EXTRACTOR_FILE)
@@ -36,7 +36,7 @@ def test_shipped_extractor_reads_keys_its_encoder_wrote():
 
 
 def test_clean_images_match_a_random_key_like_fair_coins():
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.stats import threshold
     from pipelines.watermark.verify import read_bits
@@ -61,9 +61,9 @@ def test_a_short_watermark_training_marks_fresh_generations(tmp_path):
     import numpy as np
 
     from conftest import MICRO_MODEL
-    from pipelines.image_metrics import psnr
-    from pipelines.loading import load_model
-    from pipelines.watermark.evaluation import fresh_generations
+    from core.image_metrics import psnr
+    from models.loading import load_model
+    from microworld.watermark_evaluation import fresh_generations
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.verify import verify
     from trainers.watermark_lora import WatermarkConfig, train_watermark

@@ -7,7 +7,7 @@ from math import comb
 import pytest
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.watermark.keys import format_key, new_key, parse_key
 from pipelines.watermark.stats import best_key, p_value, pooled, threshold, verdict
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.watermark.extractor import BitExtractor, ExtractorConfig, extractor_hash, save_extractor
 from pipelines.watermark.keys import parse_key
 from pipelines.watermark.stats import p_value, threshold

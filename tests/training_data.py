@@ -27,7 +27,7 @@ def fixed_noise_loss(pipe, data: Path, caption: str, unet=None) -> float:
     effect, measured the same before and after."""
     from diffusers import DDPMScheduler
 
-    from pipelines.conditioning import condition
+    from models.conditioning import condition
     from trainers.dataset import DatasetConfig, ImageFolderDataset
 
     unet = unet if unet is not None else pipe.unet

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from pipelines.errors import UserError
-from pipelines.loading import is_micro_model
+from core.errors import UserError
+from models.loading import is_micro_model
 
 
 def generate_class_images(model, prompts: list[str], per_prompt: int, folder: Path, *, seed: int = 0,
@@ -54,7 +54,7 @@ def microworld_aux(folder: Path, count: int, *, seed: int = 0, model: str | Path
     world's auxiliary contents *and* styles: the half they train learns the general mapping and no new concept
     (novel fills there would teach that half a texture every prompt then gets). ``model`` is the model the set is
     for: anything but the micro model is refused (:func:`check_microworld_model`)."""
-    from pipelines.microworld.evaluation import base_set
+    from microworld.evaluation import base_set
 
     check_microworld_model(model)
     return base_set(folder, count, seed=seed)

@@ -6,7 +6,7 @@ timesteps — the paper's multi-correspondence learning, which keeps B generic. 
 Stage 2 takes B from the style file and E from the content file (the frozen halves must be identical: same seed,
 rank and layers), then fine-tunes both on the content loss plus the style loss.
 
-Files are ordinary LoRA files (rank 2r, see :mod:`trainers.plp_adapter`) with the seed and stage in the metadata, so
+Files are ordinary LoRA files (rank 2r, see :mod:`adapters.plp.layer`) with the seed and stage in the metadata, so
 each stage's output loads in diffusers, A1111 and ComfyUI and stage 2 recovers the halves exactly from them.
 """
 from __future__ import annotations
@@ -17,43 +17,17 @@ from pathlib import Path
 
 import torch
 
-from pipelines.errors import UserError
-
-from .loop import TrainConfig
-from .plp_adapter import DEFAULT_TARGETS, PLPHalves, attach_plp, frozen_parts, gradient_route, plp_halves, \
+from adapters.plp.config import B4MOptions
+from adapters.plp.layer import DEFAULT_TARGETS, PLPHalves, attach_plp, frozen_parts, gradient_route, plp_halves, \
     precondition_gradients
+from core.errors import UserError
+from trainers.loop import TrainConfig
+from trainers.method import TrainingMethod
+from trainers.options import parse_options
 
 STAGES = ("content", "style", "combine")
 # A file's frozen halves must equal the seed's draw to this tolerance (fp32 round trips through alpha folding).
 FROZEN_TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class B4MOptions:
-    rank: int = 4
-    alpha: float = 0.0  # 0: alpha = rank (scale 1)
-    seed: int = 0  # of the frozen halves; content and style runs that will be combined must share it
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    other_lr_ratio: float = 0.1  # stage 1: lr of the half trained by the auxiliary sets, relative to the main lr
-    preconditioned: bool = False  # Riemannian-preconditioned AdamW
-    precondition_eps: float = 1e-6
-    content: str | None = None  # stage 2: the content run's file
-    style: str | None = None  # stage 2: the style run's file
-    format: str = "diffusers"  # or "kohya"
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "B4MOptions":
-        opts = dict(config.method_options)
-        if "targets" in opts:
-            opts["targets"] = tuple(opts["targets"])
-        unknown = set(opts) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise UserError(f"unknown Break-for-Make option(s): {', '.join(sorted(unknown))}")
-        return cls(**opts)
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.alpha or self.rank)
 
 
 @dataclass
@@ -77,7 +51,7 @@ def read_plp_file(path: str | Path, pipe=None) -> PLPFile:
 
     ``pipe``, the model being trained, resolves a kohya file's SDXL UNet names by that model's block layout (without
     it, SDXL base's layout is assumed)."""
-    from pipelines.adapter_files import load_lora
+    from adapters.lora.files import load_lora
 
     path = Path(path)
     adapter = load_lora(path)  # what the file is comes first: a LoRA for another model is "not a B4M file"
@@ -134,7 +108,7 @@ def check_combinable(content: PLPFile, style: PLPFile) -> None:
         raise UserError(f"cannot combine {content.path.name} and {style.path.name}: {'; '.join(problems)}")
 
 
-class B4MMethod:
+class B4MMethod(TrainingMethod):
     """One stage of Break-for-Make as a method of the shared training loop."""
 
     def __init__(self, stage: str) -> None:
@@ -149,11 +123,7 @@ class B4MMethod:
 
     # -- the loop's protocol ------------------------------------------------------------------------------------
     def attach(self, pipe, config: TrainConfig) -> list[torch.nn.Parameter]:
-        self.options = opts = B4MOptions.from_config(config)
-        if opts.rank < 1:
-            raise UserError("rank must be at least 1")
-        if opts.format not in ("diffusers", "kohya"):
-            raise UserError(f"unknown adapter format {opts.format!r} (diffusers or kohya)")
+        self.options = opts = parse_options(B4MOptions, config.method_options, "Break-for-Make")
         start: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.stage == "combine":
             if not opts.content or not opts.style:
@@ -229,14 +199,11 @@ class B4MMethod:
                 layer.up_trainable.copy_(state[f"{name}.up"])
                 layer.down_trainable.copy_(state[f"{name}.down"])
 
-    def extra_loss(self) -> torch.Tensor | None:
-        return None
-
     # -- the artefact -------------------------------------------------------------------------------------------
     def adapter(self, model, config: TrainConfig):
         """The stage's file contents: the rank-2r LoRA layers and metadata naming the base's family (SDXL files say
         so, as kohya's tools expect), the seed, rank and triggers."""
-        from pipelines.adapter_files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
+        from adapters.lora.files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
 
         opts = self.options
         layers = {}
@@ -256,6 +223,6 @@ class B4MMethod:
         return LoraAdapter(layers=layers, metadata=metadata)
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
-        from pipelines.adapter_files import save_lora
+        from adapters.lora.files import save_lora
 
         save_lora(self.adapter(model, config), path, format=self.options.format, pipe=model.pipe)

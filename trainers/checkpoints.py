@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.atomic_files import fsync_file, save_failed
-from pipelines.errors import UserError
+from core.atomic_files import fsync_file, save_failed
+from core.errors import UserError
 
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"

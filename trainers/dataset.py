@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from pipelines.errors import UserError
-from pipelines.image_files import DEFAULT_MAX_PIXELS, open_image, rgb_image, shown_name
-from pipelines.paths import safe_name
+from core.errors import UserError
+from core.image_files import DEFAULT_MAX_PIXELS, open_image, rgb_image, shown_name
+from core.paths import safe_name
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Aspect buckets as (width, height) ratios; each image goes to the bucket nearest its aspect ratio.

@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.errors import UserError
-from pipelines.span import SPAN
+from core.errors import UserError
+from models.span import SPAN
 
-from .conv_lora import ConvLoRA
-from .hr_crops import HRCrops
-from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult
+from adapters.base import replace_modules, restore_modules
+from adapters.conv_lora.layer import ConvLoRA
+from trainers.hr_crops import HRCrops
+from trainers.run_loop import RunLoop, StepReport, StepTrainer, TrainResult
 
 
 @dataclass
@@ -61,24 +62,19 @@ def attach_conv_lora(network: SPAN, config: DscLoraConfig) -> list[ConvLoRA]:
     if not network.is_folded:
         network.reparameterize()
     network.requires_grad_(False)
-    layers = []
-    for block in network.blocks:
-        for conv in (block.c1_r, block.c2_r, block.c3_r):
-            conv.eval_conv = ConvLoRA(conv.eval_conv, config.rank_block, config.alpha_block)
-            layers.append(conv.eval_conv)
-    network.conv_2.eval_conv = ConvLoRA(network.conv_2.eval_conv, config.rank_tail, config.alpha_tail)
-    network.upsampler[0] = ConvLoRA(network.upsampler[0], config.rank_tail, config.alpha_tail)
-    return layers + [network.conv_2.eval_conv, network.upsampler[0]]
+    block_convs = [conv.eval_conv for block in network.blocks for conv in (block.c1_r, block.c2_r, block.c3_r)]
+    tail_convs = [network.conv_2.eval_conv, network.upsampler[0]]
+    settings = {id(conv): (config.rank_block, config.alpha_block) for conv in block_convs}
+    settings.update({id(conv): (config.rank_tail, config.alpha_tail) for conv in tail_convs})
+    wrapped = replace_modules(network, lambda name, module: id(module) in settings,
+                              lambda name, module: ConvLoRA(module, *settings[id(module)]))
+    by_conv = {id(layer.base_layer): layer for layer in wrapped.values()}
+    return [by_conv[id(conv)] for conv in block_convs + tail_convs]  # blocks, then conv_2, then the upsampler
 
 
 def merge_conv_lora(network: SPAN) -> SPAN:
     """Merge every ConvLoRA and put the plain convs back: a SPAN of the original layout."""
-    for module in network.modules():
-        for name, child in list(module.named_children()):
-            if isinstance(child, ConvLoRA):
-                child.merge()
-                setattr(module, name, child.base)  # also right for nn.Sequential's "0", "1", ... children
-    return network
+    return restore_modules(network, merge=True, kind=ConvLoRA)
 
 
 def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -92,7 +88,7 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
     """Fine-tune through the run loop (stop, exact resume, checkpoints, events); merge and save at the end."""
-    from pipelines.devices import pick_device
+    from models.devices import pick_device
     from pipelines.upscale import load_sr_model, save_sr_model
 
     config.validate()

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 EVENTS = "events.jsonl"
 

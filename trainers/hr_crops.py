@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.image_files import rgb_image
+from core.errors import UserError
+from core.image_files import rgb_image
 
-from .dataset import IMAGE_SUFFIXES, DatasetReport, check_image
+from trainers.dataset import IMAGE_SUFFIXES, DatasetReport, check_image
 
 
 class HRCrops:

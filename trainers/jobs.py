@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.atomic_files import write_text
+from core.atomic_files import write_text
 
-from .checkpoints import latest_checkpoint
-from .events import EventLog, read_events
-from .loop import STOP_FILE
+from trainers.checkpoints import latest_checkpoint
+from trainers.events import EventLog, read_events
+from trainers.loop import STOP_FILE
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch.py"
 JOB_FILE = "job.json"

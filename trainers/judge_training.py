@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from pipelines.microworld.judge import HEADS, Judge, JudgeNet, JudgeVocab, crop, save_judge, to_input
-from pipelines.microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scene
+from microworld.judge import HEADS, Judge, JudgeNet, JudgeVocab, crop, save_judge, to_input
+from microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scene
 
 REPO = Path(__file__).resolve().parents[1]
 

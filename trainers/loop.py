@@ -13,20 +13,22 @@ and takes its own slice, and gradients are averaged over equal slices.
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from pipelines.atomic_files import write_text
-from pipelines.conditioning import SDXL, Conditioning, condition, model_family, text_encoders
-from pipelines.errors import UserError
+from core.atomic_files import write_text
+from models.conditioning import SDXL, Conditioning, condition, model_family, text_encoders
+from core.errors import UserError
 
-from .dataset import BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, step_arithmetic
-from .events import EventLog
-from .run_loop import STOP_FILE, AcceleratePeers, RunLoop, StepReport, StepTrainer, StopFlag, TrainResult
+from trainers.dataset import BatchPlan, DataPosition, DatasetConfig, ImageFolderDataset, step_arithmetic
+from trainers.events import EventLog
+from trainers.method import TrainingMethod
+from trainers.run_loop import STOP_FILE, AcceleratePeers, RunLoop, StepReport, StepTrainer, StopFlag, TrainResult
 
 __all__ = ["STOP_FILE", "StopFlag", "TrainConfig", "TrainResult", "TrainingMethod", "mixed_precision_for",
            "snr_weights", "train"]
@@ -106,32 +108,6 @@ class TrainConfig:
             raise UserError(f"{path}: not a valid training config ({exc})") from exc
 
 
-class TrainingMethod(Protocol):
-    """What a method adds to the loop: trainable parts, their state, and the file it produces."""
-
-    name: str
-
-    def attach(self, pipe, config: TrainConfig) -> list[torch.nn.Parameter]:
-        """Freeze the base, add the trainable parts to ``pipe``; return the parameters to optimise."""
-
-    def trainable_state(self) -> dict[str, torch.Tensor]: ...
-
-    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None: ...
-
-    def extra_loss(self) -> torch.Tensor | None:
-        """A regulariser added to the denoising loss (or None)."""
-
-    # Optional: ``default_lr() -> float`` (used when the config gives none), ``summary() -> dict`` (logged before
-    # the first step), ``after_step(step, optimizer) -> dict | None`` (a method that changes its parameter set
-    # mid-run updates the optimizer and returns {"params": [...], ...}), and ``load_trainable_state`` may return
-    # the parameter list when restoring changes it. Methods that treat the second folder differently may also give
-    # ``param_groups(params, lr) -> list[dict]`` (per-group learning rates), ``loss_role(role)`` (a context
-    # manager around the forward of "data" and of "prior"), ``prior_shares_noise`` (the second folder's batch gets the
-    # same noise and timesteps as the main batch) and ``before_optimizer_step()`` (e.g. to precondition gradients).
-
-    def save_artifact(self, path: Path, model, config: TrainConfig) -> None: ...
-
-
 def mixed_precision_for(device: torch.device, requested: str) -> str:
     if requested != "auto":
         return requested
@@ -157,8 +133,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
 
-    from pipelines.devices import pick_device
-    from pipelines.loading import load_model
+    from models.devices import pick_device
+    from models.loading import load_model
 
     config.validate()
     run_dir = Path(run_dir)
@@ -210,11 +186,10 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
 
-    lr = config.lr if config.lr is not None else getattr(method, "default_lr", lambda: 1e-4)()
-    groups = method.param_groups(params, lr) if hasattr(method, "param_groups") else params
-    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
-    role = getattr(method, "loss_role", lambda name: _null())
-    shared_noise = bool(getattr(method, "prior_shares_noise", False))
+    lr = config.lr if config.lr is not None else method.default_lr()
+    optimizer = torch.optim.AdamW(method.param_groups(params, lr), lr=lr, weight_decay=1e-2)
+    role = method.loss_role
+    shared_noise = method.prior_shares_noise
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                                  num_training_steps=config.steps)
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
@@ -226,8 +201,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             log.write("dataset", message=line)
         for line in prior.report.lines() if prior is not None else ():
             log.write("dataset", message=f"prior: {line}")
-    if hasattr(method, "summary"):
-        summary = method.summary()
+    summary = method.summary()
+    if summary:
         log.write("method", method=method.name, lr=lr, **summary)
         if main and summary.get("selection"):
             print(f"{method.name}: {summary['selection']}; training with learning rate {lr:.3g}", flush=True)
@@ -294,7 +269,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                 dropped = (torch.rand(config.batch_size, generator=drop_gen) < config.caption_dropout)[sl].tolist()
                 samples = [s.without_caption() if d else s for s, d in zip(samples, dropped)]
             sync = micro == config.grad_accum - 1
-            context = accelerator.no_sync(unet) if not sync and world > 1 else _null()
+            context = accelerator.no_sync(unet) if not sync and world > 1 else nullcontext()
             with context:
                 noise_state = noise_gen.get_state()
                 with role("data"):
@@ -319,14 +294,13 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             for p in text_params:
                 if p.grad is not None:
                     p.grad = accelerator.reduce(p.grad, "mean")
-        if hasattr(method, "before_optimizer_step"):
-            method.before_optimizer_step()
+        method.before_optimizer_step()
         if config.max_grad_norm:
             accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        changed = method.after_step(step + 1, optimizer) if hasattr(method, "after_step") else None
+        changed = method.after_step(step + 1, optimizer)
         if changed:
             params = changed.pop("params")
             if world > 1:  # DDP's gradient buckets were built for the old parameters
@@ -376,21 +350,13 @@ class _Item:
         return _Item(self.pixels, "", self.micro_conditioning)
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator) -> None:
     """Sample the preview prompts, all from the same seed, so previews compare across steps and across prompts (a
     content × style grid differs only by its prompts)."""
     if not accelerator.is_main_process or not config.sample_prompts:
         accelerator.wait_for_everyone()
         return
-    from pipelines.png_metadata import format_parameters, save_png_with_parameters
+    from core.png_metadata import format_parameters, save_png_with_parameters
 
     pipe.unet.eval()
     folder = run_dir / "samples"

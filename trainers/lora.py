@@ -7,79 +7,45 @@ targets), and trains at its own learning rate (default: the UNet's, as kohya's `
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .loop import TrainConfig
+from adapters.adapter_type import AdapterType
+from adapters.lora.config import LoraOptions
+from adapters.registry import adapter_type
+from trainers.loop import TrainConfig
+from trainers.method import TrainingMethod
+from trainers.options import parse_options
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-DEFAULT_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-@dataclass(frozen=True)
-class LoraOptions:
-    rank: int = 8
-    alpha: float = 0.0  # 0: alpha = rank (scale 1)
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    train_text_encoder: bool = False
-    text_encoder_lr: float | None = None  # None: the UNet's learning rate
-    text_encoder_targets: tuple[str, ...] = DEFAULT_TEXT_ENCODER_TARGETS
-    format: str = "diffusers"  # of the saved file: "diffusers" | "kohya"
+class LoraMethod(TrainingMethod):
+    """Trains every adapter type that peft builds (plain LoRA, rsLoRA, ...): the type gives the options, the peft
+    config and the alpha its files store."""
 
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "LoraOptions":
-        """The options a run's config holds, checked (a bad value is a one-line error, not a traceback)."""
-        from pipelines.adapter_files import FORMATS
-        from pipelines.errors import UserError
-
-        opts = dict(config.method_options)
-        for key in ("targets", "text_encoder_targets"):
-            if key in opts:
-                opts[key] = tuple(opts[key])
-        options = cls(**opts)
-        if options.rank < 1:
-            raise UserError("LoRA rank must be at least 1")
-        if options.text_encoder_lr is not None and options.text_encoder_lr <= 0:
-            raise UserError("text-encoder learning rate must be positive")
-        if options.format not in FORMATS:
-            raise UserError(f"adapter format must be one of {', '.join(FORMATS)}")
-        if not options.train_text_encoder and (options.text_encoder_lr is not None
-                                               or options.text_encoder_targets != DEFAULT_TEXT_ENCODER_TARGETS):
-            raise UserError("a text-encoder learning rate or targets need --train-text-encoder")
-        return options
-
-    @property
-    def effective_alpha(self) -> float:
-        return float(self.alpha or self.rank)
-
-    def peft_config(self, targets: tuple[str, ...]):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.effective_alpha, init_lora_weights="gaussian",
-                          target_modules=list(targets))
-
-
-class LoraMethod:
-    name = "lora"
-
-    def __init__(self) -> None:
+    def __init__(self, adapter: AdapterType | str = "lora") -> None:
+        self.adapter_type = adapter_type(adapter) if isinstance(adapter, str) else adapter
+        if not self.adapter_type.trainable_with_peft:
+            raise ValueError(f"{self.adapter_type.name} is not trained by the LoRA trainer")
+        self.name = self.adapter_type.name
         self.unet = None
         self.text_encoders: dict[str, torch.nn.Module] = {}  # component name → encoder carrying a LoRA
-        self.options = LoraOptions()
+        self.options: LoraOptions = self.adapter_type.options()
 
     def attach(self, pipe, config: TrainConfig) -> list[torch.nn.Parameter]:
         """A LoRA on the UNet (added first, so its random init is what it was before text encoders could train) and,
         with ``train_text_encoder``, on every text encoder; returns the UNet's parameters, then the encoders'."""
         from peft import inject_adapter_in_model
 
-        from pipelines.errors import UserError
+        from core.errors import UserError
 
-        self.options = LoraOptions.from_config(config)
+        self.options = parse_options(self.adapter_type.options, config.method_options, self.adapter_type.label)
+        peft_config = self.adapter_type.peft_config
         self.unet = pipe.unet
-        self.unet.add_adapter(self.options.peft_config(self.options.targets))
+        self.unet.add_adapter(peft_config(self.options, self.options.targets))
         self.text_encoders = {}
         if self.options.train_text_encoder:
             for component in TEXT_ENCODERS:
@@ -88,7 +54,7 @@ class LoraMethod:
                     continue
                 # peft directly: transformers' own add_adapter wants a newer peft than diffusers' integration does
                 try:
-                    inject_adapter_in_model(self.options.peft_config(self.options.text_encoder_targets), encoder)
+                    inject_adapter_in_model(peft_config(self.options, self.options.text_encoder_targets), encoder)
                 except ValueError as exc:  # no module matches the targets
                     raise UserError(f"{component}: no layer matches the text-encoder targets "
                                     f"{', '.join(self.options.text_encoder_targets)}") from exc
@@ -141,17 +107,15 @@ class LoraMethod:
                 raise RuntimeError(f"checkpoint does not match this LoRA ({component}: {odd[:3]})")
             set_peft_model_state_dict(module, given)
 
-    def extra_loss(self) -> torch.Tensor | None:
-        return None
-
     def adapter(self, model, config: TrainConfig):
         """The trained LoRA in the studio's adapter form (``unet.*``, ``text_encoder.*``, ``text_encoder_2.*``
         layers), with metadata naming the base model's family, prediction type and resolution."""
         from peft.utils import get_peft_model_state_dict
 
-        from pipelines.adapter_files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
+        from adapters.lora.files import LoraAdapter, LoraLayer, base_model_facts, lora_metadata
 
         layers: dict[str, LoraLayer] = {}
+        alpha = self.adapter_type.file_alpha(self.options)
         for component, module in self._modules().items():
             state = get_peft_model_state_dict(module)
             for key, down in state.items():
@@ -159,17 +123,17 @@ class LoraMethod:
                     continue
                 up = state[key.replace(".lora_A.", ".lora_B.")]
                 layers[f"{component}.{key.split('.lora_A.')[0]}"] = LoraLayer(
-                    down=down.detach().float().cpu(), up=up.detach().float().cpu(), alpha=self.options.effective_alpha)
+                    down=down.detach().float().cpu(), up=up.detach().float().cpu(), alpha=alpha)
         triggers = [config.trigger] if config.trigger else []
         settings = {k: v for k, v in asdict(config).items() if k not in ("sample_prompts",)}
-        metadata = lora_metadata(method="lora", base_fingerprint=model.fingerprint, trigger_words=triggers,
-                                 rank=self.options.rank, alpha=self.options.effective_alpha, settings=settings,
+        metadata = lora_metadata(method=self.name, base_fingerprint=model.fingerprint, trigger_words=triggers,
+                                 rank=self.options.rank, alpha=alpha, settings=settings,
                                  base_model_name=model.name, title=Path(config.out).stem,
                                  **base_model_facts(model.pipe, config.resolution or None))
         return LoraAdapter(layers=layers, metadata=metadata)
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
-        from pipelines.adapter_files import save_lora
+        from adapters.lora.files import save_lora
 
         save_lora(self.adapter(model, config), path, format=self.options.format, pipe=model.pipe)
 

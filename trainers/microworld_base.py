@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.microworld.scenes import BASE_SHAPES, COLORS, FILLS, SHAPES, SceneConfig, generate_scene
+from microworld.scenes import BASE_SHAPES, COLORS, FILLS, SHAPES, SceneConfig, generate_scene
 from trainers.checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,7 +472,7 @@ def assemble_pipeline(vae_dir: Path, unet, text):
 
 
 def single_prompt(color: str, shape: str, background: str = "gray", position: str = "in the center") -> str:
-    from pipelines.microworld.scenes import object_phrase
+    from microworld.scenes import object_phrase
 
     return f"{object_phrase(color, shape, 'solid', position)}, {background} background"
 
@@ -493,7 +493,7 @@ def quick_judge(pipeline_dir: Path, world: str = "base", guidance: float = 4.0, 
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlog
 
-    from pipelines.microworld.judge import judge_images
+    from microworld.judge import judge_images
 
     dlog.disable_progress_bar()
     pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir)

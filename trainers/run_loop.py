@@ -20,10 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
-from .checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
-from .events import EventLog
+from trainers.checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
+from trainers.events import EventLog
 
 STOP_FILE = "STOP"
 ETA_WINDOW = 20  # steps whose mean duration gives the ETA

@@ -2,7 +2,7 @@
 
 Spec: ``docs/design/sara.md``. The trainable set is M = |P₀| < θ over the Linear/Conv weights of the UNet, with θ
 given or derived from a budget (a count such as ``50M`` or a share such as ``5%``). Each selected layer becomes a
-:class:`~trainers.sparse_delta_layer.SparseDeltaLayer` (the memory-saving backward lives there). Two fixes to the
+:class:`~adapters.sara.layer.SparseDeltaLayer` (the memory-saving backward lives there). Two fixes to the
 authors' release: the nuclear-norm term is built from the trainable values themselves, so its gradient reaches
 them; and progressive adjustment keeps the Adam moments of the entries that stay trainable.
 """
@@ -16,65 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipelines.errors import UserError
-
-from .loop import TrainConfig
-from .sparse_delta_layer import SUPPORTED, SparseDeltaLayer, wrap_layers
-
-
-@dataclass(frozen=True)
-class SaraOptions:
-    budget: str | None = None  # "5%", "50M", "120000"; default 5 % when no threshold is given
-    threshold: float | None = None
-    lambda_rank: float = 5e-3  # the paper's λ; 0 turns the nuclear-norm term off
-    rank_layers_per_step: int = 1
-    min_rank_side: int = 64  # matrices whose smaller side is at most this are not rank-regularised
-    progressive: float = 0.5  # fraction of training at which grown entries freeze; 0 = off
-    sparse_backward: bool = True  # False: plain autograd through a full-size weight (benchmark baseline)
-
-    @classmethod
-    def from_config(cls, config: TrainConfig) -> "SaraOptions":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(config.method_options) - known)
-        if unknown:
-            raise UserError(f"unknown SaRA option(s): {', '.join(unknown)}")
-        return cls(**config.method_options).validate()
-
-    def validate(self) -> "SaraOptions":
-        if self.budget is not None and self.threshold is not None:
-            raise UserError("give either a budget or a threshold, not both")
-        if self.threshold is not None and not self.threshold > 0:
-            raise UserError("the threshold must be positive")
-        if self.budget is not None:
-            parse_budget(self.budget, 10**12)  # raises on nonsense
-        if self.lambda_rank < 0:
-            raise UserError("λ (lambda-rank) must be ≥ 0")
-        if not 0.0 <= self.progressive < 1.0:
-            raise UserError("the progressive fraction must be in [0, 1)")
-        if self.rank_layers_per_step < 0:
-            raise UserError("rank layers per step must be ≥ 0")
-        return self
-
-
-# ------------------------------------------------------------------------------------------- trainable set
-
-
-def parse_budget(text: str, total: int) -> int:
-    """``"5%"`` → 5 % of ``total``; ``"50M"``/``"1.5k"``/``"120000"`` → that count (at most ``total``)."""
-    raw = str(text).strip().replace(" ", "").replace("_", "")
-    match = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)(%|[kKmMgGbB]?)", raw)
-    if not match:
-        raise UserError(f"budget {text!r}: write a share such as 5% or a count such as 50M")
-    number, unit = float(match.group(1)), match.group(2)
-    if unit == "%":
-        if not 0 < number <= 100:
-            raise UserError(f"budget {text!r}: a share must be in (0, 100] %")
-        count = number / 100.0 * total
-    else:
-        count = number * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}[unit.lower()]
-    if count < 1:
-        raise UserError(f"budget {text!r} selects no weights")
-    return min(int(round(count)), total)
+from adapters.sara.layer import SUPPORTED, SparseDeltaLayer, wrap_layers
+from core.errors import UserError
+from adapters.sara.config import SaraOptions, parse_budget
+from trainers.loop import TrainConfig
+from trainers.method import TrainingMethod
+from trainers.options import parse_options
 
 
 def selectable_weights(unet: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,7 +117,7 @@ def preview_selection(model: str | None, budget: str | None = None, threshold: f
     """
     from diffusers import UNet2DConditionModel
 
-    from pipelines.loading import default_model_source, load_model
+    from models.loading import default_model_source, load_model
 
     options = SaraOptions(budget=budget or None, threshold=threshold or None).validate()
     source = Path(model).expanduser() if model else default_model_source()
@@ -255,7 +202,7 @@ def _copy_by_position(dst: torch.Tensor, dst_index: torch.Tensor, src: torch.Ten
     dst[torch.argsort(dst_index.long())] = src[torch.argsort(src_index.long().to(dst_index.device))].to(dst)
 
 
-class SaraMethod:
+class SaraMethod(TrainingMethod):
     """The :class:`~trainers.loop.TrainingMethod` for SaRA."""
 
     name = "sara"
@@ -271,7 +218,7 @@ class SaraMethod:
         self._eligible: list[str] = []
 
     def attach(self, pipe, config: TrainConfig) -> list[nn.Parameter]:
-        self.options = SaraOptions.from_config(config)
+        self.options = parse_options(SaraOptions, config.method_options, "SaRA")
         self.unet = pipe.unet
         self.plan = plan_selection(self.unet, self.options)
         self.layers = wrap_layers(self.unet, masks_for(self.unet, self.plan.threshold),
@@ -346,8 +293,8 @@ class SaraMethod:
     def delta(self, model, config: TrainConfig):
         """The trained change as a file's contents; the metadata names the base's family (SD 1.x, 2.x, SDXL) so a
         delta is refused by family on another one, and its prediction type and resolution for extracted LoRAs."""
-        from pipelines.conditioning import model_family
-        from pipelines.sparse_delta import SparseDelta, SparseTensorDelta, sara_metadata
+        from models.conditioning import model_family
+        from adapters.sara.files import SparseDelta, SparseTensorDelta, sara_metadata
 
         tensors = {}
         for name, layer in self.layers.items():
@@ -366,6 +313,6 @@ class SaraMethod:
         return SparseDelta(tensors=tensors, metadata=metadata)
 
     def save_artifact(self, path: Path, model, config: TrainConfig) -> None:
-        from pipelines.sparse_delta import save_sparse_delta
+        from adapters.sara.files import save_sparse_delta
 
         save_sparse_delta(self.delta(model, config), path, dtype=torch.float16)

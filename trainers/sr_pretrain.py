@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.span import SPAN, SpanConfig, num_parameters
+from models.span import SPAN, SpanConfig, num_parameters
 
-from .checkpoints import latest_checkpoint
-from .hr_crops import HRCrops
-from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult
+from trainers.checkpoints import latest_checkpoint
+from trainers.hr_crops import HRCrops
+from trainers.run_loop import RunLoop, StepReport, StepTrainer, TrainResult
 
 # scikit-image's bundled photos (no download needed). Grey ones are used as grey RGB.
 TRAIN_PHOTOS = ("astronaut", "brick", "camera", "clock", "coins", "grass", "gravel", "hubble_deep_field",

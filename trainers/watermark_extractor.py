@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.image_files import open_image, rgb_image
-from pipelines.safetensors_files import save_atomic
+from core.errors import UserError
+from core.image_files import open_image, rgb_image
+from core.safetensors_files import save_atomic
 from pipelines.watermark.attacks import noise_layer
 from pipelines.watermark.extractor import BitEncoder, BitExtractor, ExtractorConfig, extractor_hash, save_extractor
 
-from .dataset import IMAGE_SUFFIXES, check_image
-from .run_loop import RunLoop, StepReport, StepTrainer, random_state, set_random_state
+from trainers.dataset import IMAGE_SUFFIXES, check_image
+from trainers.run_loop import RunLoop, StepReport, StepTrainer, random_state, set_random_state
 
 
 @dataclass
@@ -69,11 +69,11 @@ def image_pool(config: ExtractorTrainConfig, log: Callable[[dict], None] = print
         if not pool:
             raise UserError(f"{config.folder} holds no readable images")
         return pool
-    from pipelines.microworld.scenes import SceneConfig, generate_scenes
+    from microworld.scenes import SceneConfig, generate_scenes
 
     pool += [s.image for s in generate_scenes(config.microworld, seed=config.seed + 17, config=SceneConfig())]
     try:
-        from .sr_pretrain import TRAIN_PHOTOS, photo
+        from trainers.sr_pretrain import TRAIN_PHOTOS, photo
 
         pool += [photo(name) for name in TRAIN_PHOTOS]
     except ImportError:

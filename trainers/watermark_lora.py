@@ -8,7 +8,7 @@ extended paper's dynamic scheduler (:class:`LossWeightScheduler`), logged every 
 targets (bit accuracy, PSNR) hold for ``patience_stop`` consecutive steps, or at ``max_steps``.
 
 The artefact is an ordinary adapter file (layers ``vae.decoder...``) with the key (unless kept secret), the bit count
-and the extractor's hash in its metadata; :func:`pipelines.lora.merge_lora` merges it into a pipeline's decoder.
+and the extractor's hash in its metadata; :func:`adapters.lora.apply.merge_lora` merges it into a pipeline's decoder.
 
 ``mode="full_decoder"`` is the Stable Signature baseline the comparison benchmark measures: the same latents,
 extractor, losses and scheduler, but every parameter of ``vae.decoder`` trained instead of a LoRA. Its artefact is the
@@ -29,9 +29,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
-from .run_loop import RunLoop, StepReport, StepTrainer, TrainResult, random_state, set_random_state
+from trainers.run_loop import RunLoop, StepReport, StepTrainer, TrainResult, random_state, set_random_state
 
 MODES = ("lora", "full_decoder")
 DECODER_METHOD = "watermark-decoder"  # the full-decoder artefact's atelier.method
@@ -170,7 +170,7 @@ def collect_latents(model, config: WatermarkConfig) -> torch.Tensor:
     pipe = model.pipe
     vae = pipe.vae
     if config.images:
-        from .dataset import DatasetConfig, ImageFolderDataset
+        from trainers.dataset import DatasetConfig, ImageFolderDataset
 
         data = ImageFolderDataset(DatasetConfig(config.images, resolution=model.native_size, buckets=False),
                                   size_multiple=pipe.vae_scale_factor)
@@ -183,7 +183,7 @@ def collect_latents(model, config: WatermarkConfig) -> torch.Tensor:
         return torch.cat(out)
     prompts = list(config.prompts)
     if not prompts:
-        from pipelines.microworld.scenes import SceneConfig, generate_scenes
+        from microworld.scenes import SceneConfig, generate_scenes
 
         prompts = [s.caption for s in generate_scenes(config.latents, seed=config.seed + 101, config=SceneConfig())]
     size = model.native_size
@@ -248,7 +248,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None, resum
     """Train the watermark LoRA (or, in ``full_decoder`` mode, the whole decoder) through the run loop; write the
     adapter file (or the decoder's state); return the run with its per-step history. A stop also writes the adapter
     as far as training got, and ``resume=True`` continues the run exactly from its last checkpoint."""
-    from pipelines.loading import load_model
+    from models.loading import load_model
     from pipelines.watermark.attacks import noise_layer
     from pipelines.watermark.extractor import extractor_hash, load_extractor
     from pipelines.watermark.keys import format_key, new_key, parse_key
@@ -352,7 +352,7 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None, resum
 def _save_watermark(vae, names: list[str], full: bool, model, config: WatermarkConfig, key_hex: str, bits_n: int,
                     extractor_id: str, step: int, seconds_to_99: float | None) -> Path:
     """Write the adapter (the LoRA's layers, or the full decoder's state) with the key and run in its metadata."""
-    from pipelines.adapter_files import LoraAdapter, LoraLayer, save_lora
+    from adapters.lora.files import LoraAdapter, LoraLayer, save_lora
 
     metadata = {"atelier.method": DECODER_METHOD if full else "watermark",
                 "atelier.base_fingerprint": model.fingerprint,
@@ -362,7 +362,7 @@ def _save_watermark(vae, names: list[str], full: bool, model, config: WatermarkC
                 "atelier.watermark_seconds_to_99": "" if seconds_to_99 is None else f"{seconds_to_99:.1f}",
                 "atelier.settings": json.dumps({k: v for k, v in asdict(config).items() if k != "key"}, default=str)}
     if full:
-        from pipelines.safetensors_files import save_atomic
+        from core.safetensors_files import save_atomic
 
         trained = {f"decoder.{k}": v.detach().clone() for k, v in vae.decoder.state_dict().items()}
         return save_atomic(trained, Path(config.out), metadata)
@@ -381,7 +381,7 @@ def decoder_state_applied(pipe, path: Path) -> Iterator[None]:
     decoder's own weights come back exactly after."""
     from safetensors.torch import load_file
 
-    from pipelines.safetensors_files import read_metadata
+    from core.safetensors_files import read_metadata
 
     path = Path(path)
     if read_metadata(path).get("atelier.method") != DECODER_METHOD:

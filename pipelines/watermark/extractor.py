@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from pipelines.errors import ModelLoadError
-from pipelines.safetensors_files import load_tensors, read_header, save_atomic
+from core.errors import ModelLoadError
+from core.safetensors_files import load_tensors, read_header, save_atomic
 
 FORMAT_VERSION = "2"
 

@@ -6,7 +6,7 @@ import secrets
 
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 DEFAULT_BITS = 48
 _HEX = re.compile(r"[0-9a-fA-F]+")

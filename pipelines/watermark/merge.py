@@ -11,18 +11,16 @@ from typing import Iterator
 
 import torch
 
-from pipelines.adapter_files import load_lora
-from pipelines.errors import UserError
-from pipelines.loading import load_model
-from pipelines.lora import merge_lora
-from pipelines.safetensors_files import read_metadata
+from adapters.lora.files import load_lora
+from core.errors import UserError
+from models.loading import load_model
+from adapters.lora.apply import merge_lora
+from adapters.registry import identify
 
 
 def is_watermark_file(path: Path) -> bool:
-    try:
-        return read_metadata(Path(path)).get("atelier.method") == "watermark"
-    except Exception:
-        return False
+    """A decoder adapter by the registry's reading of its header (any file may be asked)."""
+    return identify(Path(path)).role == "decoder"
 
 
 def load_watermark(path: Path):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.errors import ModelLoadError
+from core.errors import ModelLoadError
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "watermark"
 EXTRACTOR_FILE = "extractor-v1.safetensors"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from scipy.stats import binom
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 def p_value(matched: int, n: int) -> float:

@@ -13,16 +13,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.errors import UserError
-from pipelines.image_files import open_image, rgb_image, shown_name
-from pipelines.safetensors_files import read_metadata
+from core.errors import UserError
+from core.image_files import open_image, rgb_image, shown_name
+from core.safetensors_files import read_metadata
 
-from .attacks import ATTACKS, attack_image
-from .extractor import BitExtractor, extractor_hash, load_extractor
-from .keys import format_key, parse_key
-from .merge import is_watermark_file
-from .shipped import default_extractor_path
-from .stats import KeyMatch, Verdict, best_key, pooled, verdict
+from pipelines.watermark.attacks import ATTACKS, attack_image
+from pipelines.watermark.extractor import BitExtractor, extractor_hash, load_extractor
+from pipelines.watermark.keys import format_key, parse_key
+from pipelines.watermark.merge import is_watermark_file
+from pipelines.watermark.shipped import default_extractor_path
+from pipelines.watermark.stats import KeyMatch, Verdict, best_key, pooled, verdict
 
 DEFAULT_FPR = 1e-6
 
