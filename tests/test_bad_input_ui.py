@@ -362,7 +362,7 @@ def test_library_import(studio, bad_corpus):
         assert len(added) == 1 and "Imported" in status, (item.name, status)
         row = next(r for r in table["data"] if r[0] in added)
         if item.name == "lora_foreign_fingerprint":
-            assert row[5] == "⚠ another model"
+            assert row[table["headers"].index("base model")] == "⚠ another model"
         studio.check(new_ok=("adapters/",))
     assert studio.unexpected_errors() == []
 
