@@ -108,6 +108,9 @@ def handle_judge(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(record))
         else:
-            print(f"{name}: {result['color']} ({result['color_prob']:.2f}) {result['shape']} "
-                  f"({result['shape_prob']:.2f}) {result['fill']} ({result['fill_prob']:.2f})")
+            shape = (f"{result['shape']} ({result['shape_prob']:.2f}, fidelity {result['fidelity']:.2f})"
+                     if result["verdict"] == "ok" else f"{result['verdict']} (fidelity {result['fidelity']:.2f}; "
+                                                       f"the CNN says {result['shape']})")
+            print(f"{name}: {result['color']} ({result['color_prob']:.2f}) {shape} {result['fill']} "
+                  f"({result['fill_prob']:.2f}) {result['position'] or ''}".rstrip())
     return 0

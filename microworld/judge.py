@@ -22,6 +22,7 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
+from microworld.fidelity import MALFORMED_BELOW, fit_shape, foreground, has_background, place, position
 from microworld.scenes import COLORS, FILLS, SHAPES
 
 JUDGE_INPUT = 64
@@ -154,12 +155,42 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
     return {head: torch.cat(parts) if parts else torch.empty(0) for head, parts in out.items()}
 
 
+EMPTY_BELOW = 12  # foreground pixels: fewer, and the region holds no object
+VERDICTS = ("ok", "malformed", "empty")
+
+
+def shape_verdict(region: Image.Image, shape: str, offset: Box | None = None) -> dict:
+    """The fidelity check of one judged region (see :mod:`microworld.fidelity`): ``verdict`` is ``ok`` (the named
+    shape is drawn), ``malformed`` (it is not: fidelity below the threshold, or no background around it) or
+    ``empty``; ``fidelity`` the best IoU with the named shape; ``position`` the place of the object's centroid in
+    the whole image (None when empty)."""
+    mask = foreground(np.asarray(region))
+    if mask.sum() < EMPTY_BELOW:
+        return {"verdict": "empty", "fidelity": 0.0, "position": None}
+    box = tuple(offset) if offset is not None else (0.0, 0.0, 1.0, 1.0)
+    if not has_background(mask):
+        return {"verdict": "malformed", "fidelity": 0.0, "position": position(mask, box)}
+    fit = fit_shape(mask, shape)
+    ok = fit.iou >= MALFORMED_BELOW  # a well-formed object is placed by its fitted centre, as the generator places it
+    return {"verdict": "ok" if ok else "malformed", "fidelity": fit.iou,
+            "position": place(fit.cx, fit.cy, box) if ok else position(mask, box)}
+
+
+def is_right(record: dict, shape: str, color: str, position: str | None = None) -> bool:
+    """The new judge's "right": a well-formed object of the named shape and colour (and, given one, in the named
+    place). The old judge's "right" is ``record["shape"] == shape and record["color"] == color``."""
+    return (record.get("verdict") == "ok" and record["shape"] == shape and record["color"] == color
+            and (position is None or record.get("position") == position))
+
+
 def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None = None,
                  judge: Judge | None = None) -> list[dict]:
-    """Top-1 ``shape``, ``color``, ``fill`` with ``*_prob`` and the full distributions, one dict per image.
+    """Top-1 ``shape``, ``color``, ``fill`` with ``*_prob`` and the full distributions, one dict per image, plus
+    the CNN-free check of the named shape: ``verdict``, ``fidelity`` and ``position`` (:func:`shape_verdict`).
 
-    ``objects_found`` counts blobs standing out from the region's border colour: 0 means the region looks empty,
-    and the labels are then a guess (the judge has no "nothing" class).
+    ``objects_found`` counts blobs standing out from the region's border colour: 0 means the region looks empty.
+    The CNN's labels are kept as they always were (old verdicts stay reproducible); a ``malformed`` or ``empty``
+    verdict says that its shape label is not to be believed.
     """
     judge = judge or load_judge()
     probs = judge_probabilities(judge, images, boxes)
@@ -174,6 +205,7 @@ def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None
             record[f"{head}_prob"] = round(float(p[best]), 4)
         record["probabilities"] = {head: {name: round(float(v), 4) for name, v in
                                           zip(getattr(judge.vocab, head), probs[head][index])} for head in HEADS}
+        record.update(shape_verdict(region, record["shape"], boxes[index] if boxes is not None else None))
         results.append(record)
     return results
 

@@ -12,7 +12,7 @@ import torch
 
 from core.errors import ModelLoadError, UserError
 from cli import microworld as cli
-from microworld.judge import DEFAULT_WEIGHTS, find_objects, judge_images, judge_scene, load_judge
+from microworld.judge import DEFAULT_WEIGHTS, find_objects, is_right, judge_images, judge_scene, load_judge
 from microworld.scenes import FILLS, SHAPES, ObjectSpec, SceneConfig, generate_scenes, render
 from trainers.judge_training import heldout_accuracy
 
@@ -107,3 +107,65 @@ def test_cli_reports_missing_or_foreign_files(tmp_path):
     bogus.write_bytes(b"\x00" * 16)
     with pytest.raises(ModelLoadError):
         load_judge(bogus)
+
+
+# --- the fidelity check (CNN-free) and positions ---------------------------------------------------------------------
+def test_generator_objects_of_every_shape_fill_and_background_are_well_formed(judge):
+    """The ideal rendering of each shape fits the generator's own objects: none is called malformed."""
+    config = SceneConfig(shapes=SHAPES, fills=FILLS, max_objects=1, min_radius=0.11, max_radius=0.3)
+    scenes = list(generate_scenes(120, 41, config))
+    records = judge_images([s.image for s in scenes], judge=judge)
+    fidelities = {shape: [] for shape in SHAPES}
+    for scene, record in zip(scenes, records):
+        obj = scene.objects[0]
+        assert record["verdict"] == "ok", (obj, record["fidelity"])
+        near_a_line = any(abs(v * 3 - round(v * 3)) * 64 / 3 < 1.0 for v in (obj.spec.cx, obj.spec.cy))
+        assert record["position"] == obj.position or near_a_line, (obj, record["position"])  # 1 px either way
+        fidelities[obj.shape].append(record["fidelity"])
+    assert all(values for values in fidelities.values())  # every shape was seen
+    assert is_right(records[0], scenes[0].objects[0].shape, scenes[0].objects[0].color, scenes[0].objects[0].position)
+
+
+def test_noise_a_blob_and_a_smear_are_not_shapes(judge):
+    """The CNN names a shape for anything; the fidelity check does not (issue: noise was a ring at 1.0)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    blob = np.full((64, 64, 3), 128, np.uint8)
+    field = ndimage.gaussian_filter(rng.normal(size=(64, 64)), 5)
+    blob[field > np.quantile(field, 0.85)] = (220, 40, 40)
+    smear = np.full((64, 64, 3), 128, np.uint8)
+    ys, xs = np.mgrid[0:64, 0:64]
+    smear[(np.abs(ys - 0.4 * xs - 16) < 3) & (xs > 6) & (xs < 58)] = (40, 80, 220)  # a thin slanted stroke
+    for image in (noise, blob, smear):
+        record = judge_images([image], judge=judge)[0]
+        assert record["verdict"] == "malformed", record["fidelity"]
+        assert not is_right(record, record["shape"], record["color"])  # right by the CNN, not by the new judge
+    blank = np.full((64, 64, 3), 235, np.uint8)
+    assert judge_images([blank], judge=judge)[0]["verdict"] == "empty"
+
+
+def test_positions_are_checked_in_the_whole_image(judge):
+    """A caption's two objects with their sides swapped are right ignoring position and wrong including it."""
+    scene = render([ObjectSpec("triangle", "red", cx=0.2, cy=0.5, radius=0.15),
+                    ObjectSpec("circle", "blue", cx=0.8, cy=0.5, radius=0.15)], "gray")
+    found = {(r["shape"], r["color"]): r for r in judge_scene(scene.image, judge)}
+    triangle, circle = found[("triangle", "red")], found[("circle", "blue")]
+    assert (triangle["position"], circle["position"]) == ("on the left", "on the right")
+    assert is_right(triangle, "triangle", "red", "on the left") and not is_right(triangle, "triangle", "red",
+                                                                                  "on the right")
+    boxed = judge_images([scene.image], boxes=[(0.6, 0.2, 1.0, 0.8)], judge=judge)[0]
+    assert boxed["shape"] == "circle" and boxed["position"] == "on the right"  # a box's object, placed in the image
+
+
+def test_cli_reports_verdict_fidelity_and_position(tmp_path, capsys):
+    path = tmp_path / "noise.png"
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    assert run("judge", str(path), "--json") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["verdict"] == "malformed" and record["fidelity"] < 0.5 and "shape" in record
+    assert run("judge", str(path)) == 0
+    assert "malformed" in capsys.readouterr().out

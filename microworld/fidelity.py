@@ -1,0 +1,161 @@
+"""How much a drawn object looks like the shape it is called: a check that does not come from the judge's CNN.
+
+The CNN always names *some* shape, even for noise or a smear. Here the object's foreground mask (contrast with the
+background, as :func:`microworld.judge.find_objects` finds objects) is compared with the generator's own rendering of
+the named shape (:func:`microworld.scenes.shape_sdf`), searched over position, scale and — for shapes that have one —
+rotation; the best intersection-over-union is the object's *fidelity*. Below :data:`MALFORMED_BELOW` an object is
+``malformed``: a shape the judge will not name. The object's place among the generator's nine (from the mask's
+centroid, :func:`microworld.scenes.position_of`) lets a caption's positions be checked too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from microworld.scenes import _HEART, SHAPES, _regular_star, position_of
+
+# Rotational symmetry of each shape (degrees after which it looks the same); 0: rotation changes nothing.
+SYMMETRY = {"circle": 0, "ring": 0, "square": 90, "cross": 90, "triangle": 120, "star": 72, "heart": 360}
+MALFORMED_BELOW = 0.80  # calibrated on generator objects and the eye-labelled check set (docs/judge_check_set.md)
+# RGB distance from the background that counts as foreground: a fill's dark tone (0.35 of the colour) on the black
+# background is 40-60 away, so lower than find_objects' 60, which only has to find an object's bright part.
+CONTRAST = 30.0
+BORDER_LIMIT = 0.25  # a region whose border is more foreground than this has no background: not an object
+UPSAMPLE = 2  # masks are compared at twice the image's resolution: edges of small objects matter less
+FRAGMENT_SHARE = 0.2  # components at least this share of the largest one belong to the object
+
+
+@dataclass(frozen=True)
+class Fit:
+    shape: str
+    iou: float
+    cx: float  # normalised to the region
+    cy: float
+    radius: float
+    angle: float  # degrees
+
+
+def foreground(region: np.ndarray, contrast: float = CONTRAST) -> np.ndarray:
+    """The object's pixels: those far from the border's median colour, closed (a fill's dark second tone and
+    anti-aliased edges stay inside), then the largest component and the fragments comparable to it."""
+    pixels = np.asarray(region, dtype=np.float32)[..., :3]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    mask = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > contrast
+    mask = ndimage.binary_closing(mask, iterations=1) | mask
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    areas = ndimage.sum(mask, labels, index=range(1, count + 1))
+    keep = [i + 1 for i, area in enumerate(areas) if area >= FRAGMENT_SHARE * areas.max()]
+    return np.isin(labels, keep)
+
+
+def has_background(mask: np.ndarray) -> bool:
+    """Most of the region's border is background (noise, a texture or an object cut by the edge is not)."""
+    ring = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    return float(ring.mean()) <= BORDER_LIMIT
+
+
+def _outline(shape: str, r: float) -> list[np.ndarray]:
+    """The shape's boundary polygons at half-extent ``r`` about the origin, as :func:`microworld.scenes.shape_sdf`
+    defines it (a ring: outer and inner circle as 64-gons; the second polygon is a hole)."""
+    if shape in ("circle", "ring"):
+        t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+        unit = np.stack([np.cos(t), np.sin(t)], axis=1)
+        return [unit * r] if shape == "circle" else [unit * r, unit * 0.44 * r]
+    if shape == "square":
+        a = 0.85 * r
+        return [np.array([[-a, -a], [a, -a], [a, a], [-a, a]])]
+    if shape == "triangle":
+        h = 1.8 * r
+        half = h / np.sqrt(3)
+        return [np.array([[0.0, -h / 2], [half, h / 2], [-half, h / 2]])]
+    if shape == "star":
+        return [_regular_star(5, r * 1.05, r * 0.45) - [0.0, 0.08 * r]]
+    if shape == "heart":
+        return [_HEART * r]
+    if shape == "cross":
+        a, b = 0.34 * r, r
+        return [np.array([[-a, -b], [a, -b], [a, -a], [b, -a], [b, a], [a, a], [a, b], [-a, b], [-a, a], [-b, a],
+                          [-b, -a], [-a, -a]])]
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _ideal(shape: str, h: int, w: int, cx: float, cy: float, r: float, angle: float) -> np.ndarray:
+    """The generator's shape rasterised on an h×w grid (pixels; centre cx, cy), rotated by ``angle`` degrees."""
+    a = np.deg2rad(angle)
+    rotation = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    canvas = Image.new("1", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, polygon in enumerate(_outline(shape, r)):
+        points = polygon @ rotation.T + [cx, cy]
+        draw.polygon([tuple(p) for p in points], fill=0 if index else 1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _unit_area(shape: str) -> float:
+    """Area of the shape at half-extent 1 (pixels² per r²), for a first guess of the scale."""
+    return float(_ideal(shape, 200, 200, 100.0, 100.0, 80.0, 0.0).sum()) / 80.0 ** 2
+
+
+_UNIT_AREA = {shape: _unit_area(shape) for shape in SHAPES}
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def fit_shape(mask: np.ndarray, shape: str) -> Fit:
+    """The best IoU of ``mask`` with ``shape`` over position, scale and rotation (coarse grid, then refined)."""
+    big = np.kron(mask.astype(np.uint8), np.ones((UPSAMPLE, UPSAMPLE), np.uint8)).astype(bool)
+    h, w = big.shape
+    area = big.sum()
+    if area == 0:
+        return Fit(shape, 0.0, 0.5, 0.5, 0.0, 0.0)
+    ys, xs = np.nonzero(big)
+    cx0, cy0 = xs.mean() + 0.5, ys.mean() + 0.5
+    r0 = np.sqrt(area / _UNIT_AREA[shape])
+    period = SYMMETRY[shape]
+    angles = [0.0] if not period else list(np.arange(0.0, period, 15.0))
+    best = (-1.0, cx0, cy0, r0, 0.0)
+    step = max(1.0, r0 * 0.12)
+    for angle in angles:
+        for dx in (-step, 0.0, step):
+            for dy in (-step, 0.0, step):
+                for scale in (0.85, 0.93, 1.0, 1.08, 1.16):
+                    score = _iou(big, _ideal(shape, h, w, cx0 + dx, cy0 + dy, r0 * scale, angle))
+                    if score > best[0]:
+                        best = (score, cx0 + dx, cy0 + dy, r0 * scale, angle)
+    score, cx, cy, r, angle = best
+    for _ in range(2):  # refine around the best: half the steps
+        step, angle_step = step / 2, 5.0 if period else 0.0
+        for da in ((-angle_step, 0.0, angle_step) if period else (0.0,)):
+            for dx in (-step, 0.0, step):
+                for dy in (-step, 0.0, step):
+                    for scale in (0.96, 1.0, 1.04):
+                        trial = _iou(big, _ideal(shape, h, w, cx + dx, cy + dy, r * scale, angle + da))
+                        if trial > score:
+                            score, cx, cy, r, angle = trial, cx + dx, cy + dy, r * scale, angle + da
+    return Fit(shape, round(score, 4), round(cx / w, 4), round(cy / h, 4), round(r / UPSAMPLE, 2),
+               round(angle % period if period else 0.0, 1))
+
+
+def place(cx: float, cy: float, offset: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> str:
+    """The caption phrase of the nine places holding a centre given in region coordinates; ``offset``: the region's
+    normalised box within the whole image (a crop's object is placed in the image, not in the crop)."""
+    x0, y0, x1, y1 = offset
+    return position_of(x0 + cx * (x1 - x0), y0 + cy * (y1 - y0))
+
+
+def position(mask: np.ndarray, offset: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> str | None:
+    """The place of a mask's bounding-box centre (the generator places an object by its shape's centre, which is
+    its bounding box's; a fitted shape's own centre, :class:`Fit`, is better where there is one)."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    h, w = mask.shape
+    return place((xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h, offset)
