@@ -15,7 +15,9 @@ the same images and the same total steps:
   ``combine-steps/2``), applied together at strength 1;
 - **one joint LoRA**: one LoRA on both folders (all the steps B4M takes).
 The LoRAs adapt the same layers with the rank that gives about B4M's trainable count. The judge reads samples of
-"sks w@z a <colour> star ..." in every base colour: content accuracy = star seen, style accuracy = stripes seen.
+"sks w@z a <colour> star in the center ..." in every base colour: content accuracy = star seen, style accuracy =
+stripes seen — by the old judge (the CNN's labels) and the new one (labels counted only on a well-formed object, see
+``microworld/fidelity.py``), content also with the prompt's position checked.
 Writes ``bench/results/b4m_microworld.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -196,6 +198,8 @@ def lora_count(rank: int, targets: list[str]) -> int:
 
 
 def markdown(result: dict) -> str:
+    from report import new_judge_note, rate
+
     s = result["settings"]
     loras = any("LoRA" in r["method"] for r in result["rows"])
     baselines = (f"LoRAs (rank {s['lora_rank']}): the same images and total steps at lr {s['lora_lr']:g}"
@@ -207,13 +211,23 @@ def markdown(result: dict) -> str:
     lines = ["# Break-for-Make in the micro world", "",
              f"Content `{CONTENT}` (trigger `{CONTENT_TRIGGER}`) from {s['images']} images, style `{STYLE}` fill "
              f"(trigger `{STYLE_TRIGGER}`) from {s['images']} images. {recipe}. Judged on \"{CONTENT_TRIGGER} "
-             f"{STYLE_TRIGGER} a <colour> {CONTENT} ...\" in every base colour, {s['seeds']} seeds each "
+             f"{STYLE_TRIGGER} a <colour> {CONTENT} in the center ...\" in every base colour, {s['seeds']} seeds each "
              f"(seed {s['seed']}).", "",
-             "| method | trainable | content (star) | style (stripes) | product | both in one image |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| method | trainable | content (star): old judge | new judge | new, with position "
+             "| style (stripes): old judge | new judge | product: old | new | both in one image: old judge "
+             "| new judge | new, with position | malformed |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def product(value) -> str:
+        return "—" if value is None else f"{value:.2f}"
+
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['content']:.0%} | {r['style']:.0%} | "
-                     f"{r['product']:.2f} | {r['both']:.0%} |")
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {rate(r['content'])} | {rate(r.get('content_new'))} "
+                     f"| {rate(r.get('content_new_position'))} | {rate(r['style'])} | {rate(r.get('style_new'))} "
+                     f"| {product(r['product'])} | {product(r.get('product_new'))} | {rate(r['both'])} "
+                     f"| {rate(r.get('both_new'))} | {rate(r.get('both_new_position'))} | {rate(r.get('malformed'))} |")
+    lines += ["", new_judge_note() + " Style, new judge: stripes read on a well-formed object. Malformed: share of "
+              "the samples the new judge finds malformed."]
     lines += ["", "| stage | seconds | trainable |", "|---|---:|---:|"]
     for name, stage in result["stages"].items():
         lines.append(f"| {name} | {stage['seconds']} | {stage.get('trainable', '')} |")

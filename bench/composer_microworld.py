@@ -36,7 +36,11 @@ the same seeds (the same initial noise):
 Per box the micro-world judge reads the box crop: *vanishing* = the top-1 shape is not the box's concept;
 *confusion* = the top-1 shape is another concept's shape, or the top-1 colour another concept's colour (where that
 colour differs from the box's own). *All right* = share of seeds in which every box shows its concept's shape;
-*clean* = all right and no confusion in any box.
+*clean* = all right and no confusion in any box. Those are the old judge's (the CNN's labels alone); the new judge
+counts a box's shape only where the object in it is well formed (verdict ``ok``, see ``microworld/fidelity.py``):
+``vanishing_new``, ``all_right_new``, ``clean_new``, ``malformed_boxes``; ``all_right_new_position`` also asks for
+each object's centroid in the place the layout names for its box (within the whole image; the global and merged
+prompts name it, except the tab defaults' global prompt).
 
 Cost: one fixed 256×64 canvas with N = 1..4 side-by-side boxes (the shipped LoRAs reused in turn). Seconds per image
 are measured side by side in this process (the configurations alternate, median over ``--cost-reps`` images each);
@@ -71,7 +75,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from process_memory import reset_rss_high_water, vm_status  # noqa: E402  (bench/, the script's folder)
-from report import describe_machine, machine  # noqa: E402
+from report import describe_machine, machine, new_judge_note  # noqa: E402
 
 MODEL = REPO / "assets" / "micro-sd"
 CONCEPT_DIR = REPO / "assets" / "concepts"
@@ -116,7 +120,7 @@ def make_layout(name: str, width: int, height: int, regions: list[tuple[str, str
     merged = [f"{SHAPES[shape][0]} a {colour} {shape} {where}" for shape, colour, _, where in regions]
     return {"name": name, "width": width, "height": height,
             "regions": [{"shape": s, "colour": c, "box": list(b), "prompt": region_prompt(s, c), "file": str(
-                concept_file(s).relative_to(REPO))} for s, c, b, _ in regions],
+                concept_file(s).relative_to(REPO)), "position": where or None} for s, c, b, where in regions],
             "global_prompt": _join(plain) + ", gray background",
             "merged_prompt": _join(merged) + ", gray background"}
 
@@ -344,7 +348,10 @@ class Runner:
 
 
 def judge_layout(images: list, layout: dict) -> list[list[dict]]:
-    """Per seed, per box: the judge's top-1 shape and colour of the box crop, blobs found, and the verdicts."""
+    """Per seed, per box: the judge's top-1 shape and colour of the box crop, blobs found, and the verdicts — the old
+    judge's (``vanished``, ``confused``) and the new one's (``verdict``, ``fidelity``, ``position`` of the object in
+    the whole image; ``vanished_new``: not a well-formed object of the box's shape; ``misplaced``: not in the place
+    the layout names for the box)."""
     from microworld.judge import judge_images
 
     regions = layout["regions"]
@@ -358,9 +365,13 @@ def judge_layout(images: list, layout: dict) -> list[list[dict]]:
             other_shape = any(v["shape"] == r["shape"] for r in others)
             other_colour = any(v["color"] == r["colour"] and r["colour"] != region["colour"]
                                for r in regions if r is not region)
+            where = region.get("position")
             row.append({"shape": v["shape"], "color": v["color"], "shape_prob": v["shape_prob"],
                         "objects_found": v["objects_found"], "vanished": v["shape"] != region["shape"],
-                        "confused": bool(other_shape or other_colour)})
+                        "confused": bool(other_shape or other_colour),
+                        "verdict": v["verdict"], "fidelity": v["fidelity"], "position": v["position"],
+                        "vanished_new": not (v["verdict"] == "ok" and v["shape"] == region["shape"]),
+                        "misplaced": bool(where) and v["position"] != where})
         out.append(row)
     return out
 
@@ -370,14 +381,23 @@ def summarise(verdicts: list[list[dict]]) -> dict:
     n_boxes, n_seeds = len(boxes), len(verdicts)
     all_right = [all(not b["vanished"] for b in row) for row in verdicts]
     clean = [all(not b["vanished"] and not b["confused"] for b in row) for row in verdicts]
+    all_right_new = [all(not b["vanished_new"] for b in row) for row in verdicts]
+    clean_new = [all(not b["vanished_new"] and not b["confused"] for b in row) for row in verdicts]
+    placed_new = [all(not b["vanished_new"] and not b["misplaced"] for b in row) for row in verdicts]
     return {"seeds": n_seeds, "boxes": n_boxes,
             "vanishing": sum(b["vanished"] for b in boxes) / n_boxes,
             "confusion": sum(b["confused"] for b in boxes) / n_boxes,
             "all_right": sum(all_right) / n_seeds, "clean": sum(clean) / n_seeds,
             "empty_boxes": sum(b["objects_found"] == 0 for b in boxes) / n_boxes,
-            "all_right_seeds": all_right,
+            "vanishing_new": sum(b["vanished_new"] for b in boxes) / n_boxes,
+            "all_right_new": sum(all_right_new) / n_seeds, "clean_new": sum(clean_new) / n_seeds,
+            "all_right_new_position": sum(placed_new) / n_seeds,
+            "malformed_boxes": sum(b["verdict"] == "malformed" for b in boxes) / n_boxes,
+            "all_right_seeds": all_right, "all_right_new_seeds": all_right_new,
             "per_box_vanishing": [sum(row[i]["vanished"] for row in verdicts) / n_seeds
                                   for i in range(len(verdicts[0]))],
+            "per_box_vanishing_new": [sum(row[i]["vanished_new"] for row in verdicts) / n_seeds
+                                      for i in range(len(verdicts[0]))],
             "per_box_confusion": [sum(row[i]["confused"] for row in verdicts) / n_seeds
                                   for i in range(len(verdicts[0]))]}
 
@@ -533,8 +553,12 @@ COST_LABELS = {"merged_one": "one merged LoRA (reference)", "composer": "LoRA-Co
                "latent_mode": "(c) latent mode"}
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.0f} %"
+def pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.0f} %"
+
+
+def pair_text(pair: dict | None) -> str:
+    return "—" if pair is None else f"{pair['only_composer']} / {pair['only_other']} ({pair['p']:.2g})"
 
 
 def table(result: dict) -> str:
@@ -554,7 +578,12 @@ def table(result: dict) -> str:
              "Per box, the judge reads the box crop. Vanishing: the box's concept shape is not the top-1 shape. "
              "Confusion: the top-1 shape is another concept's, or the top-1 colour another concept's. All right: "
              "every box shows its concept's shape. Clean: all right and no confusion. Empty: the crop shows no "
-             "object standing out from its border (the judge still names a shape).", ""]
+             "object standing out from its border (the judge still names a shape). Each as read by the old judge "
+             "and by the new one; malformed boxes: the new judge's verdict.", "",
+             new_judge_note() + " Here a box's concept counts for the new judge when its crop holds a well-formed "
+             "object of the concept's shape; with position: also its centroid (within the whole image) in the place "
+             "the layout names for the box (named by the global prompt, except in the tab defaults, and by the "
+             "merged baseline's prompt).", ""]
     for name, section in result["layouts"].items():
         layout = section["layout"]
         lines += [f"## {name} ({layout['width']}×{layout['height']})", "",
@@ -563,18 +592,25 @@ def table(result: dict) -> str:
                                               "strength" in q for q in layout["regions"]) else "")
                                           for r in layout["regions"])
                   + f". Global prompt: `{layout['global_prompt']}`; merged baseline: `{layout['merged_prompt']}`.",
-                  "", "| method | vanishing | confusion | all right | clean | empty boxes | all right: only composer "
-                  "/ only this (sign-test p) | s/image |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "", "| method | vanishing: old judge | new judge | confusion | all right: old judge | new judge "
+                  "| new, with position | clean: old judge | new judge | empty boxes | malformed boxes "
+                  "| all right: only composer / only this (sign-test p): old judge | new judge | s/image |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for method, s in section["methods"].items():
-            pair = s.get("vs_composer")
-            pair_text = "—" if pair is None else f"{pair['only_composer']} / {pair['only_other']} ({pair['p']:.2g})"
-            lines.append(f"| {LABELS[method]} | {pct(s['vanishing'])} | {pct(s['confusion'])} | "
-                         f"{pct(s['all_right'])} | {pct(s['clean'])} | {pct(s['empty_boxes'])} | {pair_text} | "
+            lines.append(f"| {LABELS[method]} | {pct(s['vanishing'])} | {pct(s.get('vanishing_new'))} | "
+                         f"{pct(s['confusion'])} | {pct(s['all_right'])} | {pct(s.get('all_right_new'))} | "
+                         f"{pct(s.get('all_right_new_position'))} | {pct(s['clean'])} | {pct(s.get('clean_new'))} | "
+                         f"{pct(s['empty_boxes'])} | {pct(s.get('malformed_boxes'))} | "
+                         f"{pair_text(s.get('vs_composer'))} | {pair_text(s.get('vs_composer_new'))} | "
                          f"{s['seconds_per_image']:.2f} |")
         per_box = ", ".join(f"{r['shape']}" for r in layout["regions"])
-        lines += ["", f"Per box vanishing ({per_box}): " + "; ".join(
+        lines += ["", f"Per box vanishing ({per_box}), old judge: " + "; ".join(
             f"{LABELS[m]} " + "/".join(pct(v) for v in s["per_box_vanishing"]) for m, s in section["methods"].items()),
             ""]
+        if all("per_box_vanishing_new" in s for s in section["methods"].values()):
+            lines += [f"Per box vanishing ({per_box}), new judge: " + "; ".join(
+                f"{LABELS[m]} " + "/".join(pct(v) for v in s["per_box_vanishing_new"])
+                for m, s in section["methods"].items()), ""]
         opt = section["methods"].get("optimisation", {}).get("optimisation")
         if opt:
             lines += [f"Latent optimisation: {opt['gradient_steps_mean']:.2f} gradient steps per image on average "
@@ -704,16 +740,19 @@ def main() -> int:
                     "stopped_early": sum(any(r.get("stopped") for r in log) for log in logs) / len(logs),
                     "first_loss_mean": statistics.mean(log[0]["total"] for log in logs if log)}
             section["methods"][method] = summary
-            section["verdicts"][method] = [[{k: b[k] for k in ("shape", "color", "objects_found")} for b in row]
-                                           for row in verdicts]
+            section["verdicts"][method] = [[{k: b[k] for k in ("shape", "color", "objects_found", "verdict", "fidelity",
+                                                               "position")} for b in row] for row in verdicts]
             if name == "left/right":
                 section.setdefault("_grid", {})[method] = images[:args.grid_seeds]
-            print(f"{name} {method}: vanishing {summary['vanishing']:.3f} confusion {summary['confusion']:.3f} "
-                  f"all right {summary['all_right']:.3f} ({seconds:.0f} s)", flush=True)
+            print(f"{name} {method}: vanishing {summary['vanishing']:.3f} (new {summary['vanishing_new']:.3f}) "
+                  f"confusion {summary['confusion']:.3f} all right {summary['all_right']:.3f} "
+                  f"(new {summary['all_right_new']:.3f}, with position {summary['all_right_new_position']:.3f}) "
+                  f"({seconds:.0f} s)", flush=True)
         base = section["methods"].get("composer")
         for method, s in section["methods"].items():
             if base is not None and method != "composer":
                 s["vs_composer"] = paired(base["all_right_seeds"], s["all_right_seeds"])
+                s["vs_composer_new"] = paired(base["all_right_new_seeds"], s["all_right_new_seeds"])
         grid_images = section.pop("_grid", None)
         if grid_images:
             grid(grid_images, layout, seeds[:args.grid_seeds], out.with_suffix(".png"))

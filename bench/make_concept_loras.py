@@ -11,7 +11,9 @@ on one CPU core.
 
 After training, each LoRA is checked with plain LoRA application: "TRIGGER a red SHAPE in the center, gray
 background" on 12 seeds at 64 px, read by the micro-world judge. A file is written to ``--out`` only when the judge
-sees the shape in at least half of them (``--no-check`` writes it regardless).
+sees the shape in at least half of them (``--no-check`` writes it regardless). The check prints the old judge's share
+(the CNN's label; it decides) next to the new judge's (the shape also well formed, see ``microworld/fidelity.py``) and
+the new judge's with the prompt's position ("in the center") checked.
 """
 from __future__ import annotations
 
@@ -39,19 +41,37 @@ CHECK_SEEDS = list(range(12))
 CHECK_PASS = 0.5
 
 
+CHECK_POSITION = "in the center"
+
+
 def check_prompt(shape: str) -> str:
-    return f"{CONCEPTS[shape]['trigger']} a red {shape} in the center, gray background"
+    return f"{CONCEPTS[shape]['trigger']} a red {shape} {CHECK_POSITION}, gray background"
 
 
-def plain_lora_share(model, path: Path, shape: str) -> float:
-    """Share of ``CHECK_SEEDS`` in which the judge reads ``shape`` with the LoRA applied to the whole model."""
+def check_shares(verdicts: list[dict], shape: str) -> dict:
+    """Shares of judged check images showing ``shape``: ``old`` (the CNN's label), ``new`` (and well formed),
+    ``new_position`` (and in the prompt's place), ``malformed`` (the new judge's verdict)."""
+    n = max(1, len(verdicts))
+    ok = [v["shape"] == shape and v.get("verdict") == "ok" for v in verdicts]
+    return {"old": sum(v["shape"] == shape for v in verdicts) / n, "new": sum(ok) / n,
+            "new_position": sum(o and v.get("position") == CHECK_POSITION for o, v in zip(ok, verdicts)) / n,
+            "malformed": sum(v.get("verdict") == "malformed" for v in verdicts) / n}
+
+
+def plain_lora_shares(model, path: Path, shape: str) -> dict:
+    """:func:`check_shares` of ``CHECK_SEEDS`` images with the LoRA applied to the whole model."""
     from pipelines.generation import adapters_applied
     from microworld.evaluation import sample
     from microworld.judge import judge_images
 
     with adapters_applied(model, ((str(path), 1.0),)):
         images = sample(model.pipe, [check_prompt(shape)] * len(CHECK_SEEDS), CHECK_SEEDS)
-    return sum(v["shape"] == shape for v in judge_images(images)) / len(images)
+    return check_shares(judge_images(images), shape)
+
+
+def plain_lora_share(model, path: Path, shape: str) -> float:
+    """Share of ``CHECK_SEEDS`` in which the judge (old: the CNN's label) reads ``shape`` with the LoRA applied."""
+    return plain_lora_shares(model, path, shape)["old"]
 
 
 def main() -> int:
@@ -95,8 +115,11 @@ def main() -> int:
             if model is None:
                 model = load_model(REPO / "assets" / "micro-sd")
                 model.pipe.set_progress_bar_config(disable=True)
-            share = plain_lora_share(model, trained, shape)
-            line += f"; plain LoRA: judge sees a {shape} in {share:.0%} of {len(CHECK_SEEDS)} seeds"
+            shares = plain_lora_shares(model, trained, shape)
+            share = shares["old"]
+            line += (f"; plain LoRA: judge sees a {shape} in {share:.0%} of {len(CHECK_SEEDS)} seeds (old judge; "
+                     f"new judge {shares['new']:.0%}, with position {shares['new_position']:.0%}, "
+                     f"malformed {shares['malformed']:.0%})")
             if share < CHECK_PASS:
                 print(line + f" (below {CHECK_PASS:.0%}: not written)")
                 failed += 1

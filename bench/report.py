@@ -28,6 +28,21 @@ def measure_micro(model_dir: Path, out: str | Path, run: Callable[[], dict], tab
     return 0
 
 
+def new_judge_note(position: bool = True) -> str:
+    """The one line under a table with old- and new-judge columns."""
+    from microworld.fidelity import MALFORMED_BELOW
+
+    return ("Old judge: the judge CNN's top-1 labels alone. New judge: the same labels, counted only where the object "
+            "is well formed (verdict ok: the named shape is drawn, its fidelity — best IoU of the object's mask with "
+            f"the generator's rendering of that shape — at least {MALFORMED_BELOW:.2f}; see microworld/fidelity.py)"
+            + ("; with position: also the object's centroid in the place the prompt names." if position else "."))
+
+
+def rate(value, digits: int = 0) -> str:
+    """A share as a percentage, or — where a result (e.g. one written before the new judge) lacks it."""
+    return "—" if value is None else f"{value:.{digits}%}"
+
+
 def machine(threads: int | None = None) -> dict:
     """What a measurement ran on: CPU, RAM, device, threads and the library versions."""
     import diffusers

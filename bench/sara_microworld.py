@@ -10,6 +10,8 @@ from the shipped micro base model:
 - full fine-tuning of the same Linear/Conv weights (SaRA's machinery with a 100 % budget, no regulariser).
 The judge then reads samples: *learned* = share of trigger-prompt samples judged a star; *prior* = share of
 base-set prompts (one object, fresh seeds) whose shape and colour are both judged right, with the adapter applied.
+Both by the old judge (the CNN's labels) and the new one (labels counted only on a well-formed object, see
+``microworld/fidelity.py``), and by the new one with the prompts' positions checked too.
 Writes ``bench/results/sara_microworld.json`` and ``.md``.
 """
 from __future__ import annotations
@@ -119,6 +121,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
+    from report import new_judge_note, rate
+
     s = result["settings"]
     lines = ["# SaRA in the micro world", "",
              f"Novel shape `{NOVEL}` from {s['images']} images (+ {s['prior']} prior-preservation images"
@@ -126,13 +130,20 @@ def markdown(result: dict) -> str:
                 if s['prior'] else "") + f"), {s['steps']} steps, batch {s['batch']}, micro base "
              f"model; judged on {s['seeds']} samples per measure (seed {s['seed']}). SaRA budget {s['budget']} "
              f"(θ = {s['threshold']:.4g}, {s['sara_count']:,} weights).", "",
-             "| method | trainable | lr | learned (star seen) | prior (base prompts right) | loss first→last | train s |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | trainable | lr | learned (star seen): old judge | new judge | new, with position "
+             "| prior (base prompts right): old judge | new judge | new, with position "
+             "| malformed (learned / prior) | loss first→last | train s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         loss = f"{r['loss_first']:.3f}→{r['loss_last']:.3f}" if "loss_first" in r else ""
         lr = f"{r['lr']:.2g}" if "lr" in r else ""
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {lr} | {r['learned']:.0%} | {r['prior']:.0%} | {loss} "
+        malformed = (f"{rate(r.get('learned_malformed'))} / {rate(r.get('prior_malformed'))}"
+                     if "prior_malformed" in r else "—")
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {lr} | {rate(r['learned'])} "
+                     f"| {rate(r.get('learned_new'))} | {rate(r.get('learned_new_position'))} | {rate(r['prior'])} "
+                     f"| {rate(r.get('prior_new'))} | {rate(r.get('prior_new_position'))} | {malformed} | {loss} "
                      f"| {r.get('train_seconds', '')} |")
+    lines += ["", new_judge_note() + " Malformed: share of the samples the new judge finds malformed."]
     return "\n".join(lines) + "\n"
 
 
