@@ -370,7 +370,7 @@ def judge_layout(images: list, layout: dict) -> list[list[dict]]:
                         "objects_found": v["objects_found"], "vanished": v["shape"] != region["shape"],
                         "confused": bool(other_shape or other_colour),
                         "verdict": v["verdict"], "fidelity": v["fidelity"], "position": v["position"],
-                        "vanished_new": not (v["verdict"] == "ok" and v["shape"] == region["shape"]),
+                        "vanished_new": not (v["verdict"] == "ok" and v["named_shape"] == region["shape"]),
                         "misplaced": bool(where) and v["position"] != where})
         out.append(row)
     return out

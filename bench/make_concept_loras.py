@@ -52,7 +52,7 @@ def check_shares(verdicts: list[dict], shape: str) -> dict:
     """Shares of judged check images showing ``shape``: ``old`` (the CNN's label), ``new`` (and well formed),
     ``new_position`` (and in the prompt's place), ``malformed`` (the new judge's verdict)."""
     n = max(1, len(verdicts))
-    ok = [v["shape"] == shape and v.get("verdict") == "ok" for v in verdicts]
+    ok = [v.get("named_shape") == shape and v.get("verdict") == "ok" for v in verdicts]
     return {"old": sum(v["shape"] == shape for v in verdicts) / n, "new": sum(ok) / n,
             "new_position": sum(o and v.get("position") == CHECK_POSITION for o, v in zip(ok, verdicts)) / n,
             "malformed": sum(v.get("verdict") == "malformed" for v in verdicts) / n}

@@ -95,13 +95,13 @@ def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024,
         rows["shape"].append(verdict["shape"] == shape)
         rows["both"].append(rows["color"][-1] and rows["shape"][-1])
         rows["color_new"].append(well_formed and verdict["color"] == color)
-        rows["shape_new"].append(well_formed and verdict["shape"] == shape)
+        rows["shape_new"].append(well_formed and verdict["named_shape"] == shape)
         rows["both_new"].append(is_right(verdict, shape, color))
         rows["both_new_position"].append(is_right(verdict, shape, color, where))
         rows["malformed"].append(verdict["verdict"] == "malformed")
         rows["empty"].append(verdict["verdict"] == "empty")
         item["judged"] = [verdict["color"], verdict["shape"]]
-        item["judged_new"] = {k: verdict[k] for k in ("verdict", "fidelity", "position")}
+        item["judged_new"] = {k: verdict[k] for k in ("verdict", "named_shape", "fidelity", "position")}
     pair_images = generate(pairs)
     pair_ok, named_found, pair_new, named_new, pair_pos, named_pos = [], [], [], [], [], []
     for item, image in zip(pairs, pair_images):
@@ -117,7 +117,7 @@ def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024,
         named_pos += hits
         pair_pos.append(all(hits))
         item["judged"] = sorted(f"{c} {s}" for c, s in found)
-        item["judged_new"] = sorted(f"{r['color']} {r['shape']} {r['position']} ({r['verdict']}, {r['fidelity']:.2f})"
+        item["judged_new"] = sorted(f"{r['color']} {r['named_shape']} {r['position']} ({r['verdict']}, {r['fidelity']:.2f})"
                                     for r in records)
 
     def mean(values: list) -> float:

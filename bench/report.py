@@ -30,12 +30,11 @@ def measure_micro(model_dir: Path, out: str | Path, run: Callable[[], dict], tab
 
 def new_judge_note(position: bool = True) -> str:
     """The one line under a table with old- and new-judge columns."""
-    from microworld.fidelity import MALFORMED_BELOW
-
-    return ("Old judge: the judge CNN's top-1 labels alone. New judge: the same labels, counted only where the object "
-            "is well formed (verdict ok: the named shape is drawn, its fidelity — best IoU of the object's mask with "
-            f"the generator's rendering of that shape — at least {MALFORMED_BELOW:.2f}; see microworld/fidelity.py)"
-            + ("; with position: also the object's centroid in the place the prompt names." if position else "."))
+    return ("Old judge: the judge CNN's top-1 labels alone. New judge: an object counts only where it is well formed "
+            "(verdict ok: of the CNN's three likeliest shapes, one is drawn — its fidelity, the best IoU of the "
+            "object's mask with the generator's rendering of that shape, reaches that shape's threshold; see "
+            "microworld/fidelity.py) and the shape it names and the colour are the asked ones"
+            + ("; with position: also in the place the prompt names." if position else "."))
 
 
 def rate(value, digits: int = 0) -> str:

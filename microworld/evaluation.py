@@ -4,7 +4,8 @@ Shared by the effect tests and the benchmarks, so both teach and judge a concept
 
 Every measure comes twice: under its old key the old judge's figure (the CNN's labels alone, as it always was), and
 under ``<key>_new`` the new judge's (:func:`microworld.judge.is_right`: the object is well formed — verdict ``ok``,
-its fidelity to the named shape at least :data:`microworld.fidelity.MALFORMED_BELOW` — and its labels match); where
+its fidelity to the shape it names at least that shape's threshold, :func:`microworld.fidelity.threshold_for` — and
+the named shape and colour match); where
 the prompts name a position, ``<key>_new_position`` also asks for the object's centroid in the named place.
 """
 from __future__ import annotations
@@ -97,7 +98,7 @@ def concept_rates(learned: list[dict], kept: list[dict], prior: list[dict], shap
     rates = {
         "learned": _share(v["shape"] == shape for v in learned),
         "prior": _share(v["shape"] == p["shape"] and v["color"] == p["color"] for v, p in zip(kept, prior)),
-        "learned_new": _share(_well_formed(v) and v["shape"] == shape for v in learned),
+        "learned_new": _share(_well_formed(v) and v.get("named_shape") == shape for v in learned),
         "prior_new": _share(is_right(v, p["shape"], p["color"]) for v, p in zip(kept, prior)),
         "prior_new_position": _share(is_right(v, p["shape"], p["color"], p.get("position"))
                                      for v, p in zip(kept, prior)),
@@ -107,7 +108,7 @@ def concept_rates(learned: list[dict], kept: list[dict], prior: list[dict], shap
         "prior_empty": _share(v.get("verdict") == "empty" for v in kept),
     }
     if concept_position:
-        rates["learned_new_position"] = _share(_well_formed(v) and v["shape"] == shape
+        rates["learned_new_position"] = _share(_well_formed(v) and v.get("named_shape") == shape
                                                and v.get("position") == concept_position for v in learned)
     rates["malformed"] = _share(v.get("verdict") == "malformed" for v in [*learned, *kept])
     return rates
@@ -133,19 +134,19 @@ def content_style_rates(verdicts: list[dict], shape: str, fill: str,
     samples with that verdict."""
     content = _share(v["shape"] == shape for v in verdicts)
     style = _share(v["fill"] == fill for v in verdicts)
-    content_new = _share(_well_formed(v) and v["shape"] == shape for v in verdicts)
+    content_new = _share(_well_formed(v) and v.get("named_shape") == shape for v in verdicts)
     style_new = _share(_well_formed(v) and v["fill"] == fill for v in verdicts)
     rates = {"content": content, "style": style,
              "both": _share(v["shape"] == shape and v["fill"] == fill for v in verdicts),
              "product": content * style,
              "content_new": content_new, "style_new": style_new,
-             "both_new": _share(_well_formed(v) and v["shape"] == shape and v["fill"] == fill for v in verdicts),
+             "both_new": _share(_well_formed(v) and v.get("named_shape") == shape and v["fill"] == fill for v in verdicts),
              "product_new": content_new * style_new}
     if position:
         here = [v.get("position") == position for v in verdicts]
-        rates["content_new_position"] = _share(_well_formed(v) and v["shape"] == shape and h
+        rates["content_new_position"] = _share(_well_formed(v) and v.get("named_shape") == shape and h
                                                for v, h in zip(verdicts, here))
-        rates["both_new_position"] = _share(_well_formed(v) and v["shape"] == shape and v["fill"] == fill and h
+        rates["both_new_position"] = _share(_well_formed(v) and v.get("named_shape") == shape and v["fill"] == fill and h
                                             for v, h in zip(verdicts, here))
     rates["malformed"] = _share(v.get("verdict") == "malformed" for v in verdicts)
     rates["empty"] = _share(v.get("verdict") == "empty" for v in verdicts)

@@ -22,7 +22,8 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
-from microworld.fidelity import MALFORMED_BELOW, fit_shape, foreground, has_background, place, position
+from microworld.fidelity import (cut_by_border, fit_shape, foreground, has_background, place, position,
+                                 select_object, threshold_for)
 from microworld.scenes import COLORS, FILLS, SHAPES
 
 JUDGE_INPUT = 64
@@ -155,31 +156,40 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
     return {head: torch.cat(parts) if parts else torch.empty(0) for head, parts in out.items()}
 
 
-EMPTY_BELOW = 12  # foreground pixels: fewer, and the region holds no object
+EMPTY_BELOW = 32  # foreground pixels of the object: fewer, and the region holds nothing to name (a speck)
 VERDICTS = ("ok", "malformed", "empty")
+CANDIDATES = 3  # the CNN's most likely shapes that the fidelity check tries
 
 
-def shape_verdict(region: Image.Image, shape: str, offset: Box | None = None) -> dict:
-    """The fidelity check of one judged region (see :mod:`microworld.fidelity`): ``verdict`` is ``ok`` (the named
-    shape is drawn), ``malformed`` (it is not: fidelity below the threshold, or no background around it) or
-    ``empty``; ``fidelity`` the best IoU with the named shape; ``position`` the place of the object's centroid in
-    the whole image (None when empty)."""
-    mask = foreground(np.asarray(region))
-    if mask.sum() < EMPTY_BELOW:
-        return {"verdict": "empty", "fidelity": 0.0, "position": None}
-    box = tuple(offset) if offset is not None else (0.0, 0.0, 1.0, 1.0)
+def shape_verdict(image: ImageLike, box: Box | None, candidates: Sequence[str]) -> dict:
+    """The CNN-free check of one judged region (see :mod:`microworld.fidelity`).
+
+    The object is the largest foreground component centred in ``box`` (the whole image without one); each of the
+    ``candidates`` (the CNN's likeliest shapes, best first) is fitted, and the best-fitting one at or above its
+    threshold is the shape the new judge names. ``verdict``: ``ok``, ``malformed`` (no candidate fits well enough,
+    the object runs into the image's edge, or there is no background around it, as for noise) or ``empty``;
+    ``named_shape`` (None unless ok); ``fidelity`` (the named shape's IoU, else the CNN's first choice's);
+    ``position`` (the place of the object in the whole image, None when empty)."""
+    pixels = np.asarray(crop(image))
+    mask = foreground(pixels)
     if not has_background(mask):
-        return {"verdict": "malformed", "fidelity": 0.0, "position": position(mask, box)}
-    fit = fit_shape(mask, shape)
-    ok = fit.iou >= MALFORMED_BELOW  # a well-formed object is placed by its fitted centre, as the generator places it
-    return {"verdict": "ok" if ok else "malformed", "fidelity": fit.iou,
-            "position": place(fit.cx, fit.cy, box) if ok else position(mask, box)}
+        return {"verdict": "malformed", "named_shape": None, "fidelity": 0.0, "position": None}
+    obj = select_object(mask, tuple(box) if box is not None else None)
+    if obj.sum() < EMPTY_BELOW:
+        return {"verdict": "empty", "named_shape": None, "fidelity": 0.0, "position": None}
+    fits = [fit_shape(obj, shape) for shape in candidates]
+    passing = [fit for fit in fits if fit.iou >= threshold_for(fit.shape)]
+    if passing and not cut_by_border(obj):
+        best = max(passing, key=lambda fit: fit.iou - threshold_for(fit.shape))
+        # a well-formed object is placed by its fitted centre, as the generator places it
+        return {"verdict": "ok", "named_shape": best.shape, "fidelity": best.iou, "position": place(best.cx, best.cy)}
+    return {"verdict": "malformed", "named_shape": None, "fidelity": fits[0].iou, "position": position(obj)}
 
 
 def is_right(record: dict, shape: str, color: str, position: str | None = None) -> bool:
-    """The new judge's "right": a well-formed object of the named shape and colour (and, given one, in the named
+    """The new judge's "right": a well-formed object of the asked shape (the shape it names) and colour (and, given one, in the named
     place). The old judge's "right" is ``record["shape"] == shape and record["color"] == color``."""
-    return (record.get("verdict") == "ok" and record["shape"] == shape and record["color"] == color
+    return (record.get("verdict") == "ok" and record.get("named_shape") == shape and record["color"] == color
             and (position is None or record.get("position") == position))
 
 
@@ -205,7 +215,9 @@ def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None
             record[f"{head}_prob"] = round(float(p[best]), 4)
         record["probabilities"] = {head: {name: round(float(v), 4) for name, v in
                                           zip(getattr(judge.vocab, head), probs[head][index])} for head in HEADS}
-        record.update(shape_verdict(region, record["shape"], boxes[index] if boxes is not None else None))
+        likeliest = [getattr(judge.vocab, "shape")[int(i)] for i in probs["shape"][index].argsort(descending=True)]
+        record.update(shape_verdict(images[index], boxes[index] if boxes is not None else None,
+                                    likeliest[:CANDIDATES]))
         results.append(record)
     return results
 

@@ -1,0 +1,85 @@
+"""The judge against the eye: agreement on the labelled check set of model outputs, old judge and new side by side.
+
+    python bench/judge_agreement.py [--set bench/results/judge_check_set] [--out bench/results/judge_agreement]
+
+The check set and both judges' verdicts are described in :mod:`microworld.check_set`. Writes JSON and a Markdown
+table with the confusion tables of both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from microworld.check_set import CLASSES, agreement, load_set, verdicts  # noqa: E402  (after the path set-up)
+
+
+def table(result: dict) -> str:
+    old, new = result["old"], result["new"]
+    lines = ["# The judge against the eye (check set of model outputs)", "",
+             f"{old['n']} objects cut from generations of the base model, LoRAs, SaRA and LoRA-Composer, labelled by "
+             f"eye ([contact sheets](judge_check_set/)). Old judge: the CNN's shape label alone. New judge: "
+             f"the shape of the CNN's three likeliest whose fidelity (best IoU of the object's mask with the "
+             f"generator's rendering of it) reaches its threshold, else `malformed` (or `empty`). Thresholds "
+             f"{result['thresholds']} were fitted on the even-numbered half of the set; the odd half is held out.",
+             "", "| measure | old judge | new judge |", "|---|---:|---:|",
+             f"| shape verdict agrees with the eye | {old['agreement']:.1%} | {new['agreement']:.1%} |",
+             f"| … on the held-out half ({result['new_held_out']['n']} objects) | "
+             f"{result['old_held_out']['agreement']:.1%} | {result['new_held_out']['agreement']:.1%} |",
+             "| objects the eye calls malformed given a shape | "
+             f"{_pct(old['malformed_given_a_shape'])} | {_pct(new['malformed_given_a_shape'])} |",
+             f"| colour agrees (objects with a shape) | {old['colour_agreement_on_shapes']:.1%} | "
+             f"{new['colour_agreement_on_shapes']:.1%} |", "",
+             "Agreement per class the eye gave:", "", "| eye says | n | old judge | new judge |", "|---|---:|---:|---:|"]
+    for cls, row in new["per_class"].items():
+        lines.append(f"| {cls} | {row['n']} | {old['per_class'][cls]['agree']:.1%} | {row['agree']:.1%} |")
+    for name, part in (("Old", old), ("New", new)):
+        lines += ["", f"{name} judge, confusion (eye → judge):", "",
+                  "| eye \\ judge | " + " | ".join(CLASSES) + " |", "|---|" + "---:|" * len(CLASSES)]
+        for truth in CLASSES:
+            counts = [part["confusion"].get(f"{truth}->{got}", 0) for got in CLASSES]
+            if sum(counts):
+                lines.append(f"| {truth} | " + " | ".join(str(c) if c else "·" for c in counts) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def measure(folder: Path) -> dict:
+    from microworld.fidelity import MALFORMED_BELOW, THRESHOLDS
+
+    manifest, labels = load_set(folder)
+    manifest = [item for item in manifest if str(item["id"]) in labels]
+    judged = verdicts(folder, manifest)
+    odd = {k: v for k, v in labels.items() if int(k) % 2}  # the half the thresholds were not fitted on
+    return {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW},
+            "old": agreement(labels, judged, "old"), "new": agreement(labels, judged, "new"),
+            "old_held_out": agreement(odd, judged, "old"), "new_held_out": agreement(odd, judged, "new"),
+            "verdicts": judged}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", default=str(REPO / "bench" / "results" / "judge_check_set"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "judge_agreement"))
+    args = parser.parse_args(argv)
+    import torch  # deferred: only the measurement needs it
+
+    torch.set_num_threads(1)
+    result = measure(Path(args.set))
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    out.with_suffix(".md").write_text(table(result), encoding="utf-8")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
