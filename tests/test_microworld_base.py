@@ -82,7 +82,7 @@ def _gate_module():
 @pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="micro base model not shipped yet")
 def test_shipped_base_model_passes_a_small_gate():
     """The spec's gate (one object: shape and colour right in ≥ 80 %; two objects: both present in ≥ 50 %) on a few
-    fixed seeds, so a broken or swapped model fails CI. The full gate on fresh seeds is bench/microworld_gate.py."""
+    fixed seeds, by the old and the new judge, so a broken or swapped model fails CI. The full gate on fresh seeds is bench/microworld_gate.py."""
     from diffusers import StableDiffusionPipeline
 
     torch.set_num_threads(1)
@@ -95,3 +95,8 @@ def test_shipped_base_model_passes_a_small_gate():
     print(json.dumps({k: result[k] for k in ("single_object", "two_objects")}))
     assert result["single_object"]["both_right"] >= gate.SINGLE_GATE, json.dumps(result["single_object"])
     assert result["two_objects"]["both_present"] >= gate.PAIR_GATE, json.dumps(result["two_objects"])
+    # The new judge (well-formed objects only), with the old test's 20-point margin below the benchmark's figures
+    # (bench/results/microworld.md: 88.3 % and 68.3 %; these 24 + 12 seeds give 70.8 % and 66.7 %). Positions are
+    # not part of the gate (the benchmark: 28 % and 3 %).
+    assert result["single_object"]["both_right_new"] >= 0.68, json.dumps(result["single_object"])
+    assert result["two_objects"]["both_present_new"] >= 0.48, json.dumps(result["two_objects"])
