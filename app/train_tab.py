@@ -18,7 +18,7 @@ from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upl
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
-from trainers.registry import MethodSpec, train_tab_methods
+from trainers.registry import MethodSpec, train_tab_methods, training_methods
 
 from app.b4m_wizard import build_b4m_wizard
 from app.file_serving import serve_files
@@ -354,10 +354,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         teacher = 0.1 if teacher_v is None else float(teacher_v)
         affinity = 0.01 if affinity_v is None else float(affinity_v)
         stem = safe_name(name_v or "my-upscaler")
-        args = ["--data", folder_v, "--out", str(sr_models_folder(data_root) / f"{stem}.safetensors"),
-                "--steps", str(int(steps_v)), "--lambda-teacher", str(teacher), "--lambda-affinity", str(affinity)]
+        values = {"hr_folder": folder_v, "out": str(sr_models_folder(data_root) / f"{stem}.safetensors"),
+                  "steps": int(steps_v), "lambda_teacher": teacher, "lambda_affinity": affinity}
         if base_v and base_v != SHIPPED:
-            args += ["--model", str(sr_models_folder(data_root) / safe_name(base_v))]
+            values["base"] = str(sr_models_folder(data_root) / safe_name(base_v))
+        args = cli_args(training_methods()["sr"].option_fields(), values)
         run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-sr-{stem}"
         _submit(queue, run_name, "sr", args)
         return gr.update(choices=choices(), value=run_name)
@@ -376,12 +377,9 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         if images:
             _image_folder(images, "Images folder")
         stem = safe_name(name_v or "my-watermark")
-        args = ["--out", str(adapters_folder(data_root) / f"{stem}.safetensors"), "--key", key,
-                "--steps", str(steps_n)]
-        if images:
-            args += ["--images", str(Path(images).expanduser())]
-        if model_source:
-            args += ["--model", model_source]
+        values = {"out": str(adapters_folder(data_root) / f"{stem}.safetensors"), "key": key, "max_steps": steps_n,
+                  "images": str(Path(images).expanduser()) if images else None, "model": model_source}
+        args = cli_args(training_methods()["watermark"].option_fields(), values)
         run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-watermark-{stem}"
         _submit(queue, run_name, "watermark", args)
         return gr.update(choices=choices(), value=run_name), key

@@ -60,8 +60,11 @@ def register(subparsers) -> None:
         parser = methods.add_parser(spec.name, help=spec.help,
                                     description=spec.description.replace("%", "%%") or TRAIN_DESCRIPTION)
         if spec.runner == "sr":
-            add_sr_options(parser)
-            parser.set_defaults(func=run_train_sr)
+            fields = spec.option_fields()
+            add_cli_options(parser, fields)
+            parser.add_argument("--run-dir")
+            parser.add_argument("--resume", metavar="RUN_DIR")
+            parser.set_defaults(func=run_train_sr, option_fields=fields)
             continue
         if spec.runner == "watermark":
             # The same command as `watermark train` (one set of options, one handler), named here so the Train
@@ -94,27 +97,6 @@ def add_b4m_sources(p: argparse.ArgumentParser, method: str) -> None:
     p.add_argument("--aux-microworld", type=int, metavar="N",
                    help="N base-set scenes from the micro world's scene generator (micro model only)")
     p.set_defaults(aux_role=other)
-
-
-def add_sr_options(sr: argparse.ArgumentParser) -> None:
-    sr.add_argument("--data", help="folder of high-resolution images (LR inputs are made by bicubic downscaling)")
-    sr.add_argument("--out", help="the fine-tuned upscaler, a .safetensors file")
-    sr.add_argument("--model", help="the upscaler to start from (default: the shipped one)")
-    sr.add_argument("--teacher", help="frozen teacher (default: the starting model)")
-    sr.add_argument("--official-pth", action="store_true", default=None,
-                    help="allow official .pth release checkpoints for --model/--teacher (tensors only)")
-    sr.add_argument("--steps", type=int)
-    sr.add_argument("--batch-size", type=int)
-    sr.add_argument("--patch", type=int, help="LR patch side in pixels (default 24)")
-    sr.add_argument("--lr", type=float)
-    sr.add_argument("--lambda-hr", type=float, help="weight of L1 to the HR image (default 1)")
-    sr.add_argument("--lambda-teacher", type=float, help="weight of L1 to the teacher (default 0.1)")
-    sr.add_argument("--lambda-affinity", type=float, help="weight of the spatial-affinity loss (default 0.01; 0 = off)")
-    sr.add_argument("--seed", type=int)
-    sr.add_argument("--checkpoint-every", type=int)
-    sr.add_argument("--device")
-    sr.add_argument("--run-dir")
-    sr.add_argument("--resume", metavar="RUN_DIR")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -238,8 +220,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_train_sr(args: argparse.Namespace) -> int:
     from trainers.dsclora import DscLoraConfig, train_dsclora
 
-    names = {f.name for f in fields(DscLoraConfig)}
-    renames = {"data": "hr_folder", "model": "base"}
+    base = DscLoraConfig()
     if args.resume:
         import json
 
@@ -247,12 +228,7 @@ def run_train_sr(args: argparse.Namespace) -> int:
             base = DscLoraConfig(**json.loads((Path(args.resume) / "config.json").read_text(encoding="utf-8")))
         except (OSError, ValueError, TypeError) as exc:
             raise UserError(f"{args.resume}: not a DSCLoRA run folder ({exc})") from exc
-    else:
-        if not args.data or not args.out:
-            raise UserError("--data and --out are required (or --resume RUN_DIR)")
-        base = DscLoraConfig(hr_folder=args.data, out=args.out)
-    values = {renames.get(k, k): v for k, v in vars(args).items() if v is not None}
-    config = DscLoraConfig(**{**base.__dict__, **{k: v for k, v in values.items() if k in names}}).validate()
+    config = DscLoraConfig(**{**base.__dict__, **options_from_args(args, args.option_fields)}).validate()
     run_dir = Path(args.resume or args.run_dir or default_run_dir_for("sr", config.out)).expanduser().resolve()
     print(f"run folder: {run_dir}", flush=True)
     from trainers.dataset import DatasetConfig

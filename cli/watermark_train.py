@@ -1,6 +1,6 @@
 """``launch.py watermark train`` / ``train watermark`` and ``watermark train-extractor``: the watermark's training
-commands. They live with the trainers (pipelines never import trainers) and join the ``watermark`` group that
-:mod:`cli.watermark` makes; ``train watermark`` (what the Train tab's jobs run) is the same command."""
+commands. They join the ``watermark`` group that :mod:`cli.watermark` makes; ``train watermark`` (what the Train
+tab's jobs run) is the same command, its flags generated from :class:`trainers.watermark_config.WatermarkConfig`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,8 @@ from dataclasses import fields
 from pathlib import Path
 
 from core.errors import UserError
+from core.option_fields import add_cli_options, option_fields, options_from_args
+from trainers.watermark_config import WatermarkConfig
 
 TRAIN_HELP = "train a watermark LoRA on the VAE decoder for your key"
 TRAIN_DESCRIPTION = ("Train the watermark LoRA (decoder up-block convs) so every decoded image carries the key; the "
@@ -17,28 +19,15 @@ TRAIN_DESCRIPTION = ("Train the watermark LoRA (decoder up-block convs) so every
                      "--resume RUN_DIR.")
 
 
+TRAIN_FIELDS = option_fields(WatermarkConfig)  # the flags, generated from the settings' declarations
+
+
 def add_train_options(train: argparse.ArgumentParser) -> None:
     """The options of ``watermark train`` and of its alias ``train watermark`` (what the Train tab's jobs run)."""
-    train.add_argument("--out", help="the adapter .safetensors file (required unless --resume)")
-    train.add_argument("--key", help="hex key (default: a fresh random one, printed)")
-    train.add_argument("--secret", action="store_true", help="do not store the key in the file's metadata")
-    train.add_argument("--model", help="base model (default: the embedded model)")
-    train.add_argument("--extractor", help="extractor file (default: the shipped one)")
-    train.add_argument("--images", help="folder of images whose latents to train on (default: samples of the model)")
-    train.add_argument("--latents", type=int, default=64)
-    train.add_argument("--rank", type=int, default=4)
-    train.add_argument("--alpha", type=float, default=32.0)
-    train.add_argument("--steps", type=int, default=1500, help="maximum steps (training stops early on its targets)")
-    train.add_argument("--lr", type=float, default=5e-4)
-    train.add_argument("--noise", type=float, default=0.0, help="share of steps trained through the noise layer")
-    train.add_argument("--mode", choices=("lora", "full_decoder"), default="lora",
-                       help="lora (default): the watermark LoRA; full_decoder: fine-tune every decoder weight "
-                            "(the Stable Signature baseline; writes the decoder's state, not an adapter)")
-    train.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    add_cli_options(train, TRAIN_FIELDS)
     train.add_argument("--run-dir", help="run folder (default: next to --out)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue a stopped or interrupted run exactly, with its saved settings and key")
-    train.add_argument("--device", default="auto")
 
 
 def register(subparsers) -> None:
@@ -66,8 +55,6 @@ def register(subparsers) -> None:
 
 def _config(args: argparse.Namespace):
     """The run's settings: a resumed run's own (its key among them), or the command line's."""
-    from trainers.watermark_lora import WatermarkConfig
-
     if args.resume:
         try:
             saved = json.loads((Path(args.resume) / "config.json").read_text(encoding="utf-8"))
@@ -76,10 +63,11 @@ def _config(args: argparse.Namespace):
         except (OSError, ValueError, TypeError) as exc:
             raise UserError(f"{args.resume}: not a watermark run folder ({exc})") from exc
         config.prompts = tuple(config.prompts)
-        if args.device != "auto":
+        if args.device is not None:
             config.device = args.device
         return config
-    if not args.out:
+    given = options_from_args(args, TRAIN_FIELDS)
+    if not given.get("out"):
         raise UserError("--out is required (or --resume RUN_DIR)")
     if args.key is not None:
         from pipelines.watermark.keys import parse_key
@@ -89,10 +77,7 @@ def _config(args: argparse.Namespace):
         if not args.key.strip():
             raise UserError("--key is empty; give your hex key, or leave --key out for a fresh random one")
         parse_key(args.key, open_extractor(args.extractor).config.bits)  # a bad key is refused before the model loads
-    return WatermarkConfig(out=str(Path(args.out)), model=args.model, key=args.key, keep_key_secret=args.secret,
-                           extractor=args.extractor, images=args.images, latents=args.latents, rank=args.rank,
-                           alpha=args.alpha, max_steps=args.steps, lr=args.lr, noise_probability=args.noise,
-                           device=args.device, mode=args.mode, checkpoint_every=args.checkpoint_every)
+    return WatermarkConfig(**{**given, "out": str(Path(given["out"]))})
 
 
 def handle_train(args: argparse.Namespace) -> int:

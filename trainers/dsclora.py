@@ -7,7 +7,7 @@ and the result is saved as a plain SPAN file, as fast and as small as the model 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,42 +19,8 @@ from models.span import SPAN
 from adapters.base import replace_modules, restore_modules
 from adapters.conv_lora.layer import ConvLoRA
 from trainers.hr_crops import HRCrops
+from trainers.dsclora_config import DscLoraConfig
 from trainers.run_loop import RunLoop, StepReport, StepTrainer, TrainResult
-
-
-@dataclass
-class DscLoraConfig:
-    hr_folder: str
-    out: str
-    base: str | None = None  # the student's starting model (default: the shipped SR model)
-    teacher: str | None = None  # default: the same model as the base
-    official_pth: bool = False  # allow official .pth files for base/teacher
-    steps: int = 300
-    batch_size: int = 8
-    patch: int = 24  # LR patch side; the HR crop is patch × scale
-    lr: float = 5e-4
-    # The paper does not publish its weights. The affinity term (a mean over HW×HW entries, summed over 6 blocks)
-    # is about 100× the pixel L1, so 0.01 puts the three terms on one scale; a teacher far from the user's domain
-    # pulls the student back, hence the small teacher weight (measured in bench/sr_benchmark.py).
-    lambda_hr: float = 1.0
-    lambda_teacher: float = 0.1
-    lambda_affinity: float = 0.01  # 0: without the spatial-affinity loss (the ablation)
-    rank_block: int = 2
-    alpha_block: float = 4.0
-    rank_tail: int = 8
-    alpha_tail: float = 16.0
-    seed: int = 0
-    checkpoint_every: int = 100
-    device: str = "auto"
-
-    def validate(self) -> "DscLoraConfig":
-        if not self.out.endswith(".safetensors"):
-            raise UserError("--out must name a .safetensors file")
-        if self.steps < 1 or self.batch_size < 1 or self.patch < 8:
-            raise UserError("steps and batch size must be ≥ 1 and the patch ≥ 8 pixels")
-        if min(self.lambda_hr, self.lambda_teacher, self.lambda_affinity) < 0:
-            raise UserError("loss weights must be ≥ 0")
-        return self
 
 
 def attach_conv_lora(network: SPAN, config: DscLoraConfig) -> list[ConvLoRA]:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from adapters.plp.config import B4MOptions
 from adapters.registry import adapter_types
 from adapters.sara.config import SaraOptions
+from trainers.dsclora_config import DscLoraConfig
+from trainers.watermark_config import WatermarkConfig
 from core.errors import UserError
 from core.option_fields import OptionField, option_fields
 
@@ -111,12 +113,12 @@ def _own_methods() -> list[MethodSpec]:
         options=B4MOptions, option_names=(*_B4M_COMMON, "content", "style"),
         method="trainers.break_for_make:B4MMethod", method_args=("combine",))
     sr = MethodSpec(
-        name="sr", label="Upscaler (DSCLoRA)", runner="sr",
+        name="sr", label="Upscaler (DSCLoRA)", runner="sr", options=DscLoraConfig,
         help="DSCLoRA: fine-tune an upscaler on your own images (ConvLoRA + distillation)",
         description="Fine-tune a SPAN upscaler with ConvLoRA on a folder of high-resolution images, supervised by the "
                     "images, a frozen teacher and spatial affinity; the result is merged into a plain SPAN file.")
     watermark = MethodSpec(
-        name="watermark", label="Watermark", runner="watermark",
+        name="watermark", label="Watermark", runner="watermark", options=WatermarkConfig,
         help="the watermark LoRA for your key (= `watermark train`)", description="")
     return [sara, *stages, combine, sr, watermark]
 

@@ -31,59 +31,11 @@ import torch.nn.functional as F
 
 from core.errors import UserError
 
+from trainers.watermark_config import MODES, WatermarkConfig
 from trainers.run_loop import RunLoop, StepReport, StepTrainer, TrainResult, random_state, set_random_state
 
-MODES = ("lora", "full_decoder")
 DECODER_METHOD = "watermark-decoder"  # the full-decoder artefact's atelier.method
 LAYER_PATTERN = r"decoder\.up_blocks\.\d+\.(resnets\.\d+\.(conv1|conv2|conv_shortcut)|upsamplers\.0\.conv)"
-
-
-@dataclass
-class WatermarkConfig:
-    out: str
-    model: str | None = None  # pipeline folder / checkpoint (default: the studio's default model)
-    key: str | None = None  # hex; None draws a fresh key
-    keep_key_secret: bool = False  # True: the key is not written into the file's metadata
-    extractor: str | None = None  # default: the shipped extractor
-    mode: str = "lora"  # "lora" (the watermark LoRA) or "full_decoder" (every decoder parameter: Stable Signature)
-    rank: int = 4
-    alpha: float = 32.0
-    lr: float = 5e-4
-    batch_size: int = 4
-    max_steps: int = 1500
-    latents: int = 64  # latents sampled from the base model (when no image folder is given)
-    images: str | None = None  # a folder whose images are encoded to latents instead
-    prompts: tuple[str, ...] = ()  # prompts for sampled latents (default: micro-world captions)
-    sample_steps: int = 20
-    # Share of steps whose x̃ passes the noise layer before the extractor. Off by default: extractor v1 does not
-    # survive JPEG, resizing or blur anyway, and training through them only cost image quality.
-    noise_probability: float = 0.0
-    # dynamic loss-weight scheduler (extended paper)
-    bit_target: float = 0.9
-    psnr_target: float = 30.0
-    gamma: float = 0.25
-    patience: int = 5
-    bit_target_step: float = 0.08
-    bit_target_cap: float = 0.99
-    psnr_target_step: float = 2.5
-    # early stop: both final targets met this many consecutive steps
-    stop_bit_accuracy: float = 0.99
-    stop_psnr: float = 30.0
-    patience_stop: int = 10
-    seed: int = 0
-    checkpoint_every: int = 100
-    device: str = "auto"
-
-    def validate(self) -> "WatermarkConfig":
-        if not str(self.out).endswith(".safetensors"):
-            raise UserError("--out must name a .safetensors file")
-        if min(self.rank, self.batch_size, self.max_steps, self.latents, self.checkpoint_every) < 1:
-            raise UserError("rank, batch size, steps, latents and the checkpoint interval must be ≥ 1")
-        if not 0 <= self.noise_probability <= 1:
-            raise UserError("the noise probability must be between 0 and 1")
-        if self.mode not in MODES:
-            raise UserError(f"unknown watermark training mode {self.mode!r} (choose {' or '.join(MODES)})")
-        return self
 
 
 @dataclass
