@@ -9,6 +9,7 @@ centroid, :func:`microworld.scenes.position_of`) lets a caption's positions be c
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,7 +42,7 @@ def threshold_for(shape: str) -> float:
 class Fit:
     shape: str
     iou: float
-    cx: float  # normalised to the region
+    cx: float  # normalised to the mask's image
     cy: float
     radius: float
     angle: float  # degrees
@@ -143,6 +144,7 @@ def _unit_area(shape: str) -> float:
 _UNIT_AREA = {shape: _unit_area(shape) for shape in SHAPES}
 
 
+@functools.cache
 def _variant_area(shape: str, variant: float) -> float:
     return float(_ideal(shape, 200, 200, 100.0, 100.0, 60.0, 0.0, variant).sum()) / 60.0 ** 2
 
@@ -206,18 +208,14 @@ def _fit_window(mask: np.ndarray, shape: str) -> Fit:
                round(angle % period if period else 0.0, 1))
 
 
-def place(cx: float, cy: float, offset: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> str:
-    """The caption phrase of the nine places holding a centre given in region coordinates; ``offset``: the region's
-    normalised box within the whole image (a crop's object is placed in the image, not in the crop)."""
-    x0, y0, x1, y1 = offset
-    return position_of(x0 + cx * (x1 - x0), y0 + cy * (y1 - y0))
-
-
-def position(mask: np.ndarray, offset: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> str | None:
-    """The place of a mask's bounding-box centre (the generator places an object by its shape's centre, which is
-    its bounding box's; a fitted shape's own centre, :class:`Fit`, is better where there is one)."""
+def position(mask: np.ndarray, centre: tuple[float, float] | None = None) -> str | None:
+    """The place among the generator's nine of ``centre`` (normalised), by default the mask's bounding-box centre
+    (the generator places an object by its shape's centre, which is its bounding box's; a fitted shape's own centre,
+    :class:`Fit`, is better where there is one)."""
+    if centre is not None:
+        return position_of(*centre)
     ys, xs = np.nonzero(mask)
     if not len(xs):
         return None
     h, w = mask.shape
-    return place((xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h, offset)
+    return position_of((xs.min() + xs.max() + 1) / 2 / w, (ys.min() + ys.max() + 1) / 2 / h)

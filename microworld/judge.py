@@ -22,7 +22,7 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
-from microworld.fidelity import (cut_by_border, fit_shape, foreground, has_background, place, position,
+from microworld.fidelity import (cut_by_border, fit_shape, foreground, has_background, position,
                                  select_object, threshold_for)
 from microworld.scenes import COLORS, FILLS, SHAPES
 
@@ -157,7 +157,6 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
 
 
 EMPTY_BELOW = 32  # foreground pixels of the object: fewer, and the region holds nothing to name (a speck)
-VERDICTS = ("ok", "malformed", "empty")
 CANDIDATES = 3  # the CNN's most likely shapes that the fidelity check tries
 
 
@@ -182,7 +181,7 @@ def shape_verdict(image: ImageLike, box: Box | None, candidates: Sequence[str]) 
     if passing and not cut_by_border(obj):
         best = max(passing, key=lambda fit: fit.iou - threshold_for(fit.shape))
         # a well-formed object is placed by its fitted centre, as the generator places it
-        return {"verdict": "ok", "named_shape": best.shape, "fidelity": best.iou, "position": place(best.cx, best.cy)}
+        return {"verdict": "ok", "named_shape": best.shape, "fidelity": best.iou, "position": position(obj, (best.cx, best.cy))}
     return {"verdict": "malformed", "named_shape": None, "fidelity": fits[0].iou, "position": position(obj)}
 
 

@@ -12,6 +12,11 @@ METHOD = "sara"  # atelier.method of a SaRA file
 SHAPES_KEY = "atelier.sara_shapes"  # metadata key every SaRA file has: each changed weight's shape
 
 
+def is_sara_metadata(meta) -> bool:
+    """A SaRA file says so in its metadata (its method and the shapes of the weights it changes)."""
+    return meta.get("atelier.method") == METHOD and SHAPES_KEY in meta
+
+
 @dataclass(frozen=True)
 class SaraOptions:
     budget: str | None = option(None, "trainable weights: a share (5%) or a count (50M, 120k); default 5%",

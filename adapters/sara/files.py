@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapters.lora.files import LoraAdapter, LoraLayer, canonical_name, lora_metadata
-from adapters.sara.config import METHOD, SHAPES_KEY
+from adapters.sara.config import METHOD, SHAPES_KEY, is_sara_metadata
 from models.conditioning import SD1, SD2, SDXL, model_family
 from core.errors import UserError
 from models.loading import load_model
@@ -114,7 +114,7 @@ def is_sparse_delta_file(path: Path) -> bool:
         meta = read_header(Path(path)).get("__metadata__") or {}
     except Exception:
         return False
-    return meta.get("atelier.method") == METHOD and SHAPES_KEY in meta
+    return is_sara_metadata(meta)
 
 
 def load_sparse_delta(path: Path) -> SparseDelta:
@@ -124,7 +124,7 @@ def load_sparse_delta(path: Path) -> SparseDelta:
         raise UserError(f"{path.name}: only .safetensors SaRA files are loaded (pickles can run code)")
     header = read_header(path)
     metadata = {str(k): str(v) for k, v in (header.get("__metadata__") or {}).items()}
-    if metadata.get("atelier.method") != METHOD or SHAPES_KEY not in metadata:
+    if not is_sara_metadata(metadata):
         raise UserError(f"{path.name}: not a SaRA delta file (no atelier.method=sara metadata)")
     try:
         shapes = {k: tuple(int(s) for s in v) for k, v in json.loads(metadata[SHAPES_KEY]).items()}
