@@ -1,6 +1,7 @@
 """The judge against the eye: agreement on the labelled check set of model outputs, old judge and new side by side.
 
     python bench/judge_agreement.py [--set bench/results/judge_check_set] [--out bench/results/judge_agreement]
+    python bench/judge_agreement.py --fit     # fit the thresholds on the even-numbered half, print them
 
 The check set and both judges' verdicts are described in :mod:`microworld.check_set`. Writes JSON and a Markdown
 table with the confusion tables of both.
@@ -24,9 +25,11 @@ def table(result: dict) -> str:
     lines = ["# The judge against the eye (check set of model outputs)", "",
              f"{old['n']} objects cut from generations of the base model, LoRAs, SaRA and LoRA-Composer, labelled by "
              f"eye ([contact sheets](judge_check_set/)). Old judge: the CNN's shape label alone. New judge: "
-             f"the shape of the CNN's three likeliest whose fidelity (best IoU of the object's mask with the "
-             f"generator's rendering of it) reaches its threshold, else `malformed` (or `empty`). Thresholds "
-             f"{result['thresholds']} were fitted on the even-numbered half of the set; the odd half is held out.",
+             f"the shape that fits the object's mask best (fidelity: best IoU with the generator's rendering of it, "
+             f"a triangle's corners free, a ring a round loop round a real hole), if it reaches its threshold, else "
+             f"`malformed` (or `empty`); the CNN plays no part. Thresholds {result['thresholds']} and preferences "
+             f"{result['preference']} were fitted on the even-numbered half of the set (`--fit`), each at least 0.01 "
+             f"below the lowest fidelity of the generator's own objects of that shape; the odd half is held out.",
              "", "| measure | old judge | new judge |", "|---|---:|---:|",
              f"| shape verdict agrees with the eye | {old['agreement']:.1%} | {new['agreement']:.1%} |",
              f"| … on the held-out half ({result['new_held_out']['n']} objects) | "
@@ -53,13 +56,13 @@ def _pct(value: float | None) -> str:
 
 
 def measure(folder: Path) -> dict:
-    from microworld.fidelity import MALFORMED_BELOW, THRESHOLDS
+    from microworld.fidelity import MALFORMED_BELOW, PREFERENCE, THRESHOLDS
 
     manifest, labels = load_set(folder)
     manifest = [item for item in manifest if str(item["id"]) in labels]
     judged = verdicts(folder, manifest)
     odd = {k: v for k, v in labels.items() if int(k) % 2}  # the half the thresholds were not fitted on
-    return {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW},
+    return {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW}, "preference": PREFERENCE,
             "old": agreement(labels, judged, "old"), "new": agreement(labels, judged, "new"),
             "old_held_out": agreement(odd, judged, "old"), "new_held_out": agreement(odd, judged, "new"),
             "verdicts": judged}
@@ -69,10 +72,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", default=str(REPO / "bench" / "results" / "judge_check_set"))
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "judge_agreement"))
+    parser.add_argument("--fit", action="store_true",
+                        help="fit thresholds and preferences on the even-numbered half (microworld/fidelity.py "
+                             "ships them) and print them instead of measuring")
     args = parser.parse_args(argv)
     import torch  # deferred: only the measurement needs it
 
     torch.set_num_threads(1)
+    if args.fit:
+        from microworld.check_set import fit_thresholds, generator_floors, object_fits
+
+        manifest, labels = load_set(Path(args.set))
+        even = {k: v for k, v in labels.items() if int(k) % 2 == 0}
+        fits = object_fits(Path(args.set), [item for item in manifest if str(item["id"]) in even])
+        print(json.dumps(fit_thresholds(even, fits, generator_floors()), indent=1))
+        return 0
     result = measure(Path(args.set))
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1), encoding="utf-8")

@@ -31,9 +31,9 @@ def measure_micro(model_dir: Path, out: str | Path, run: Callable[[], dict], tab
 def new_judge_note(position: bool = True) -> str:
     """The one line under a table with old- and new-judge columns."""
     return ("Old judge: the judge CNN's top-1 labels alone. New judge: an object counts only where it is well formed "
-            "(verdict ok: of the CNN's three likeliest shapes, one is drawn — its fidelity, the best IoU of the "
-            "object's mask with the generator's rendering of that shape, reaches that shape's threshold; see "
-            "microworld/fidelity.py) and the shape it names and the colour are the asked ones"
+            "(verdict ok: the shape that fits the object's mask best — fidelity, the best IoU with the generator's "
+            "rendering of the shape, a triangle's corners free, a ring a round loop round a real hole — reaches "
+            "its threshold; see microworld/fidelity.py) and the shape it names and the colour are the asked ones"
             + ("; with position: also in the place the prompt names." if position else "."))
 
 

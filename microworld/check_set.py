@@ -12,10 +12,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
-from microworld.judge import Judge, judge_images
-from microworld.scenes import SHAPES
+from microworld.fidelity import (MALFORMED_BELOW, PREFERENCE, THRESHOLDS, Fit, cut_by_border, fit_shape, name_shape,
+                                 object_mask)
+from microworld.judge import EMPTY_BELOW, Judge, crop, judge_images
+from microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scenes
 
 CLASSES = (*SHAPES, "malformed", "empty")
 
@@ -59,3 +62,69 @@ def agreement(labels: dict[str, dict], judged: dict[str, dict], which: str) -> d
         "colour_agreement_on_shapes": sum(labels[k]["color"] == judged[k]["color"] for k in named) / len(named),
         "confusion": {f"{truth}->{got}": n for (truth, got), n in sorted(confusion.items())},
     }
+
+
+def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]]:
+    """Per object: ``"malformed"``/``"empty"`` where no shape is fitted (no background, a speck, cut by the region's
+    edge), else every shape's fit: what the thresholds are fitted on."""
+    out: dict[str, str | list[Fit]] = {}
+    for item in manifest:
+        obj = object_mask(np.asarray(crop(Image.open(folder / item["file"]).convert("RGB"))))
+        if obj is None or (obj.sum() >= EMPTY_BELOW and cut_by_border(obj)):
+            out[str(item["id"])] = "malformed"
+        elif obj.sum() < EMPTY_BELOW:
+            out[str(item["id"])] = "empty"
+        else:
+            out[str(item["id"])] = [fit_shape(obj, shape) for shape in SHAPES]
+    return out
+
+
+def generator_floors(count: int = 300, seed: int = 41) -> dict[str, float]:
+    """Per shape, the lowest fidelity of the generator's own objects (every fill, the smallest sizes the base model
+    is trained on): a threshold above it would call the generator's shapes malformed."""
+    config = SceneConfig(shapes=SHAPES, fills=FILLS, max_objects=1, min_radius=0.11, max_radius=0.3)
+    floors: dict[str, float] = {}
+    for scene in generate_scenes(count, seed, config):
+        obj = scene.objects[0]
+        fidelity = fit_shape(object_mask(np.asarray(scene.image)), obj.shape).iou
+        floors[obj.shape] = min(floors.get(obj.shape, 1.0), fidelity)
+    return floors
+
+
+def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], floors: dict[str, float],
+                   rounds: int = 4) -> dict:
+    """Thresholds and preferences that make the new judge agree best with ``labels`` (agreement minus the share of
+    malformed objects given a shape), by coordinate search from the shipped ones, each threshold at least 0.01 below
+    its shape's generator ``floors``. Run on half of the check set, it leaves the other half to measure them on.
+    Shapes too rare in ``labels`` get the highest threshold their floor allows."""
+    def verdict(fit_list: str | list[Fit], thresholds: dict, preference: dict) -> str:
+        if isinstance(fit_list, str):
+            return fit_list
+        named = name_shape(fit_list, thresholds, preference)
+        return named.shape if named else "malformed"
+
+    def objective(thresholds: dict, preference: dict) -> float:
+        got = {k: verdict(fits[k], thresholds, preference) for k in labels}
+        agree = sum(got[k] == labels[k]["shape"] for k in labels) / len(labels)
+        malformed = [k for k in labels if labels[k]["shape"] == "malformed"]
+        wrong = sum(got[k] in SHAPES for k in malformed) / max(1, len(malformed))
+        return agree - wrong
+
+    ceiling = {shape: np.floor(100 * floors[shape] - 1) / 100 for shape in SHAPES}
+    thresholds = {shape: min(THRESHOLDS.get(shape, MALFORMED_BELOW), ceiling[shape]) for shape in SHAPES}
+    preference = {shape: PREFERENCE.get(shape, 0.0) for shape in SHAPES}
+    fitted = [shape for shape in SHAPES if sum(label["shape"] == shape for label in labels.values()) >= 3]
+    thresholds.update({shape: float(ceiling[shape]) for shape in SHAPES if shape not in fitted})
+    for _ in range(rounds):
+        for shape in fitted:
+            for table, grid in ((thresholds, np.arange(0.70, ceiling[shape] + 0.001, 0.01)),
+                                (preference, np.arange(-0.08, 0.081, 0.005))):
+                if table is preference and shape == "circle":
+                    continue  # the reference the others are preferred against
+                current = table[shape]
+                table[shape] = max((round(float(v), 3) for v in grid),
+                                   key=lambda v: (objective(*((thresholds | {shape: v}, preference) if table is thresholds
+                                                              else (thresholds, preference | {shape: v}))),
+                                                  -abs(v - current)))
+    return {"thresholds": {s: round(thresholds[s], 2) for s in SHAPES}, "generator_floors": floors,
+            "preference": {s: preference[s] for s in fitted if preference[s]}, "shapes_fitted": fitted}

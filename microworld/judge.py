@@ -22,8 +22,7 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
-from microworld.fidelity import (cut_by_border, fit_shape, foreground, has_background, position,
-                                 select_object, threshold_for)
+from microworld.fidelity import cut_by_border, fit_shape, name_shape, object_mask, position
 from microworld.scenes import COLORS, FILLS, SHAPES
 
 JUDGE_INPUT = 64
@@ -157,32 +156,29 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
 
 
 EMPTY_BELOW = 32  # foreground pixels of the object: fewer, and the region holds nothing to name (a speck)
-CANDIDATES = 3  # the CNN's most likely shapes that the fidelity check tries
 
 
-def shape_verdict(image: ImageLike, box: Box | None, candidates: Sequence[str]) -> dict:
+def shape_verdict(image: ImageLike, box: Box | None = None) -> dict:
     """The CNN-free check of one judged region (see :mod:`microworld.fidelity`).
 
-    The object is the largest foreground component centred in ``box`` (the whole image without one); each of the
-    ``candidates`` (the CNN's likeliest shapes, best first) is fitted, and the best-fitting one at or above its
-    threshold is the shape the new judge names. ``verdict``: ``ok``, ``malformed`` (no candidate fits well enough,
-    the object runs into the image's edge, or there is no background around it, as for noise) or ``empty``;
-    ``named_shape`` (None unless ok); ``fidelity`` (the named shape's IoU, else the CNN's first choice's);
-    ``position`` (the place of the object in the whole image, None when empty)."""
-    pixels = np.asarray(crop(image))
-    mask = foreground(pixels)
-    if not has_background(mask):
+    The object is the largest foreground component centred in ``box`` (the whole image without one); every shape is
+    fitted to it, and the best-fitting one at or above its threshold is the shape the new judge names. ``verdict``:
+    ``ok``, ``malformed`` (no shape fits well enough, the object runs into the image's edge, or there is no
+    background around it, as for noise) or ``empty``; ``named_shape`` (None unless ok); ``fidelity`` (the named
+    shape's IoU, else the best fit's); ``position`` (the place of the object in the whole image, None when empty)."""
+    obj = object_mask(np.asarray(crop(image)), tuple(box) if box is not None else None)
+    if obj is None:
         return {"verdict": "malformed", "named_shape": None, "fidelity": 0.0, "position": None}
-    obj = select_object(mask, tuple(box) if box is not None else None)
     if obj.sum() < EMPTY_BELOW:
         return {"verdict": "empty", "named_shape": None, "fidelity": 0.0, "position": None}
-    fits = [fit_shape(obj, shape) for shape in candidates]
-    passing = [fit for fit in fits if fit.iou >= threshold_for(fit.shape)]
-    if passing and not cut_by_border(obj):
-        best = max(passing, key=lambda fit: fit.iou - threshold_for(fit.shape))
+    fits = [fit_shape(obj, shape) for shape in SHAPES]
+    named = name_shape(fits)
+    if named is not None and not cut_by_border(obj):
         # a well-formed object is placed by its fitted centre, as the generator places it
-        return {"verdict": "ok", "named_shape": best.shape, "fidelity": best.iou, "position": position(obj, (best.cx, best.cy))}
-    return {"verdict": "malformed", "named_shape": None, "fidelity": fits[0].iou, "position": position(obj)}
+        return {"verdict": "ok", "named_shape": named.shape, "fidelity": named.iou,
+                "position": position(obj, (named.cx, named.cy))}
+    return {"verdict": "malformed", "named_shape": None, "fidelity": max(fit.iou for fit in fits),
+            "position": position(obj)}
 
 
 def is_right(record: dict, shape: str, color: str, position: str | None = None) -> bool:
@@ -214,9 +210,7 @@ def judge_images(images: Sequence[ImageLike], boxes: Sequence[Box | None] | None
             record[f"{head}_prob"] = round(float(p[best]), 4)
         record["probabilities"] = {head: {name: round(float(v), 4) for name, v in
                                           zip(getattr(judge.vocab, head), probs[head][index])} for head in HEADS}
-        likeliest = [getattr(judge.vocab, "shape")[int(i)] for i in probs["shape"][index].argsort(descending=True)]
-        record.update(shape_verdict(images[index], boxes[index] if boxes is not None else None,
-                                    likeliest[:CANDIDATES]))
+        record.update(shape_verdict(images[index], boxes[index] if boxes is not None else None))
         results.append(record)
     return results
 
