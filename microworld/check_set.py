@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from microworld.fidelity import (MALFORMED_BELOW, PREFERENCE, THRESHOLDS, Fit, cut_by_border, fit_shape, name_shape,
-                                 object_mask)
+from microworld.fidelity import Fit, cut_by_border, fit_object, name_shape, object_masks
 from microworld.judge import EMPTY_BELOW, Judge, crop, judge_images
 from microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scenes
 
@@ -69,14 +68,17 @@ def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]
     edge), else every shape's fit: what the thresholds are fitted on."""
     out: dict[str, str | list[Fit]] = {}
     for item in manifest:
-        obj = object_mask(np.asarray(crop(Image.open(folder / item["file"]).convert("RGB"))))
-        if obj is None or (obj.sum() >= EMPTY_BELOW and cut_by_border(obj)):
+        masks = object_masks(np.asarray(crop(Image.open(folder / item["file"]).convert("RGB"))))
+        if masks is None or (masks.tight.sum() >= EMPTY_BELOW and cut_by_border(masks.tight)):
             out[str(item["id"])] = "malformed"
-        elif obj.sum() < EMPTY_BELOW:
+        elif masks.tight.sum() < EMPTY_BELOW:
             out[str(item["id"])] = "empty"
         else:
-            out[str(item["id"])] = [fit_shape(obj, shape) for shape in SHAPES]
+            out[str(item["id"])] = [fit_object(masks, shape) for shape in SHAPES]
     return out
+
+
+START = 0.85
 
 
 def generator_floors(count: int = 300, seed: int = 41) -> dict[str, float]:
@@ -86,7 +88,7 @@ def generator_floors(count: int = 300, seed: int = 41) -> dict[str, float]:
     floors: dict[str, float] = {}
     for scene in generate_scenes(count, seed, config):
         obj = scene.objects[0]
-        fidelity = fit_shape(object_mask(np.asarray(scene.image)), obj.shape).iou
+        fidelity = fit_object(object_masks(np.asarray(scene.image)), obj.shape).iou
         floors[obj.shape] = min(floors.get(obj.shape, 1.0), fidelity)
     return floors
 
@@ -94,7 +96,8 @@ def generator_floors(count: int = 300, seed: int = 41) -> dict[str, float]:
 def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], floors: dict[str, float],
                    rounds: int = 4) -> dict:
     """Thresholds and preferences that make the new judge agree best with ``labels`` (agreement minus the share of
-    malformed objects given a shape), by coordinate search from the shipped ones, each threshold at least 0.01 below
+    malformed objects given a shape), by coordinate search from a neutral start (every threshold :data:`START`, no
+    preference; the search does not depend on what is shipped), each threshold at least 0.01 below
     its shape's generator ``floors``. Run on half of the check set, it leaves the other half to measure them on.
     Shapes too rare in ``labels`` get the highest threshold their floor allows."""
     def verdict(fit_list: str | list[Fit], thresholds: dict, preference: dict) -> str:
@@ -111,8 +114,8 @@ def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], fl
         return agree - wrong
 
     ceiling = {shape: np.floor(100 * floors[shape] - 1) / 100 for shape in SHAPES}
-    thresholds = {shape: min(THRESHOLDS.get(shape, MALFORMED_BELOW), ceiling[shape]) for shape in SHAPES}
-    preference = {shape: PREFERENCE.get(shape, 0.0) for shape in SHAPES}
+    thresholds = {shape: min(START, ceiling[shape]) for shape in SHAPES}
+    preference = {shape: 0.0 for shape in SHAPES}
     fitted = [shape for shape in SHAPES if sum(label["shape"] == shape for label in labels.values()) >= 3]
     thresholds.update({shape: float(ceiling[shape]) for shape in SHAPES if shape not in fitted})
     for _ in range(rounds):

@@ -1,8 +1,8 @@
 """How much a drawn object looks like the shape it is called: a check that does not come from the judge's CNN.
 
-The CNN always names *some* shape, even for noise or a smear. Here the object's mask (:func:`object_mask`: pixels
-standing out from the background, cut at a share of the object's own contrast so a blurred edge does not round its
-corners) is compared with the generator's own rendering of every shape (:func:`microworld.scenes.shape_sdf`),
+The CNN always names *some* shape, even for noise or a smear. Here the object's mask (:func:`object_masks`: pixels
+standing out from the background, and the same cut at a share of the object's own contrast so a blurred edge does
+not round its corners; the better fit counts) is compared with the generator's own rendering of every shape (:func:`microworld.scenes.shape_sdf`),
 searched over position, scale and rotation (a heart only near upright, as the generator draws it); a triangle's
 corners may then move freely (a wedge is a triangle to the eye), and a ring is a closed band: an object with a real
 hole whose outline is round. The best intersection-over-union is the object's *fidelity* to that shape.
@@ -34,9 +34,9 @@ MALFORMED_BELOW = 0.80  # a shape without a threshold of its own
 # has too few hearts, stars and crosses for that: theirs lie just below the generator's own objects' lowest fidelity
 # (small objects with a textured fill). Every generator object of every shape, fill and background stays above them
 # (tests/test_judge.py).
-THRESHOLDS: dict[str, float] = {"circle": 0.87, "square": 0.84, "triangle": 0.83, "ring": 0.83,
-                                "heart": 0.82, "star": 0.72, "cross": 0.80}
-PREFERENCE: dict[str, float] = {"square": -0.01, "triangle": 0.07}
+THRESHOLDS: dict[str, float] = {"circle": 0.88, "square": 0.86, "triangle": 0.85, "ring": 0.84,
+                                "heart": 0.89, "star": 0.80, "cross": 0.87}
+PREFERENCE: dict[str, float] = {"triangle": -0.01}
 # RGB distance from the background that counts as foreground: a fill's dark tone (0.35 of the colour) on the black
 # background is 40-60 away, so lower than find_objects' 60, which only has to find an object's bright part.
 CONTRAST = 30.0
@@ -101,18 +101,27 @@ def has_background(mask: np.ndarray) -> bool:
     return float(ring.mean()) <= BORDER_LIMIT
 
 
-def object_mask(image: np.ndarray, box: tuple[float, float, float, float] | None = None) -> np.ndarray | None:
-    """The mask of the object a region holds (:func:`select_object`), or None where the region has no background
-    around it (noise, a texture). The loose :func:`foreground` finds the object; its edge is then drawn where the
-    contrast reaches :data:`EDGE_LEVEL` of the object's own, as the eye sees a blurred edge, and the small holes a
-    fill's dark tone leaves are closed (a ring's hole is larger and stays)."""
+@dataclass(frozen=True)
+class ObjectMasks:
+    """Two readings of one object's edge. ``loose``: every pixel that stands out from the background (contrast
+    :data:`CONTRAST`), which keeps a small object's textured fill whole but widens a blurred edge and rounds corners;
+    ``tight``: the edge where the contrast reaches :data:`EDGE_LEVEL` of the object's own, as the eye places a
+    blurred edge. An object's fidelity to a shape is the better of its two fits (:func:`fit_object`)."""
+    tight: np.ndarray
+    loose: np.ndarray
+
+
+def object_masks(image: np.ndarray, box: tuple[float, float, float, float] | None = None) -> ObjectMasks | None:
+    """The masks of the object a region holds (:func:`select_object`), or None where the region has no background
+    around it (noise, a texture). In the tight one the small holes a fill's dark tone leaves are closed (a ring's
+    hole is larger and stays)."""
     pixels = np.asarray(image, dtype=np.float32)[..., :3]
     loose = foreground(pixels)
     if not has_background(loose):
         return None
     found = select_object(loose, box)
     if not found.any():
-        return found
+        return ObjectMasks(found, found)
     contrast = np.linalg.norm(pixels - _background(pixels), axis=-1)
     level = max(CONTRAST, EDGE_LEVEL * float(np.percentile(contrast[found], 90)))
     # inside the loose object (a pixel away from its edge) everything is object: a fill's dark stripes cut notches
@@ -123,7 +132,12 @@ def object_mask(image: np.ndarray, box: tuple[float, float, float, float] | None
         sizes = ndimage.sum(holes > 0, holes, range(1, count + 1))
         area = tight.sum() + sizes.sum()
         tight |= np.isin(holes, [i + 1 for i, size in enumerate(sizes) if size < SMALL_HOLE * area])
-    return tight
+    return ObjectMasks(tight, found)
+
+
+def fit_object(masks: ObjectMasks, shape: str) -> Fit:
+    """The better of the shape's fits to the object's two masks."""
+    return max(fit_shape(masks.tight, shape), fit_shape(masks.loose, shape), key=lambda fit: fit.iou)
 
 
 def _background(pixels: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
-from microworld.fidelity import cut_by_border, fit_shape, name_shape, object_mask, position
+from microworld.fidelity import cut_by_border, fit_object, name_shape, object_masks, position
 from microworld.scenes import COLORS, FILLS, SHAPES
 
 JUDGE_INPUT = 64
@@ -166,12 +166,13 @@ def shape_verdict(image: ImageLike, box: Box | None = None) -> dict:
     ``ok``, ``malformed`` (no shape fits well enough, the object runs into the image's edge, or there is no
     background around it, as for noise) or ``empty``; ``named_shape`` (None unless ok); ``fidelity`` (the named
     shape's IoU, else the best fit's); ``position`` (the place of the object in the whole image, None when empty)."""
-    obj = object_mask(np.asarray(crop(image)), tuple(box) if box is not None else None)
-    if obj is None:
+    masks = object_masks(np.asarray(crop(image)), tuple(box) if box is not None else None)
+    if masks is None:
         return {"verdict": "malformed", "named_shape": None, "fidelity": 0.0, "position": None}
+    obj = masks.tight
     if obj.sum() < EMPTY_BELOW:
         return {"verdict": "empty", "named_shape": None, "fidelity": 0.0, "position": None}
-    fits = [fit_shape(obj, shape) for shape in SHAPES]
+    fits = [fit_object(masks, shape) for shape in SHAPES]
     named = name_shape(fits)
     if named is not None and not cut_by_border(obj):
         # a well-formed object is placed by its fitted centre, as the generator places it
