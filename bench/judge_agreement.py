@@ -30,6 +30,8 @@ def table(result: dict) -> str:
              f"`malformed` (or `empty`); the CNN plays no part. Thresholds {result['thresholds']} and preferences "
              f"{result['preference']} were fitted on the even-numbered half of the set (`--fit`), each at least 0.01 "
              f"below the lowest fidelity of the generator's own objects of that shape; the odd half is held out.",
+             "", f"Every disagreement with the eye on one sheet: [{result['disagreements']['sheet']}]"
+                 f"({result['disagreements']['sheet']}) ({result['disagreements']['count']} objects).",
              "", "| measure | old judge | new judge |", "|---|---:|---:|",
              f"| shape verdict agrees with the eye | {old['agreement']:.1%} | {new['agreement']:.1%} |",
              f"| … on the held-out half ({result['new_held_out']['n']} objects) | "
@@ -49,6 +51,29 @@ def table(result: dict) -> str:
             if sum(counts):
                 lines.append(f"| {truth} | " + " | ".join(str(c) if c else "·" for c in counts) + " |")
     return "\n".join(lines) + "\n"
+
+
+def disagreement_sheet(folder: Path, labels: dict[str, dict], judged: dict[str, dict], path: Path,
+                       columns: int = 8) -> int:
+    """One contact sheet of every object where the new judge and the eye disagree, each labelled with its id, the
+    eye's label and the judge's verdict, so anyone can look at the disagreements themselves. Returns their count."""
+    from PIL import Image, ImageDraw
+
+    from judge_check_set import GAP, TILE, label_font, tile_of
+
+    manifest = {str(item["id"]): item for item in load_set(folder)[0]}
+    wrong = [k for k in sorted(labels, key=int) if labels[k]["shape"] != judged[k]["new"]]
+    font, strip = label_font(18), 48
+    rows = max(1, -(-len(wrong) // columns))
+    sheet = Image.new("RGB", (columns * (TILE + GAP) + GAP, rows * (TILE + strip + GAP) + GAP), (30, 30, 30))
+    draw = ImageDraw.Draw(sheet)
+    for slot, key in enumerate(wrong):
+        x, y = GAP + slot % columns * (TILE + GAP), GAP + slot // columns * (TILE + strip + GAP)
+        sheet.paste(tile_of(Image.open(folder / manifest[key]["file"]).convert("RGB")), (x, y))
+        draw.text((x + 4, y + TILE + 4), f"{int(key):04d} eye: {labels[key]['shape']}", fill=(255, 255, 255), font=font)
+        draw.text((x + 4, y + TILE + 25), f"judge: {judged[key]['new']}", fill=(255, 210, 80), font=font)
+    sheet.save(path)
+    return len(wrong)
 
 
 def _pct(value: float | None) -> str:
@@ -89,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     result = measure(Path(args.set))
     out = Path(args.out)
+    labels = load_set(Path(args.set))[1]
+    sheet = out.with_name(out.name + "_disagreements.png")
+    result["disagreements"] = {"count": disagreement_sheet(Path(args.set), labels, result["verdicts"], sheet),
+                               "sheet": sheet.name}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     out.with_suffix(".md").write_text(table(result), encoding="utf-8")
     print(table(result))

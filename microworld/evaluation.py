@@ -4,7 +4,7 @@ Shared by the effect tests and the benchmarks, so both teach and judge a concept
 
 Every measure comes twice: under its old key the old judge's figure (the CNN's labels alone, as it always was), and
 under ``<key>_new`` the new judge's (:func:`microworld.judge.is_right`: the object is well formed — verdict ``ok``,
-its fidelity to the shape it names at least that shape's threshold, :func:`microworld.fidelity.threshold_for` — and
+its fidelity to the shape it names at least that shape's threshold, :func:`microworld.fidelity.name_shape` — and
 the named shape and colour match); where
 the prompts name a position, ``<key>_new_position`` also asks for the object's centroid in the named place.
 """
