@@ -63,15 +63,16 @@ def disagreement_sheet(folder: Path, labels: dict[str, dict], judged: dict[str, 
 
     manifest = {str(item["id"]): item for item in load_set(folder)[0]}
     wrong = [k for k in sorted(labels, key=int) if labels[k]["shape"] != judged[k]["new"]]
-    font, strip = label_font(18), 48
+    font, strip = label_font(14), 54
     rows = max(1, -(-len(wrong) // columns))
     sheet = Image.new("RGB", (columns * (TILE + GAP) + GAP, rows * (TILE + strip + GAP) + GAP), (30, 30, 30))
     draw = ImageDraw.Draw(sheet)
     for slot, key in enumerate(wrong):
         x, y = GAP + slot % columns * (TILE + GAP), GAP + slot // columns * (TILE + strip + GAP)
         sheet.paste(tile_of(Image.open(folder / manifest[key]["file"]).convert("RGB")), (x, y))
-        draw.text((x + 4, y + TILE + 4), f"{int(key):04d} eye: {labels[key]['shape']}", fill=(255, 255, 255), font=font)
-        draw.text((x + 4, y + TILE + 25), f"judge: {judged[key]['new']}", fill=(255, 210, 80), font=font)
+        draw.text((x + 3, y + TILE + 2), f"{int(key):04d}", fill=(170, 170, 170), font=font)
+        draw.text((x + 3, y + TILE + 19), f"eye: {labels[key]['shape']}", fill=(255, 255, 255), font=font)
+        draw.text((x + 3, y + TILE + 36), f"judge: {judged[key]['new']}", fill=(255, 210, 80), font=font)
     sheet.save(path)
     return len(wrong)
 
