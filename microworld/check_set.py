@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from microworld.fidelity import Fit, cut_by_border, fit_object, name_shape, object_masks
-from microworld.judge import EMPTY_BELOW, Judge, crop, judge_images
+from microworld.fidelity import Fit, fit_object, name_shape, object_masks
+from microworld.judge import Judge, judge_images, region_fits
 from microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scenes
 
 CLASSES = (*SHAPES, "malformed", "empty")
@@ -64,17 +64,12 @@ def agreement(labels: dict[str, dict], judged: dict[str, dict], which: str) -> d
 
 
 def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]]:
-    """Per object: ``"malformed"``/``"empty"`` where no shape is fitted (no background, a speck, cut by the region's
-    edge), else every shape's fit: what the thresholds are fitted on."""
+    """Per object: ``"malformed"``/``"empty"`` where no shape can be named (no background, a speck, cut by the
+    region's edge), else every shape's fit (:func:`microworld.judge.region_fits`): what the thresholds are fitted on."""
     out: dict[str, str | list[Fit]] = {}
     for item in manifest:
-        masks = object_masks(np.asarray(crop(Image.open(folder / item["file"]).convert("RGB"))))
-        if masks is None or (masks.tight.sum() >= EMPTY_BELOW and cut_by_border(masks.tight)):
-            out[str(item["id"])] = "malformed"
-        elif masks.tight.sum() < EMPTY_BELOW:
-            out[str(item["id"])] = "empty"
-        else:
-            out[str(item["id"])] = [fit_object(masks, shape) for shape in SHAPES]
+        state, _, fits = region_fits(Image.open(folder / item["file"]).convert("RGB"))
+        out[str(item["id"])] = fits if state == "whole" else ("empty" if state == "empty" else "malformed")
     return out
 
 

@@ -22,7 +22,7 @@ from core.errors import ModelLoadError, UserError
 from core.image_files import rgb_image
 from core.safetensors_files import load_tensors, read_metadata
 
-from microworld.fidelity import cut_by_border, fit_object, name_shape, object_masks, position
+from microworld.fidelity import Fit, cut_by_border, fit_object, name_shape, object_masks, position
 from microworld.scenes import COLORS, FILLS, SHAPES
 
 JUDGE_INPUT = 64
@@ -158,6 +158,19 @@ def judge_probabilities(judge: Judge, images: Sequence[ImageLike],
 EMPTY_BELOW = 32  # foreground pixels of the object: fewer, and the region holds nothing to name (a speck)
 
 
+def region_fits(image: ImageLike, box: Box | None = None) -> tuple[str, np.ndarray | None, list[Fit]]:
+    """What :func:`shape_verdict` decides on: the region's state — ``no background`` (noise, a texture), ``empty``
+    (a speck at most), ``cut`` (the object runs into the image's edge) or ``whole`` — the object's mask, and every
+    shape's fit to it (none unless cut or whole)."""
+    masks = object_masks(np.asarray(crop(image)), tuple(box) if box is not None else None)
+    if masks is None:
+        return "no background", None, []
+    if masks.tight.sum() < EMPTY_BELOW:
+        return "empty", masks.tight, []
+    fits = [fit_object(masks, shape) for shape in SHAPES]
+    return ("cut" if cut_by_border(masks.tight) else "whole"), masks.tight, fits
+
+
 def shape_verdict(image: ImageLike, box: Box | None = None) -> dict:
     """The CNN-free check of one judged region (see :mod:`microworld.fidelity`).
 
@@ -166,15 +179,12 @@ def shape_verdict(image: ImageLike, box: Box | None = None) -> dict:
     ``ok``, ``malformed`` (no shape fits well enough, the object runs into the image's edge, or there is no
     background around it, as for noise) or ``empty``; ``named_shape`` (None unless ok); ``fidelity`` (the named
     shape's IoU, else the best fit's); ``position`` (the place of the object in the whole image, None when empty)."""
-    masks = object_masks(np.asarray(crop(image)), tuple(box) if box is not None else None)
-    if masks is None:
-        return {"verdict": "malformed", "named_shape": None, "fidelity": 0.0, "position": None}
-    obj = masks.tight
-    if obj.sum() < EMPTY_BELOW:
-        return {"verdict": "empty", "named_shape": None, "fidelity": 0.0, "position": None}
-    fits = [fit_object(masks, shape) for shape in SHAPES]
-    named = name_shape(fits)
-    if named is not None and not cut_by_border(obj):
+    state, obj, fits = region_fits(image, box)
+    if state in ("no background", "empty"):
+        return {"verdict": "malformed" if state == "no background" else "empty", "named_shape": None,
+                "fidelity": 0.0, "position": None}
+    named = name_shape(fits) if state == "whole" else None
+    if named is not None:
         # a well-formed object is placed by its fitted centre, as the generator places it
         return {"verdict": "ok", "named_shape": named.shape, "fidelity": named.iou,
                 "position": position(obj, (named.cx, named.cy))}
