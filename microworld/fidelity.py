@@ -3,8 +3,8 @@
 The CNN always names *some* shape, even for noise or a smear. Here the object's masks (:func:`object_masks`: pixels
 standing out from the background, and the same cut at a share of the object's own contrast so a blurred edge does
 not round its corners; the better fit counts) are compared with the generator's own rendering of every shape
-(:func:`microworld.scenes.shape_sdf`), searched over position, scale and rotation (a heart only near upright, as the generator draws it); a triangle's
-corners may then move freely (a wedge is a triangle to the eye), and a ring is a closed band: an object with a real
+(:func:`microworld.scenes.shape_sdf`), searched over position, scale and rotation (a heart only near upright, as the
+generator draws it); a triangle's corners may then move freely (a wedge is a triangle to the eye), and a ring is a closed band: an object with a real
 hole whose outline is round. The best intersection-over-union is the object's *fidelity* to that shape.
 :func:`name_shape` names the best-fitting shape if its fidelity reaches the shape's threshold, else the object is
 ``malformed``: a shape the judge will not name. The object's place among the generator's nine
@@ -154,13 +154,12 @@ VARIANTS: dict[str, tuple[float, ...]] = {"triangle": (0.6, 0.8, 1.0, 1.25)}
 
 def _outline(shape: str, r: float, variant: float | None = None) -> list[np.ndarray]:
     """The shape's boundary polygons at half-extent ``r`` about the origin, as :func:`microworld.scenes.shape_sdf`
-    defines it (a ring: outer and inner circle as 64-gons, the inner one — a hole — ``variant`` of the outer; a
-    triangle: its height times ``variant``)."""
-    hole = 0.44 if variant is None or shape != "ring" else variant
+    defines it (a ring: outer and inner circle as 64-gons, the inner one — a hole — 0.44 of the outer; a triangle:
+    its height times ``variant``)."""
     if shape in ("circle", "ring"):
         t = np.linspace(0, 2 * np.pi, 64, endpoint=False)
         unit = np.stack([np.cos(t), np.sin(t)], axis=1)
-        return [unit * r] if shape == "circle" else [unit * r, unit * hole * r]
+        return [unit * r] if shape == "circle" else [unit * r, unit * 0.44 * r]
     if shape == "square":
         a = 0.85 * r
         return [np.array([[-a, -a], [a, -a], [a, a], [-a, a]])]
@@ -185,16 +184,20 @@ def _rotation(angle: float) -> np.ndarray:
     return np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
 
 
+def _rasterise(polygons: list[np.ndarray], h: int, w: int) -> np.ndarray:
+    """The first polygon filled on an h×w grid, the others cut out of it as holes."""
+    canvas = Image.new("1", (w, h), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, points in enumerate(polygons):
+        draw.polygon([tuple(p) for p in points], fill=0 if index else 1)
+    return np.asarray(canvas, dtype=bool)
+
+
 def _ideal(shape: str, h: int, w: int, cx: float, cy: float, r: float, angle: float,
            variant: float | None = None) -> np.ndarray:
     """The generator's shape rasterised on an h×w grid (pixels; centre cx, cy), rotated by ``angle`` degrees."""
     rotation = _rotation(angle)
-    canvas = Image.new("1", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    for index, polygon in enumerate(_outline(shape, r, variant)):
-        points = polygon @ rotation.T + [cx, cy]
-        draw.polygon([tuple(p) for p in points], fill=0 if index else 1)
-    return np.asarray(canvas, dtype=bool)
+    return _rasterise([polygon @ rotation.T + [cx, cy] for polygon in _outline(shape, r, variant)], h, w)
 
 
 def _unit_area(shape: str) -> float:
@@ -290,17 +293,11 @@ def _fit_window(mask: np.ndarray, shape: str) -> Fit:
 FREE_POLYGONS = ("triangle",)
 
 
-def _polygon_mask(corners: np.ndarray, h: int, w: int) -> np.ndarray:
-    canvas = Image.new("1", (w, h), 0)
-    ImageDraw.Draw(canvas).polygon([tuple(p) for p in corners], fill=1)
-    return np.asarray(canvas, dtype=bool)
-
-
 def _refine_corners(mask: np.ndarray, corners: np.ndarray, step: float, rounds: int = 3) -> tuple[float, np.ndarray]:
     """Move each corner of a polygon to wherever the IoU with ``mask`` grows (eight directions, steps halving)."""
     h, w = mask.shape
     corners = corners.astype(np.float64).copy()
-    score = _iou(mask, _polygon_mask(corners, h, w))
+    score = _iou(mask, _rasterise([corners], h, w))
     moves = [(dx, dy) for dx in (-1, 0, 1) for dy in (-1, 0, 1) if dx or dy]
     for _ in range(rounds):
         improved = True
@@ -310,7 +307,7 @@ def _refine_corners(mask: np.ndarray, corners: np.ndarray, step: float, rounds: 
                 for dx, dy in moves:
                     trial = corners.copy()
                     trial[index] += (dx * step, dy * step)
-                    value = _iou(mask, _polygon_mask(trial, h, w))
+                    value = _iou(mask, _rasterise([trial], h, w))
                     if value > score + 1e-6:
                         score, corners, improved = value, trial, True
         step /= 2
