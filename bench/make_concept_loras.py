@@ -2,6 +2,7 @@
 LoRA-Composer's tests and benchmark), with the studio's own LoRA trainer on the micro model.
 
     python bench/make_concept_loras.py [--out assets/concepts] [--only cross] [--steps N] [--lr LR] [--no-check]
+    python bench/make_concept_loras.py --measure 48     # judge the shipped files only (no training)
 
 Each is a novel shape the base model never saw, taught from 24 generator scenes with a rare trigger word. The LoRAs
 wrap only the cross-attention keys, values and output (``attn2.to_k/to_v/to_out.0``), so LoRA-Composer applies all
@@ -58,20 +59,50 @@ def check_shares(verdicts: list[dict], shape: str) -> dict:
             "malformed": sum(v.get("verdict") == "malformed" for v in verdicts) / n}
 
 
-def plain_lora_shares(model, path: Path, shape: str) -> dict:
-    """:func:`check_shares` of ``CHECK_SEEDS`` images with the LoRA applied to the whole model."""
+def plain_lora_shares_on(model, path: Path | None, shape: str, seeds: list[int]) -> dict:
+    """:func:`check_shares` of the check prompt on ``seeds``, with the LoRA at ``path`` (``None``: the base model)."""
     from pipelines.generation import adapters_applied
     from microworld.evaluation import sample
     from microworld.judge import judge_images
 
-    with adapters_applied(model, ((str(path), 1.0),)):
-        images = sample(model.pipe, [check_prompt(shape)] * len(CHECK_SEEDS), CHECK_SEEDS)
+    with adapters_applied(model, ((str(path), 1.0),) if path else ()):
+        images = sample(model.pipe, [check_prompt(shape)] * len(seeds), seeds)
     return check_shares(judge_images(images), shape)
 
 
-def plain_lora_share(model, path: Path, shape: str) -> float:
-    """Share of ``CHECK_SEEDS`` in which the judge (old: the CNN's label) reads ``shape`` with the LoRA applied."""
-    return plain_lora_shares(model, path, shape)["old"]
+def measure_shipped(folder: Path, n: int) -> dict:
+    """Each shipped concept LoRA and the base model on its check prompt, ``n`` seeds."""
+    from models.loading import load_model
+
+    model = load_model(REPO / "assets" / "micro-sd")
+    model.pipe.set_progress_bar_config(disable=True)
+    seeds = list(range(n))
+    rows = {}
+    for shape, settings in CONCEPTS.items():
+        path = folder / f"{shape}.safetensors"
+        if not path.is_file():
+            continue
+        rows[shape] = {"trigger": settings["trigger"], "prompt": check_prompt(shape),
+                       "base": plain_lora_shares_on(model, None, shape, seeds),
+                       "lora": plain_lora_shares_on(model, path, shape, seeds)}
+    return {"seeds": n, "rows": rows, "settings": {"steps": 20, "guidance": 4.0, "size": 64, "strength": 1.0}}
+
+
+def measure_table(r: dict) -> str:
+    from report import new_judge_note, rate
+
+    lines = ["# The shipped concept LoRAs in the micro world", "",
+             f"Each LoRA applied at strength 1.0 to the whole micro model (plain LoRA application, no composer) on its "
+             f"check prompt, seeds 0–{r['seeds'] - 1} ({r['seeds']} images, 20 steps, guidance 4.0), and the base "
+             f"model on the same prompts and seeds. Share of images showing the concept's shape.", "",
+             "| concept | prompt | model | old judge | new judge | new judge, in the center | malformed (new) |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for shape, row in r["rows"].items():
+        for label in ("base", "lora"):
+            c = row[label]
+            lines.append(f"| {shape} | `{row['prompt']}` | {'base model' if label == 'base' else 'with the LoRA'} "
+                         f"| {rate(c['old'])} | {rate(c['new'])} | {rate(c['new_position'])} | {rate(c['malformed'])} |")
+    return "\n".join(lines + ["", new_judge_note(), ""])
 
 
 def main() -> int:
@@ -89,8 +120,15 @@ def main() -> int:
     parser.add_argument("--rank", type=int, help="override every concept's rank (default 8)")
     parser.add_argument("--only", choices=sorted(CONCEPTS), help="train just this concept")
     parser.add_argument("--no-check", action="store_true", help="write the file without the plain-LoRA check")
+    parser.add_argument("--measure", type=int, metavar="N",
+                        help="train nothing: judge the shipped files in --out on N seeds, write bench/results/concept_loras")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.measure:
+        from report import measure_micro
+
+        return measure_micro(REPO / "assets" / "micro-sd", REPO / "bench" / "results" / "concept_loras.json",
+                             lambda: measure_shipped(Path(args.out), args.measure), measure_table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="concept-loras-"))
@@ -115,7 +153,7 @@ def main() -> int:
             if model is None:
                 model = load_model(REPO / "assets" / "micro-sd")
                 model.pipe.set_progress_bar_config(disable=True)
-            shares = plain_lora_shares(model, trained, shape)
+            shares = plain_lora_shares_on(model, trained, shape, CHECK_SEEDS)
             share = shares["old"]
             line += (f"; plain LoRA: judge sees a {shape} in {share:.0%} of {len(CHECK_SEEDS)} seeds (old judge; "
                      f"new judge {shares['new']:.0%}, with position {shares['new_position']:.0%}, "

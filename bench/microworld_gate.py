@@ -13,7 +13,6 @@ Writes ``bench/results/microworld.json``.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 import time
@@ -48,28 +47,11 @@ def gate_prompts(n_single: int, n_pairs: int, seed: int) -> tuple[list[dict], li
     return singles, pairs
 
 
-def matched(named: list[tuple[str, str, str | None]], records: list[dict]) -> list[bool]:
-    """Per named (colour, shape, position) object: whether it is found as its own well-formed object of that shape
-    and colour (and, where ``position`` is given, in that place) — distinct records for distinct named objects,
-    the assignment that finds the most."""
-    from microworld.judge import is_right
-
-    best: tuple[bool, ...] = (False,) * len(named)
-    slots = list(range(len(records))) + [None] * len(named)  # None: this named object is not found
-    for choice in itertools.permutations(slots, len(named)):
-        hits = tuple(i is not None and is_right(records[i], shape, color, where)
-                     for i, (color, shape, where) in zip(choice, named))
-        if sum(hits) > sum(best):
-            best = hits
-            if all(best):
-                break
-    return list(best)
-
-
 @torch.no_grad()
 def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024, steps: int = 20,
                  guidance: float = 4.0, keep_images: bool = False) -> dict:
     """Generate the gate's prompts with ``pipe`` and return rates, verdicts and pass/fail."""
+    from microworld.evaluation import named_found
     from microworld.judge import is_right, judge_images, judge_scene
 
     singles, pairs = gate_prompts(n_single, n_pairs, seed)
@@ -103,17 +85,17 @@ def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024,
         item["judged"] = [verdict["color"], verdict["shape"]]
         item["judged_new"] = {k: verdict[k] for k in ("verdict", "named_shape", "fidelity", "position")}
     pair_images = generate(pairs)
-    pair_ok, named_found, pair_new, named_new, pair_pos, named_pos = [], [], [], [], [], []
+    pair_ok, named_old, pair_new, named_new, pair_pos, named_pos = [], [], [], [], [], []
     for item, image in zip(pairs, pair_images):
         records = judge_scene(image)
         found = {(r["color"], r["shape"]) for r in records}
         hits = [tuple(obj) in found for obj in item["objects"]]
-        named_found += hits
+        named_old += hits
         pair_ok.append(all(hits))
-        hits = matched([(c, s, None) for c, s in item["objects"]], records)
+        hits = named_found([(c, s, None) for c, s in item["objects"]], records)
         named_new += hits
         pair_new.append(all(hits))
-        hits = matched([(c, s, where) for (c, s), where in zip(item["objects"], item["positions"])], records)
+        hits = named_found([(c, s, where) for (c, s), where in zip(item["objects"], item["positions"])], records)
         named_pos += hits
         pair_pos.append(all(hits))
         item["judged"] = sorted(f"{c} {s}" for c, s in found)
@@ -133,7 +115,7 @@ def measure_gate(pipe, n_single: int = 120, n_pairs: int = 60, seed: int = 2024,
                           "shape_right_new": mean(rows["shape_new"]), "both_right_new_position": single_pos,
                           "malformed": mean(rows["malformed"]), "empty": mean(rows["empty"]),
                           "n": n_single, "gate": SINGLE_GATE},
-        "two_objects": {"both_present": pair_rate, "named_object_found": mean(named_found),
+        "two_objects": {"both_present": pair_rate, "named_object_found": mean(named_old),
                         "both_present_new": pair_new_rate, "named_object_found_new": mean(named_new),
                         "both_present_new_position": pair_pos_rate, "named_object_found_new_position": mean(named_pos),
                         "n": n_pairs, "gate": PAIR_GATE},

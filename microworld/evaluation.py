@@ -10,6 +10,7 @@ the prompts name a position, ``<key>_new_position`` also asks for the object's c
 """
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 
 from pipelines.generation import adapters_applied
 
-from microworld.judge import is_right, judge_images
+from microworld.judge import is_right, judge_images, judge_scene
 from microworld.scenes import (COLORS, FILL_ADJECTIVES, SceneConfig, generate_scene, parse_caption, restrict,
                                write_dataset)
 
@@ -87,6 +88,33 @@ def named_position(prompt: str) -> str | None:
     """The position the (one-object) prompt names, if any ("sks a red star in the center, ..." → "in the center")."""
     objects, _ = parse_caption(prompt)
     return objects[0]["position"] if len(objects) == 1 else None
+
+
+def named_found(named: list[tuple[str, str, str | None]], records: list[dict]) -> list[bool]:
+    """Per named (colour, shape, position) object: whether it is found as its own well-formed object of that shape
+    and colour (and, where ``position`` is given, in that place) — distinct records for distinct named objects,
+    the assignment that finds the most."""
+    best: tuple[bool, ...] = (False,) * len(named)
+    slots = list(range(len(records))) + [None] * len(named)  # None: this named object is not found
+    for choice in itertools.permutations(slots, len(named)):
+        hits = tuple(i is not None and is_right(records[i], shape, color, where)
+                     for i, (color, shape, where) in zip(choice, named))
+        if sum(hits) > sum(best):
+            best = hits
+            if all(best):
+                break
+    return list(best)
+
+
+def caption_shown(image, named: list[tuple[str, str, str | None]]) -> dict[str, bool]:
+    """Does ``image`` show every named (colour, shape, position) object of its caption? ``old``: each (colour,
+    shape) pair among the CNN's labels of the scene's objects; ``new``: each as its own well-formed object;
+    ``new_position``: and in its named place (:func:`named_found`)."""
+    records = judge_scene(image)
+    labels = {(r["color"], r["shape"]) for r in records}
+    return {"old": all((color, shape) in labels for color, shape, _ in named),
+            "new": all(named_found([(color, shape, None) for color, shape, _ in named], records)),
+            "new_position": all(named_found(named, records))}
 
 
 def concept_rates(learned: list[dict], kept: list[dict], prior: list[dict], shape: str,
