@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from microworld.check_set import CLASSES, agreement, load_set, verdicts  # noqa: E402  (after the path set-up)
+from microworld.check_set import (CLASSES, agreement, consensus, eye_against_eye, load_second_pass,  # noqa: E402
+                                  load_set, verdicts)
 
 
 def table(result: dict) -> str:
@@ -39,8 +40,25 @@ def table(result: dict) -> str:
              "| objects the eye calls malformed given a shape | "
              f"{_pct(old['malformed_given_a_shape'])} | {_pct(new['malformed_given_a_shape'])} |",
              f"| colour agrees (objects with a shape) | {old['colour_agreement_on_shapes']:.1%} | "
-             f"{new['colour_agreement_on_shapes']:.1%} |", "",
-             "Agreement per class the eye gave:", "", "| eye says | n | old judge | new judge |", "|---|---:|---:|---:|"]
+             f"{new['colour_agreement_on_shapes']:.1%} |"]
+    second = result.get("second_pass")
+    if second:
+        eye = second["eye_against_eye"]
+        lines[-2:-2] = [
+            f"| … against a second, blind labelling by the same eye | {second['old']['agreement']:.1%} | "
+            f"{second['new']['agreement']:.1%} |",
+            f"| … on the {second['new_consensus']['n']} objects both labellings agree on | "
+            f"{second['old_consensus']['agreement']:.1%} | {second['new_consensus']['agreement']:.1%} |",
+            "| … of these, objects the eye calls malformed given a shape | "
+            f"{_pct(second['old_consensus']['malformed_given_a_shape'])} | "
+            f"{_pct(second['new_consensus']['malformed_given_a_shape'])} |"]
+        lines += ["", f"**The eye against itself:** a second labelling of the same {eye['n']} objects by the same "
+                      f"person, blind (new order and names, [sheets](judge_check_set/second_pass/), no first labels "
+                      f"or verdicts in view), agrees with the first on {eye['agreement']:.1%}. Where they differ "
+                      "(first → second): " + ", ".join(f"{k.replace('->', ' → ')} {n}" for k, n in
+                                                       sorted(eye["confusion"].items(), key=lambda kv: -kv[1])
+                                                       if k.split("->")[0] != k.split("->")[1]) + "."]
+    lines += ["", "Agreement per class the eye gave:", "", "| eye says | n | old judge | new judge |", "|---|---:|---:|---:|"]
     for cls, row in new["per_class"].items():
         lines.append(f"| {cls} | {row['n']} | {old['per_class'][cls]['agree']:.1%} | {row['agree']:.1%} |")
     for name, part in (("Old", old), ("New", new)):
@@ -88,10 +106,18 @@ def measure(folder: Path) -> dict:
     manifest = [item for item in manifest if str(item["id"]) in labels]
     judged = verdicts(folder, manifest)
     odd = {k: v for k, v in labels.items() if int(k) % 2}  # the half the thresholds were not fitted on
-    return {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW}, "preference": PREFERENCE,
-            "old": agreement(labels, judged, "old"), "new": agreement(labels, judged, "new"),
-            "old_held_out": agreement(odd, judged, "old"), "new_held_out": agreement(odd, judged, "new"),
-            "verdicts": judged}
+    result = {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW}, "preference": PREFERENCE,
+              "old": agreement(labels, judged, "old"), "new": agreement(labels, judged, "new"),
+              "old_held_out": agreement(odd, judged, "old"), "new_held_out": agreement(odd, judged, "new"),
+              "verdicts": judged}
+    second = load_second_pass(folder)
+    if second:
+        agreed = consensus(labels, second)
+        result["second_pass"] = {"eye_against_eye": eye_against_eye(labels, second),
+                                 "old": agreement(second, judged, "old"), "new": agreement(second, judged, "new"),
+                                 "old_consensus": agreement(agreed, judged, "old"),
+                                 "new_consensus": agreement(agreed, judged, "new")}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

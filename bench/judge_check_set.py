@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -323,8 +324,10 @@ def tile_of(crop: Image.Image) -> Image.Image:
     return tile
 
 
-def contact_sheets(crops: list[tuple[int, Image.Image]], out: Path) -> list[Path]:
-    """Sheets of SHEET_COLS×SHEET_ROWS tiles, each with only its id in a label strip underneath."""
+def contact_sheets(crops: list[tuple[int, Image.Image]], out: Path, name: str = "{:04d}",
+                   prefix: str = "sheet") -> list[Path]:
+    """Sheets of SHEET_COLS×SHEET_ROWS tiles, each with only its id (``name`` formats it) in a label strip
+    underneath."""
     font = label_font(24)
     per = SHEET_COLS * SHEET_ROWS
     cell_w, cell_h = TILE + GAP, TILE + LABEL_H + GAP
@@ -337,12 +340,28 @@ def contact_sheets(crops: list[tuple[int, Image.Image]], out: Path) -> list[Path
             y = GAP + (slot // SHEET_COLS) * cell_h
             sheet.paste(tile_of(crop), (x, y))
             draw.rectangle((x, y + TILE, x + TILE - 1, y + TILE + LABEL_H - 1), fill=LABEL_BG)
-            draw.text((x + TILE // 2, y + TILE + LABEL_H // 2), f"{object_id:04d}", fill=LABEL_FG, font=font,
+            draw.text((x + TILE // 2, y + TILE + LABEL_H // 2), name.format(object_id), fill=LABEL_FG, font=font,
                       anchor="mm")
-        path = out / f"sheet_{sheet_index:02d}.png"
+        path = out / f"{prefix}_{sheet_index:02d}.png"
         sheet.save(path)
         paths.append(path)
     return paths
+
+
+def second_pass_sheets(folder: Path, seed: int) -> list[Path]:
+    """Sheets for a second, blind labelling of the same objects: a new shuffle (``random.Random(seed)`` over the
+    manifest's ids) under new names ``B000``…, so neither the first pass's ids and neighbours nor its labels are in
+    view. ``second_pass/order.json`` maps each name back to its object id."""
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["objects"]
+    ids = [item["id"] for item in manifest]
+    random.Random(seed).shuffle(ids)
+    files = {item["id"]: item["file"] for item in manifest}
+    out = folder / "second_pass"
+    out.mkdir(exist_ok=True)
+    (out / "order.json").write_text(json.dumps({"seed": seed, "order": {f"B{i:03d}": k for i, k in enumerate(ids)}},
+                                               indent=1) + "\n", encoding="utf-8")
+    crops = [(i, Image.open(folder / files[k]).convert("RGB")) for i, k in enumerate(ids)]
+    return contact_sheets(crops, out, name="B{:03d}")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -355,7 +374,12 @@ def main() -> int:
     parser.add_argument("--train-steps", type=int, default=150, help="steps of each quick star adapter")
     parser.add_argument("--no-b4m", action="store_true", help="skip the optional Break-for-Make content run")
     parser.add_argument("--keep-work", action="store_true", help="keep the trained adapters and their runs")
+    parser.add_argument("--second-pass-sheets", type=int, metavar="SEED",
+                        help="generate nothing: sheets of the existing set in a new order for a blind second labelling")
     args = parser.parse_args()
+    if args.second_pass_sheets is not None:
+        print(*second_pass_sheets(Path(args.out), args.second_pass_sheets), sep="\n")
+        return 0
     started = time.perf_counter()
 
     # heavy imports (torch, diffusers, the models) only once the arguments are good

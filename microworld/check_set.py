@@ -52,15 +52,35 @@ def agreement(labels: dict[str, dict], judged: dict[str, dict], which: str) -> d
         if n:
             per_class[cls] = {"n": n, "agree": sum(1 for truth, got in pairs if truth == got == cls) / n}
     malformed = [got for truth, got in pairs if truth == "malformed"]
-    named = [k for k in labels if labels[k]["shape"] in SHAPES]
+    named = [k for k in labels if labels[k]["shape"] in SHAPES and "color" in labels[k]]
     return {
         "n": len(pairs),
         "agreement": sum(truth == got for truth, got in pairs) / len(pairs),
         "per_class": per_class,
         "malformed_given_a_shape": (sum(got in SHAPES for got in malformed) / len(malformed)) if malformed else None,
-        "colour_agreement_on_shapes": sum(labels[k]["color"] == judged[k]["color"] for k in named) / len(named),
+        "colour_agreement_on_shapes": (sum(labels[k]["color"] == judged[k]["color"] for k in named) / len(named))
+        if named else None,
         "confusion": {f"{truth}->{got}": n for (truth, got), n in sorted(confusion.items())},
     }
+
+
+def load_second_pass(folder: Path) -> dict[str, dict] | None:
+    """The second, blind labelling of the shapes (``labels_second_pass.json``), if the set has one."""
+    path = folder / "labels_second_pass.json"
+    return json.loads(path.read_text(encoding="utf-8"))["labels"] if path.is_file() else None
+
+
+def consensus(first: dict[str, dict], second: dict[str, dict]) -> dict[str, dict]:
+    """The objects both labellings give the same shape (the first pass's labels, colour included)."""
+    return {k: v for k, v in first.items() if k in second and second[k]["shape"] == v["shape"]}
+
+
+def eye_against_eye(first: dict[str, dict], second: dict[str, dict]) -> dict:
+    """How well the eye agrees with itself: the second labelling read as a 'judge' of the first."""
+    as_judged = {k: {"second": v["shape"], "color": None} for k, v in second.items()}
+    out = agreement({k: {"shape": v["shape"]} for k, v in first.items() if k in second}, as_judged, "second")
+    out.pop("colour_agreement_on_shapes")
+    return out
 
 
 def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]]:

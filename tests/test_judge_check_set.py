@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from microworld.check_set import agreement, load_set, verdicts
+from microworld.check_set import agreement, consensus, load_second_pass, load_set, verdicts
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_SET = REPO / "bench" / "results" / "judge_check_set"
@@ -36,3 +36,13 @@ def test_the_new_judge_agrees_with_the_eye_as_measured(judged):
     assert new["agreement"] >= measured["new"]["agreement"] - 0.01, (new["agreement"], measured["new"]["agreement"])
     assert new["malformed_given_a_shape"] <= measured["new"]["malformed_given_a_shape"] + 0.01
     assert new["agreement"] > agreement(labels, got, "old")["agreement"]  # the fidelity check earns its place
+
+
+def test_on_the_objects_both_labellings_agree_on_the_judge_holds_its_measured_agreement(judged):
+    labels, got = judged
+    second = load_second_pass(CHECK_SET)
+    assert second is not None and set(second) == set(labels), "the second, blind labelling covers the whole set"
+    measured = json.loads(MEASURED.read_text(encoding="utf-8"))["second_pass"]
+    new = agreement(consensus(labels, second), got, "new")
+    assert new["agreement"] >= measured["new_consensus"]["agreement"] - 0.01
+    assert new["malformed_given_a_shape"] <= measured["new_consensus"]["malformed_given_a_shape"] + 0.01
