@@ -19,14 +19,18 @@ pytestmark = [pytest.mark.slow,
                                  reason="micro base model not shipped")]
 
 
-def _star_rate(pipe) -> tuple[float, list[str]]:
+def _star_rates(pipe) -> tuple[float, float, list[str]]:
+    """Share of the seeds read as a star by the old judge (the CNN's label) and by the new one (a well-formed star),
+    and what the new judge named per seed."""
     from microworld.judge import judge_images
 
     generators = [torch.Generator().manual_seed(s) for s in SEEDS]
     images = pipe([PROMPT] * len(SEEDS), num_inference_steps=20, guidance_scale=4.0, generator=generators,
                   height=64, width=64).images
-    shapes = [v["shape"] for v in judge_images(images)]
-    return sum(s == NOVEL for s in shapes) / len(shapes), shapes
+    verdicts = judge_images(images)
+    old = sum(v["shape"] == NOVEL for v in verdicts) / len(verdicts)
+    new = sum(v["verdict"] == "ok" and v["named_shape"] == NOVEL for v in verdicts) / len(verdicts)
+    return old, new, [f"{v['shape']}/{v['named_shape'] or v['verdict']}" for v in verdicts]
 
 
 def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
@@ -50,9 +54,13 @@ def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
     model = load_model(MICRO_MODEL)
     pipe = model.pipe
     pipe.set_progress_bar_config(disable=True)
-    base_rate, base_shapes = _star_rate(pipe)
+    base_rate, base_new, base_shapes = _star_rates(pipe)
     with adapters_applied(model, ((str(out), 1.0),)):
-        lora_rate, lora_shapes = _star_rate(pipe)
-    print(f"judge sees a {NOVEL}: base {base_rate:.0%}, with the LoRA {lora_rate:.0%}")
+        lora_rate, lora_new, lora_shapes = _star_rates(pipe)
+    print(f"judge sees a {NOVEL}: base {base_rate:.0%}, with the LoRA {lora_rate:.0%} (old judge); "
+          f"new judge (well formed): base {base_new:.0%}, with the LoRA {lora_new:.0%}; {lora_shapes}")
     assert base_rate <= 0.25, f"the base model already draws {NOVEL}s: {base_shapes}"
     assert lora_rate >= 0.5 and lora_rate >= base_rate + 0.4, f"base {base_shapes} vs LoRA {lora_shapes}"
+    # Measured here: old judge 100 % (the bar is half of it), new judge 4 of 12 well-formed stars (base 0): half too.
+    assert base_new <= 0.25 and lora_new >= base_new + 2 / len(SEEDS), \
+        f"new judge: base {base_new:.0%}, LoRA {lora_new:.0%}"
