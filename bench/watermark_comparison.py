@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> dict:
     from pipelines.generation import generate
     from models.loading import load_model
     from microworld.scenes import SceneConfig, generate_scenes
-    from microworld.watermark_evaluation import fresh_requests
+    from microworld.watermark_evaluation import content_kept, fresh_requests
     from pipelines.watermark.extractor import extractor_hash, load_extractor
     from pipelines.watermark.keys import parse_key
     from pipelines.watermark.shipped import default_extractor_path
@@ -181,14 +181,15 @@ def run(args: argparse.Namespace) -> dict:
     lora_file, lora = trained(model, "lora", args.lr, args, work)
     marked = generations(watermark=str(lora_file))
     methods["watermark LoRA"] = {**lora, "size": model.native_size, "attacks": attacked(read_extractor, key, marked),
-                                 "unmarked_flagged": flagged(read_extractor, key, plain), **quality(plain, marked)}
+                                 "unmarked_flagged": flagged(read_extractor, key, plain), **quality(plain, marked),
+                                 "content": content_kept(marked, args.images, args.seed)}
 
     full_file, full = trained(model, "full_decoder", args.full_lr, args, work)
     with decoder_state_applied(model.pipe, full_file):
         marked = generations()
     methods["full decoder"] = {**full, "size": model.native_size, "attacks": attacked(read_extractor, key, marked),
                                "unmarked_flagged": methods["watermark LoRA"]["unmarked_flagged"],
-                               **quality(plain, marked)}
+                               **quality(plain, marked), "content": content_kept(marked, args.images, args.seed)}
     # Same extractor, same key: one clean-image measurement serves both extractor-based methods.
     clean = clean_flags(read_extractor, key, scenes, CLEAN_SEED)
     for name in ("watermark LoRA", "full decoder"):
@@ -202,9 +203,12 @@ def run(args: argparse.Namespace) -> dict:
                          "embed_seconds": round(seconds, 2), "size": DWT_SIZE,
                          "attacks": attacked(read_dwt, key, marked), "unmarked_flagged": flagged(read_dwt, key, big),
                          **quality(big, marked),
+                         "content": content_kept([image.resize(plain[0].size, Image.BICUBIC) for image in marked],
+                                                 args.images, args.seed),
                          "clean": {**clean_flags(read_dwt, key, [dwt_size(s) for s in scenes], CLEAN_SEED),
                                    "size": DWT_SIZE}}
-    return {"methods": methods, "bits": bits, "key": KEY, "fpr": FPR, "extractor_hash": extractor_hash(extractor),
+    return {"methods": methods, "content_unmarked": content_kept(plain, args.images, args.seed),
+            "bits": bits, "key": KEY, "fpr": FPR, "extractor_hash": extractor_hash(extractor),
             "total_seconds": round(time.perf_counter() - began, 1),
             "settings": {**vars(args), "threads": torch.get_num_threads()}}
 
@@ -214,6 +218,8 @@ def _seconds(value) -> str:
 
 
 def markdown(r: dict) -> str:
+    from report import rate
+
     s, m = r["settings"], r["methods"]
     n = s["images"]
     lora, full, dwt = m["watermark LoRA"], m["full decoder"], m["dwtDct"]
@@ -236,6 +242,14 @@ def markdown(r: dict) -> str:
                      f"| {x['unmarked_flagged']}/{n} | {x['psnr']:.1f} dB | {x['ssim']:.3f} "
                      f"| {x['clean']['flagged']}/{x['clean']['images']} | {_seconds(x['seconds_to_99'])} "
                      f"| {_seconds(seconds)} |")
+    lines += ["", "What the marked generations show (a watermark should leave the content alone): share showing every "
+                  "object their caption names, old judge (the CNN's labels) / new judge (each object well formed) / "
+                  "new judge with positions. dwtDct's 256-px images are judged resized back to "
+                  f"{lora['size']} px (bicubic).", "",
+              "| | old judge | new judge | new judge, with positions |", "|---|---:|---:|---:|"]
+    for name, c in [*((name, x.get("content")) for name, x in m.items()), ("unmarked", r.get("content_unmarked"))]:
+        c = c or {}
+        lines.append(f"| {name} | {rate(c.get('old'))} | {rate(c.get('new'))} | {rate(c.get('new_position'))} |")
     lines += ["", f"Under attack: bit accuracy (flagged of {n}); attacks at 64 px for the extractor-based methods, at "
                   "256 px for dwtDct.", "",
               "| attack | " + " | ".join(m) + " |", "|---|" + "---:|" * len(m)]

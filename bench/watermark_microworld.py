@@ -29,7 +29,7 @@ KEY = "5c3a9e1f07b2"
 def run(args: argparse.Namespace) -> dict:
     from core.image_metrics import psnr, ssim
     from models.loading import load_model
-    from microworld.watermark_evaluation import fresh_generations
+    from microworld.watermark_evaluation import content_kept, fresh_generations
     from pipelines.watermark.extractor import load_extractor
     from pipelines.watermark.shipped import default_extractor_path
     from pipelines.watermark.verify import verify
@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> dict:
             "psnr": float(np.mean([psnr(np.asarray(a), np.asarray(b)) for a, b in zip(plain, marked)])),
             "ssim": float(np.mean([ssim(np.asarray(a.convert("L")), np.asarray(b.convert("L")))
                                    for a, b in zip(plain, marked)])),
+            "content": {"plain": content_kept(plain, args.images, args.seed),
+                        "watermarked": content_kept(marked, args.images, args.seed)},
             "settings": {**vars(args), "threads": torch.get_num_threads(), "key": KEY}}
 
 
@@ -77,6 +79,8 @@ def save_strip(plain: list, marked: list, path: Path, zoom: int = 3) -> None:
 
 
 def markdown(r: dict) -> str:
+    from report import rate
+
     s = r["settings"]
     n = s["images"]
     return "\n".join([
@@ -90,7 +94,14 @@ def markdown(r: dict) -> str:
         "| trainable parameters | training seconds | seconds to 99 % (training batches) | PSNR vs plain | SSIM vs plain |",
         "|---:|---:|---:|---:|---:|",
         f"| {r['trainable']:,} | {r['train_seconds']} | {r['seconds_to_99'] if r['seconds_to_99'] is not None else 'not reached'} "
-        f"| {r['psnr']:.1f} dB | {r['ssim']:.3f} |", ""])
+        f"| {r['psnr']:.1f} dB | {r['ssim']:.3f} |", "",
+        "What the images show (does the watermark change the content?): share of the generations showing every object "
+        "their caption names. Old judge: the CNN's labels of the objects found; new judge: each as its own well-formed "
+        "object (microworld/fidelity.py), and also in its named place.", "",
+        "| | old judge | new judge | new judge, with positions |", "|---|---:|---:|---:|",
+        *[f"| {label} | {rate(c['old'])} | {rate(c['new'])} | {rate(c['new_position'])} |"
+          for label, c in (("with the watermark", r["content"]["watermarked"]), ("without", r["content"]["plain"]))],
+        ""])
 
 
 def main(argv: list[str] | None = None) -> int:
