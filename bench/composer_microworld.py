@@ -443,9 +443,11 @@ def cost_setup(runner: Runner, method: str, layout: dict):
         global_embeds = runner.encode(layout["global_prompt"])
         region_embeds = [runner.encode(r["prompt"]) for r in layout["regions"]]
         boxes = [tuple(r["box"]) for r in layout["regions"]]
+        strengths = [r.get("strength", 1.0) for r in layout["regions"]]
         with runner.region_loras(layout) as names:
-            yield lambda seed: runner.latent_mode_image(global_embeds, list(zip(names, region_embeds)), boxes, seed,
-                                                        layout["width"], layout["height"])
+            regions = list(zip(names, region_embeds, strengths))
+            yield lambda seed: runner.latent_mode_image(global_embeds, regions, boxes, seed, layout["width"],
+                                                        layout["height"])
     else:
         raise ValueError(method)
 
