@@ -77,10 +77,8 @@ def consensus(first: dict[str, dict], second: dict[str, dict]) -> dict[str, dict
 
 def eye_against_eye(first: dict[str, dict], second: dict[str, dict]) -> dict:
     """How well the eye agrees with itself: the second labelling read as a 'judge' of the first."""
-    as_judged = {k: {"second": v["shape"], "color": None} for k, v in second.items()}
-    out = agreement({k: {"shape": v["shape"]} for k, v in first.items() if k in second}, as_judged, "second")
-    out.pop("colour_agreement_on_shapes")
-    return out
+    shapes_only = {k: {"shape": v["shape"]} for k, v in first.items() if k in second}  # no colour: none compared
+    return agreement(shapes_only, {k: {"second": v["shape"]} for k, v in second.items()}, "second")
 
 
 def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]]:
