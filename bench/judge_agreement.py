@@ -27,10 +27,12 @@ def table(result: dict) -> str:
              f"{old['n']} objects cut from generations of the base model, LoRAs, SaRA and LoRA-Composer, labelled by "
              f"eye ([contact sheets](judge_check_set/)). Old judge: the CNN's shape label alone. New judge: "
              f"the shape that fits the object's mask best (fidelity: best IoU with the generator's rendering of it, "
-             f"a triangle's corners free, a ring a round loop round a real hole), if it reaches its threshold, else "
-             f"`malformed` (or `empty`); the CNN plays no part. Thresholds {result['thresholds']} and preferences "
-             f"{result['preference']} were fitted on the even-numbered half of the set (`--fit`), each at least 0.01 "
-             f"below the lowest fidelity of the generator's own objects of that shape; the odd half is held out.",
+             f"a triangle's corners free, a square's corners maybe rounded, a ring a round loop round a real hole), "
+             f"if it reaches its threshold, no part strays further than the shape's deviation limit and a convex "
+             f"shape is solid enough, else `malformed` (or `empty`); the CNN plays no part. Thresholds "
+             f"{result['thresholds']}, preferences {result['preference']}, deviation limits {result['deviations']} "
+             f"and least solidity {result['min_solidity']} were fitted on the even-numbered half of the first "
+             f"labelling (`--fit`), each within the generator's own objects' range; the odd half is held out.",
              "", f"Every disagreement with the eye on one sheet: [{result['disagreements']['sheet']}]"
                  f"({result['disagreements']['sheet']}) ({result['disagreements']['count']} objects).",
              "", "| measure | old judge | new judge |", "|---|---:|---:|",
@@ -51,7 +53,12 @@ def table(result: dict) -> str:
             f"{second['old_consensus']['agreement']:.1%} | {second['new_consensus']['agreement']:.1%} |",
             "| … of these, objects the eye calls malformed given a shape | "
             f"{_pct(second['old_consensus']['malformed_given_a_shape'])} | "
-            f"{_pct(second['new_consensus']['malformed_given_a_shape'])} |"]
+            f"{_pct(second['new_consensus']['malformed_given_a_shape'])} |",
+            f"| … on the held-out half of them ({second['new_consensus_held_out']['n']} objects) | "
+            f"{second['old_consensus_held_out']['agreement']:.1%} | {second['new_consensus_held_out']['agreement']:.1%} |",
+            "| … of these, objects the eye calls malformed given a shape | "
+            f"{_pct(second['old_consensus_held_out']['malformed_given_a_shape'])} | "
+            f"{_pct(second['new_consensus_held_out']['malformed_given_a_shape'])} |"]
         lines += ["", f"**The eye against itself:** a second labelling of the same {eye['n']} objects by the same "
                       f"person, blind (new order and names, [sheets](judge_check_set/second_pass/), no first labels "
                       f"or verdicts in view), agrees with the first on {eye['agreement']:.1%}. Where they differ "
@@ -99,14 +106,20 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
+def held_out(labels: dict[str, dict]) -> dict[str, dict]:
+    """The odd-numbered half: the one the judge's limits were not fitted on."""
+    return {k: v for k, v in labels.items() if int(k) % 2}
+
+
 def measure(folder: Path) -> dict:
-    from microworld.fidelity import MALFORMED_BELOW, PREFERENCE, THRESHOLDS
+    from microworld.fidelity import DEVIATIONS, MALFORMED_BELOW, MIN_SOLIDITY, PREFERENCE, THRESHOLDS
 
     manifest, labels = load_set(folder)
     manifest = [item for item in manifest if str(item["id"]) in labels]
     judged = verdicts(folder, manifest)
-    odd = {k: v for k, v in labels.items() if int(k) % 2}  # the half the thresholds were not fitted on
+    odd = held_out(labels)
     result = {"thresholds": {**THRESHOLDS, "other shapes": MALFORMED_BELOW}, "preference": PREFERENCE,
+              "deviations": DEVIATIONS, "min_solidity": MIN_SOLIDITY,
               "old": agreement(labels, judged, "old"), "new": agreement(labels, judged, "new"),
               "old_held_out": agreement(odd, judged, "old"), "new_held_out": agreement(odd, judged, "new"),
               "verdicts": judged}
@@ -116,7 +129,9 @@ def measure(folder: Path) -> dict:
         result["second_pass"] = {"eye_against_eye": eye_against_eye(labels, second),
                                  "old": agreement(second, judged, "old"), "new": agreement(second, judged, "new"),
                                  "old_consensus": agreement(agreed, judged, "old"),
-                                 "new_consensus": agreement(agreed, judged, "new")}
+                                 "new_consensus": agreement(agreed, judged, "new"),
+                                 "old_consensus_held_out": agreement(held_out(agreed), judged, "old"),
+                                 "new_consensus_held_out": agreement(held_out(agreed), judged, "new")}
     return result
 
 

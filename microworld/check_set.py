@@ -8,6 +8,7 @@ The *old* judge's shape verdict is the CNN's label alone (it always names a shap
 """
 from __future__ import annotations
 
+import copy
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from microworld.fidelity import Fit, fit_object, name_shape, object_masks
+from microworld.fidelity import CONVEX, Fit, fit_object, name_shape, object_masks
 from microworld.judge import Judge, judge_images, region_fits
 from microworld.scenes import FILLS, SHAPES, SceneConfig, generate_scenes
 
@@ -91,56 +92,76 @@ def object_fits(folder: Path, manifest: list[dict]) -> dict[str, str | list[Fit]
     return out
 
 
-START = 0.85
+START = 0.85  # every threshold's start
+START_DEVIATION = 0.25  # every deviation limit's start (a quarter of the radius: a clear bump)
+SOLIDITY_GRID = tuple(round(v, 2) for v in np.arange(0.80, 0.951, 0.01))
 
 
-def generator_floors(count: int = 300, seed: int = 41) -> dict[str, float]:
-    """Per shape, the lowest fidelity of the generator's own objects (every fill, the smallest sizes the base model
-    is trained on): a threshold above it would call the generator's shapes malformed."""
+def generator_floors(count: int = 300, seed: int = 41) -> dict[str, dict[str, float]]:
+    """Per shape, the lowest fidelity, the largest deviation and the lowest solidity of the generator's own objects
+    (every fill, the smallest sizes the base model is trained on): limits beyond them would call the generator's
+    shapes malformed."""
     config = SceneConfig(shapes=SHAPES, fills=FILLS, max_objects=1, min_radius=0.11, max_radius=0.3)
-    floors: dict[str, float] = {}
+    floors: dict[str, dict[str, float]] = {"fidelity": {}, "deviation": {}, "solidity": {}}
     for scene in generate_scenes(count, seed, config):
-        obj = scene.objects[0]
-        fidelity = fit_object(object_masks(np.asarray(scene.image)), obj.shape).iou
-        floors[obj.shape] = min(floors.get(obj.shape, 1.0), fidelity)
+        shape = scene.objects[0].shape
+        fit = fit_object(object_masks(np.asarray(scene.image)), shape)
+        floors["fidelity"][shape] = min(floors["fidelity"].get(shape, 1.0), fit.iou)
+        floors["deviation"][shape] = max(floors["deviation"].get(shape, 0.0), fit.deviation)
+        floors["solidity"][shape] = min(floors["solidity"].get(shape, 1.0), fit.solidity)
     return floors
 
 
-def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], floors: dict[str, float],
-                   rounds: int = 4) -> dict:
-    """Thresholds and preferences that make the new judge agree best with ``labels`` (agreement minus the share of
-    malformed objects given a shape), by coordinate search from a neutral start (every threshold :data:`START`, no
-    preference; the search does not depend on what is shipped), each threshold at least 0.01 below
-    its shape's generator ``floors``. Run on half of the check set, it leaves the other half to measure them on.
-    Shapes too rare in ``labels`` get the highest threshold their floor allows."""
-    def verdict(fit_list: str | list[Fit], thresholds: dict, preference: dict) -> str:
-        if isinstance(fit_list, str):
-            return fit_list
-        named = name_shape(fit_list, thresholds, preference)
-        return named.shape if named else "malformed"
-
-    def objective(thresholds: dict, preference: dict) -> float:
-        got = {k: verdict(fits[k], thresholds, preference) for k in labels}
+def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], floors: dict[str, dict[str, float]],
+                   rounds: int = 4, malformed_weight: float = 1.0) -> dict:
+    """Thresholds, preferences, deviation limits and the convex shapes' least solidity that make the new judge agree
+    best with ``labels`` (agreement minus the share of malformed objects given a shape), by coordinate search from a
+    neutral start (every threshold :data:`START`, every deviation limit :data:`START_DEVIATION`, no preference, no
+    solidity bar; the search does not depend on what is shipped). Each threshold stays at least 0.01 below its
+    shape's generator ``floors``, each deviation limit 0.02 above, the solidity bar 0.01 below the generator's convex
+    objects. Run on half of the check set, it leaves the other half to measure them on. Shapes too rare in
+    ``labels`` get the strictest limits their floors allow."""
+    def objective(params: dict) -> float:
+        got = {}
+        for k in labels:
+            named = None if isinstance(fits[k], str) else name_shape(fits[k], **params)
+            got[k] = fits[k] if isinstance(fits[k], str) else (named.shape if named else "malformed")
         agree = sum(got[k] == labels[k]["shape"] for k in labels) / len(labels)
         malformed = [k for k in labels if labels[k]["shape"] == "malformed"]
         wrong = sum(got[k] in SHAPES for k in malformed) / max(1, len(malformed))
-        return agree - wrong
+        return agree - malformed_weight * wrong
 
-    ceiling = {shape: np.floor(100 * floors[shape] - 1) / 100 for shape in SHAPES}
-    thresholds = {shape: min(START, ceiling[shape]) for shape in SHAPES}
-    preference = {shape: 0.0 for shape in SHAPES}
+    ceiling = {shape: np.floor(100 * floors["fidelity"][shape] - 1) / 100 for shape in SHAPES}
+    least = {shape: np.ceil(100 * floors["deviation"][shape] + 2) / 100 for shape in SHAPES}
+    solid_ceiling = np.floor(100 * min(floors["solidity"][shape] for shape in CONVEX) - 1) / 100
     fitted = [shape for shape in SHAPES if sum(label["shape"] == shape for label in labels.values()) >= 3]
-    thresholds.update({shape: float(ceiling[shape]) for shape in SHAPES if shape not in fitted})
-    for _ in range(rounds):
-        for shape in fitted:
-            for table, grid in ((thresholds, np.arange(0.70, ceiling[shape] + 0.001, 0.01)),
-                                (preference, np.arange(-0.08, 0.081, 0.005))):
-                if table is preference and shape == "circle":
-                    continue  # the reference the others are preferred against
-                current = table[shape]
-                table[shape] = max((round(float(v), 3) for v in grid),
-                                   key=lambda v: (objective(*((thresholds | {shape: v}, preference) if table is thresholds
-                                                              else (thresholds, preference | {shape: v}))),
-                                                  -abs(v - current)))
-    return {"thresholds": {s: round(thresholds[s], 2) for s in SHAPES}, "generator_floors": floors,
-            "preference": {s: preference[s] for s in fitted if preference[s]}, "shapes_fitted": fitted}
+    params = {"thresholds": {s: float(ceiling[s]) if s not in fitted else min(START, ceiling[s]) for s in SHAPES},
+              "preference": {s: 0.0 for s in SHAPES},
+              "deviations": {s: float(least[s]) if s not in fitted else max(START_DEVIATION, least[s]) for s in SHAPES},
+              "min_solidity": 0.0}
+    grids = {"thresholds": lambda s: np.arange(0.70, ceiling[s] + 0.001, 0.01),
+             "preference": lambda s: np.arange(-0.08, 0.081, 0.005),
+             "deviations": lambda s: np.arange(least[s], 0.601, 0.01)}
+
+    def best(values, trial, current):  # the best value; of equals, the one nearest the current
+        return max((round(float(v), 3) for v in values), key=lambda v: (objective(trial(v)), -abs(v - current)))
+
+    def search(min_solidity: float) -> dict:
+        found = copy.deepcopy(params) | {"min_solidity": min_solidity}
+        for _ in range(rounds):
+            for shape in fitted:
+                for table, grid in grids.items():
+                    if table == "preference" and shape == "circle":
+                        continue  # the reference the others are preferred against
+                    current = found[table][shape]
+                    found[table][shape] = max(
+                        (round(float(v), 3) for v in grid(shape)),
+                        key=lambda v: (objective(found | {table: found[table] | {shape: v}}), -abs(v - current)))
+        return found
+
+    # the solidity bar moves the best thresholds of every convex shape at once: each is searched for on its own
+    params = max((search(v) for v in (0.0, *(v for v in SOLIDITY_GRID if v <= solid_ceiling))), key=objective)
+    return {"thresholds": {s: round(params["thresholds"][s], 2) for s in SHAPES},
+            "preference": {s: params["preference"][s] for s in fitted if params["preference"][s]},
+            "deviations": {s: round(params["deviations"][s], 2) for s in SHAPES},
+            "min_solidity": params["min_solidity"], "generator_floors": floors, "shapes_fitted": fitted}

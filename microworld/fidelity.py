@@ -4,11 +4,14 @@ The CNN always names *some* shape, even for noise or a smear. Here the object's 
 standing out from the background, and the same cut at a share of the object's own contrast so a blurred edge does
 not round its corners; the better fit counts) are compared with the generator's own rendering of every shape
 (:func:`microworld.scenes.shape_sdf`), searched over position, scale and rotation (a heart only near upright, as the
-generator draws it); a triangle's corners may then move freely (a wedge is a triangle to the eye), and a ring is a closed band: an object with a real
-hole whose outline is round. The best intersection-over-union is the object's *fidelity* to that shape.
-:func:`name_shape` names the best-fitting shape if its fidelity reaches the shape's threshold, else the object is
-``malformed``: a shape the judge will not name. The object's place among the generator's nine
-(:func:`microworld.scenes.position_of`) lets a caption's positions be checked too.
+generator draws it); a triangle's corners may then move freely (a wedge is a triangle to the eye), a square's
+corners may be rounded, and a ring is a closed band: an object with a real hole whose outline is round. The best
+intersection-over-union is the object's *fidelity* to that shape. IoU averages over the whole outline, the eye does
+not: a bump, a dent or an oval's overhang is seen even when the IoU is high, so each fit also records its widest
+stray part (*deviation*) and the object's *solidity*. :func:`name_shape` names the best-fitting shape if its
+fidelity reaches the shape's threshold and neither of the others rules it out, else the object is ``malformed``: a
+shape the judge will not name. The object's place among the generator's nine (:func:`microworld.scenes.position_of`)
+lets a caption's positions be checked too.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from microworld.scenes import _HEART, SHAPES, _regular_star, position_of
 
@@ -34,9 +38,16 @@ MALFORMED_BELOW = 0.80  # a shape without a threshold of its own
 # least 0.01 below the lowest fidelity of the generator's own objects of its shape; the check set has too few hearts,
 # stars and crosses to fit theirs, which sit at that ceiling. So every generator object of every shape, fill and
 # background is well formed (tests/test_judge.py).
-THRESHOLDS: dict[str, float] = {"circle": 0.88, "square": 0.86, "triangle": 0.85, "ring": 0.84,
-                                "heart": 0.89, "star": 0.80, "cross": 0.87}
-PREFERENCE: dict[str, float] = {"triangle": -0.01}
+THRESHOLDS: dict[str, float] = {"circle": 0.88, "square": 0.83, "triangle": 0.85, "ring": 0.84,
+                                "heart": 0.89, "star": 0.79, "cross": 0.87}
+PREFERENCE: dict[str, float] = {"square": -0.01, "triangle": -0.01}
+# Per shape: how far (a share of the fitted radius) the widest stray part of a named object may reach (Fit.deviation),
+# and how solid a convex shape must be (Fit.solidity); fitted with the thresholds, each deviation limit at least 0.02
+# above the largest of the generator's own objects.
+DEVIATIONS: dict[str, float] = {"circle": 0.20, "square": 0.28, "triangle": 0.27, "ring": 0.33,
+                                "heart": 0.17, "star": 0.21, "cross": 0.25}
+CONVEX = ("circle", "square", "triangle", "ring")  # a ring's outline
+MIN_SOLIDITY = 0.85
 # RGB distance from the background that counts as foreground: a fill's dark tone (0.35 of the colour) on the black
 # background is 40-60 away, so lower than find_objects' 60, which only has to find an object's bright part.
 CONTRAST = 30.0
@@ -45,6 +56,8 @@ UPSAMPLE = 2  # masks are compared at twice the image's resolution: edges of sma
 FRAGMENT_SHARE = 0.2  # components at least this share of the largest one belong to the object
 EDGE_LEVEL = 0.35  # the object's edge: this share of its strong (90th percentile) contrast with the background
 SMALL_HOLE = 0.06  # holes smaller than this share of the object are a fill's dark tone; larger ones are real
+FRAME_SHARE = 0.2  # a ring of pixels belongs to a frame when this share of it stands out (most of one side)
+FRAME_DEPTH = 5  # the thickest frame along the border (pixels) that is painted over before looking for objects
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,12 @@ class Fit:
     cy: float
     radius: float
     angle: float  # degrees
+    # the thickest stretch where object and fitted shape differ (a bump, a dent, an oval's overhang), as a share of
+    # the fitted radius: IoU spreads a boundary that is a little off everywhere and one bump alike; the eye does not
+    deviation: float = 0.0
+    # the object's area over its convex hull's (its outline's, for a ring): a dent or a lobe lowers it, which no
+    # convex shape has
+    solidity: float = 1.0
 
 
 def foreground(image: np.ndarray, contrast: float = CONTRAST) -> np.ndarray:
@@ -85,8 +104,10 @@ def select_object(mask: np.ndarray, box: tuple[float, float, float, float] | Non
 
 def cut_by_border(mask: np.ndarray, tolerance: int = 2) -> bool:
     """The object runs into the image's edge (more than ``tolerance`` border pixels): only a part of it is seen.
-    The generator keeps every object inside the image."""
-    ring = np.concatenate([mask[0], mask[-1], mask[:, 0], mask[:, -1]])
+    The generator keeps every object inside the image. A thin stroke reaching the edge (a stray line, a neighbour's
+    tail) does not cut the object: the mask is opened first."""
+    body = ndimage.binary_opening(mask, iterations=1)
+    ring = np.concatenate([body[0], body[-1], body[:, 0], body[:, -1]])
     return int(ring.sum()) > tolerance
 
 
@@ -110,7 +131,7 @@ def object_masks(image: np.ndarray, box: tuple[float, float, float, float] | Non
     """The masks of the object a region holds (:func:`select_object`), or None where the region has no background
     around it (noise, a texture). In the tight one the small holes a fill's dark tone leaves are closed (a ring's
     hole is larger and stays)."""
-    pixels = np.asarray(image, dtype=np.float32)[..., :3]
+    pixels = without_frame(np.asarray(image, dtype=np.float32)[..., :3])
     loose = foreground(pixels)
     if not has_background(loose):
         return None
@@ -127,7 +148,14 @@ def object_masks(image: np.ndarray, box: tuple[float, float, float, float] | Non
         sizes = ndimage.sum(holes > 0, holes, range(1, count + 1))
         area = tight.sum() + sizes.sum()
         tight |= np.isin(holes, [i + 1 for i, size in enumerate(sizes) if size < SMALL_HOLE * area])
-    return ObjectMasks(tight, found)
+    return ObjectMasks(_without_strokes(tight), _without_strokes(found))
+
+
+def _without_strokes(mask: np.ndarray) -> np.ndarray:
+    """The mask without thin strokes (a stray line, a neighbour's tail; up to two pixels wide): opened, then given
+    back the pixels next to what stayed, so the body's own corners and edges are kept."""
+    body = ndimage.binary_opening(mask, iterations=1)
+    return mask & ndimage.binary_dilation(body, iterations=1) if body.any() else mask
 
 
 def fit_object(masks: ObjectMasks, shape: str) -> Fit:
@@ -140,6 +168,36 @@ def _background(pixels: np.ndarray) -> np.ndarray:
     return np.median(border, axis=0)
 
 
+def _ring(pixels: np.ndarray, depth: int) -> np.ndarray:
+    """The pixels ``depth`` pixels in from the image's edge, all round."""
+    inner = pixels[depth:pixels.shape[0] - depth, depth:pixels.shape[1] - depth]
+    return np.concatenate([inner[0], inner[-1], inner[1:-1, 0], inner[1:-1, -1]])
+
+
+def without_frame(pixels: np.ndarray) -> np.ndarray:
+    """The image with a thin frame along its border (the watermark LoRA draws one) painted over in the colour just
+    inside it: otherwise the frame would be read as the background and every object in it as part of one texture.
+    A frame is up to :data:`FRAME_DEPTH` - 1 outer rings of pixels, each with a good part far from that inner colour,
+    round a ring that is clean background."""
+    depth = min(FRAME_DEPTH, min(pixels.shape[:2]) // 8)
+    if depth < 1:
+        return pixels
+    inside = np.median(_ring(pixels, depth), axis=0)
+
+    def far(ring: int) -> float:  # the share of a ring's pixels far from the colour inside
+        return float(np.mean(np.linalg.norm(_ring(pixels, ring) - inside, axis=-1) > CONTRAST))
+
+    frame = 0
+    while frame < depth and far(frame) > FRAME_SHARE:
+        frame += 1
+    # no frame, or nothing but "frame" (noise, a texture): leave the image as it is
+    if frame == 0 or frame == depth or far(frame) > BORDER_LIMIT / 2:
+        return pixels
+    painted = np.repeat(np.repeat(inside[None, None], pixels.shape[0], 0), pixels.shape[1], 1).astype(pixels.dtype)
+    painted[frame:-frame, frame:-frame] = pixels[frame:-frame, frame:-frame]
+    return painted
+
+
 def hole_share(mask: np.ndarray) -> float:
     """The share of the object's outline (the mask with its holes filled) that is hole."""
     filled = ndimage.binary_fill_holes(mask)
@@ -148,8 +206,10 @@ def hole_share(mask: np.ndarray) -> float:
 
 # A shape's free proportion, besides position, scale and rotation, for the first guess: a triangle's height (1: the
 # generator's equilateral one; a flatter or taller triangle is still a triangle to the eye), before its corners move
-# freely. The other shapes have none: an oval is no circle, an oblong no square.
-VARIANTS: dict[str, tuple[float, ...]] = {"triangle": (0.6, 0.8, 1.0, 1.25)}
+# freely; a square's corners may be rounded (a superellipse of exponent 8 or 5 besides the sharp square: the eye still
+# sees a square in a rounded one, while a circle fits these worse than itself). The other shapes have none: an oval
+# is no circle, an oblong no square.
+VARIANTS: dict[str, tuple[float | None, ...]] = {"triangle": (0.6, 0.8, 1.0, 1.25), "square": (None, 8.0, 5.0)}
 
 
 def _outline(shape: str, r: float, variant: float | None = None) -> list[np.ndarray]:
@@ -162,7 +222,11 @@ def _outline(shape: str, r: float, variant: float | None = None) -> list[np.ndar
         return [unit * r] if shape == "circle" else [unit * r, unit * 0.44 * r]
     if shape == "square":
         a = 0.85 * r
-        return [np.array([[-a, -a], [a, -a], [a, a], [-a, a]])]
+        if variant is None:
+            return [np.array([[-a, -a], [a, -a], [a, a], [-a, a]])]
+        t = np.linspace(0, 2 * np.pi, 96, endpoint=False)  # a superellipse: |x|^p + |y|^p = a^p, corners rounded
+        c, s = np.cos(t), np.sin(t)
+        return [a * np.stack([np.sign(c) * np.abs(c) ** (2 / variant), np.sign(s) * np.abs(s) ** (2 / variant)], 1)]
     if shape == "triangle":
         h = 1.8 * r
         half = h / np.sqrt(3)
@@ -230,7 +294,8 @@ def fit_shape(mask: np.ndarray, shape: str) -> Fit:
         if hole_share(mask) < SMALL_HOLE:
             return Fit(shape, 0.0, 0.5, 0.5, 0.0, 0.0)
         outline = fit_shape(ndimage.binary_fill_holes(mask), "circle")
-        return Fit(shape, outline.iou, outline.cx, outline.cy, outline.radius, 0.0)
+        return Fit(shape, outline.iou, outline.cx, outline.cy, outline.radius, 0.0, outline.deviation,
+                   outline.solidity)
     h, w = mask.shape
     margin = max(3, int(0.5 * max(xs.max() - xs.min(), ys.max() - ys.min())))  # room for a larger ideal shape
     top, left = max(0, ys.min() - margin), max(0, xs.min() - margin)
@@ -238,7 +303,7 @@ def fit_shape(mask: np.ndarray, shape: str) -> Fit:
     fit = _fit_window(window, shape)
     wh, ww = window.shape
     return Fit(shape, fit.iou, round((left + fit.cx * ww) / w, 4), round((top + fit.cy * wh) / h, 4), fit.radius,
-               fit.angle)
+               fit.angle, fit.deviation, solidity(mask))
 
 
 def _fit_window(mask: np.ndarray, shape: str) -> Fit:
@@ -278,14 +343,35 @@ def _fit_window(mask: np.ndarray, shape: str) -> Fit:
                         trial = _iou(big, _ideal(shape, h, w, cx + dx, cy + dy, r * scale, angle + da, variant))
                         if trial > score:
                             score, cx, cy, r, angle = trial, cx + dx, cy + dy, r * scale, angle + da
+    ideal = _ideal(shape, h, w, cx, cy, r, angle, variant)
     if shape in FREE_POLYGONS:
         corners = _outline(shape, r, variant)[0] @ _rotation(angle).T + [cx, cy]
         free_score, corners = _refine_corners(big, corners, step=r * 0.16)
         if free_score > score:
-            score = free_score
+            score, ideal = free_score, _rasterise([corners], h, w)
             cx, cy = (corners.min(axis=0) + corners.max(axis=0)) / 2  # the generator centres a shape's box
     return Fit(shape, round(score, 4), round(cx / w, 4), round(cy / h, 4), round(r / UPSAMPLE, 2),
-               round(angle % period if period else 0.0, 1))
+               round(angle % period if period else 0.0, 1), round(_deviation(big, ideal) / r, 4))
+
+
+def solidity(mask: np.ndarray) -> float:
+    """The mask's area (holes filled) over the area of its convex hull (pixels as unit squares)."""
+    filled = ndimage.binary_fill_holes(mask)
+    ys, xs = np.nonzero(filled)
+    if len(xs) < 3:
+        return 1.0
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)])
+    try:
+        hull = ConvexHull(corners)
+    except QhullError:  # every pixel on one line
+        return 1.0
+    return float(filled.sum() / hull.volume)
+
+
+def _deviation(mask: np.ndarray, ideal: np.ndarray) -> float:
+    """Twice the depth of the thickest part of where ``mask`` and ``ideal`` differ (pixels): the width of the
+    largest bump or dent."""
+    return 2.0 * float(ndimage.distance_transform_edt(mask ^ ideal).max())
 
 
 # Shapes whose corners may move freely (any triangle, not only the generator's isosceles ones: a wedge or a slanted
@@ -315,14 +401,20 @@ def _refine_corners(mask: np.ndarray, corners: np.ndarray, step: float, rounds: 
 
 
 def name_shape(fits: list[Fit], thresholds: dict[str, float] | None = None,
-               preference: dict[str, float] | None = None) -> Fit | None:
-    """The shape the object is: the best fit (with :data:`PREFERENCE`), if it reaches its shape's threshold; None
-    for a malformed object. (Taking the best of those that pass would let a blob that fits a circle badly be a star,
-    whose bar is lower.) ``thresholds``/``preference`` replace the shipped ones (for fitting them)."""
+               preference: dict[str, float] | None = None, deviations: dict[str, float] | None = None,
+               min_solidity: float | None = None) -> Fit | None:
+    """The shape the object is: the best fit (with :data:`PREFERENCE`), if it reaches its shape's threshold, no part
+    of it strays further than the shape's :data:`DEVIATIONS` and, for a convex shape, it is solid enough
+    (:data:`MIN_SOLIDITY`); None for a malformed object. (Taking the best of those that pass would let a blob that
+    fits a circle badly be a star, whose bar is lower.) The keyword tables replace the shipped ones (for fitting)."""
     thresholds = THRESHOLDS if thresholds is None else thresholds
     preference = PREFERENCE if preference is None else preference
+    deviations = DEVIATIONS if deviations is None else deviations
+    min_solidity = MIN_SOLIDITY if min_solidity is None else min_solidity
     best = max(fits, key=lambda fit: fit.iou + preference.get(fit.shape, 0.0))
-    return best if best.iou >= thresholds.get(best.shape, MALFORMED_BELOW) else None
+    if best.iou < thresholds.get(best.shape, MALFORMED_BELOW) or best.deviation > deviations.get(best.shape, 1.0):
+        return None
+    return None if best.shape in CONVEX and best.solidity < min_solidity else best
 
 
 def position(mask: np.ndarray, centre: tuple[float, float] | None = None) -> str | None:
