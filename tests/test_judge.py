@@ -12,6 +12,7 @@ import torch
 
 from core.errors import ModelLoadError, UserError
 from cli import microworld as cli
+from microworld.fidelity import THRESHOLDS
 from microworld.judge import DEFAULT_WEIGHTS, find_objects, is_right, judge_images, judge_scene, load_judge
 from microworld.scenes import FILLS, SHAPES, ObjectSpec, SceneConfig, generate_scenes, render
 from trainers.judge_training import heldout_accuracy
@@ -169,3 +170,38 @@ def test_cli_reports_verdict_fidelity_and_position(tmp_path, capsys):
     assert record["verdict"] == "malformed" and record["fidelity"] < 0.5 and "shape" in record
     assert run("judge", str(path)) == 0
     assert "malformed" in capsys.readouterr().out
+
+
+def _on_gray(draw_shape) -> np.ndarray:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (64, 64), (128, 128, 128))
+    draw_shape(ImageDraw.Draw(image))
+    return np.asarray(image)
+
+
+def test_a_rounded_square_is_a_square_and_a_bitten_circle_is_not_a_circle(judge):
+    """The eye still sees a square when the corners are rounded (the sharp square alone fits it worse than a
+    circle does), and no circle in a round blob with a bite out of it, though its IoU with a circle is high: the
+    bite is the fit's widest stray part (deviation limit)."""
+    rounded = _on_gray(lambda d: d.rounded_rectangle((18, 18, 46, 46), radius=9, fill=(230, 200, 30)))
+    bitten = _on_gray(lambda d: (d.ellipse((16, 16, 48, 48), fill=(230, 200, 30)),
+                                 d.ellipse((28, 12, 36, 20), fill=(128, 128, 128))))
+    records = judge_images([rounded, bitten], judge=judge)
+    assert (records[0]["verdict"], records[0]["named_shape"]) == ("ok", "square"), records[0]["fidelity"]
+    assert records[1]["verdict"] == "malformed" and records[1]["fidelity"] >= THRESHOLDS["circle"], records[1]
+
+
+def test_a_thin_frame_or_a_stray_stroke_does_not_hide_an_object(judge):
+    """The watermark LoRA draws a thin coloured frame along the border; a neighbour's tail may run to the edge.
+    Neither is the background or part of the object: the object is judged as without them."""
+    scene = render([ObjectSpec("circle", "red", cx=0.5, cy=0.5, radius=0.2)], "black")
+    plain = np.asarray(scene.image).copy()
+    framed = plain.copy()
+    framed[:3, :] = (40, 200, 60)
+    framed[:, :2] = (160, 40, 200)  # two sides, as the watermark's frames go
+    stroked = plain.copy()
+    stroked[31:33, 44:] = (230, 30, 30)  # a 2-px tail from the circle to the right edge
+    records = judge_images([plain, framed, stroked], judge=judge)
+    assert [(r["verdict"], r["named_shape"]) for r in records] == [("ok", "circle")] * 3, \
+        [(r["verdict"], r["fidelity"]) for r in records]
