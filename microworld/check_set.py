@@ -113,7 +113,7 @@ def generator_floors(count: int = 300, seed: int = 41) -> dict[str, dict[str, fl
 
 
 def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], floors: dict[str, dict[str, float]],
-                   rounds: int = 4, malformed_weight: float = 1.0) -> dict:
+                   rounds: int = 4) -> dict:
     """Thresholds, preferences, deviation limits and the convex shapes' least solidity that make the new judge agree
     best with ``labels`` (agreement minus the share of malformed objects given a shape), by coordinate search from a
     neutral start (every threshold :data:`START`, every deviation limit :data:`START_DEVIATION`, no preference, no
@@ -129,7 +129,7 @@ def fit_thresholds(labels: dict[str, dict], fits: dict[str, str | list[Fit]], fl
         agree = sum(got[k] == labels[k]["shape"] for k in labels) / len(labels)
         malformed = [k for k in labels if labels[k]["shape"] == "malformed"]
         wrong = sum(got[k] in SHAPES for k in malformed) / max(1, len(malformed))
-        return agree - malformed_weight * wrong
+        return agree - wrong
 
     ceiling = {shape: np.floor(100 * floors["fidelity"][shape] - 1) / 100 for shape in SHAPES}
     least = {shape: np.ceil(100 * floors["deviation"][shape] + 2) / 100 for shape in SHAPES}
