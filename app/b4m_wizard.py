@@ -13,6 +13,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import adapters_folder
 from models.loading import is_micro_model
@@ -35,11 +36,11 @@ def _check_folder(folder: str | None, what: str, batch: int, steps: int) -> str:
     """The folder as the job gets it, refused here (not in a subprocess) when it is missing or holds no images."""
     path = (folder or "").strip()
     if not path:
-        raise gr.Error(f"Choose the folder of {what}.")
+        raise refusal(f"Choose the folder of {what}.")
     try:
         dataset_summary(DatasetConfig(path), batch, 1, steps)
     except UserError as exc:
-        raise gr.Error(f"{what[0].upper()}{what[1:]}: {exc}") from exc
+        raise refusal(f"{what[0].upper()}{what[1:]}: {exc}") from exc
     return path
 
 
@@ -48,12 +49,12 @@ def _aux_args(source: str, count: int | None, aux_styles: str, aux_contents: str
               micro: bool) -> tuple[list[str], list[str]]:
     """The auxiliary-set flags of the content run and of the style run (each learns what its own half must not)."""
     if source == MICROWORLD and not micro:  # not offered on the page; an API client may still send it
-        raise gr.Error("Micro-world sets are drawn for the shipped micro model only: choose My folders, class "
+        raise refusal("Micro-world sets are drawn for the shipped micro model only: choose My folders, class "
                        "images from the base model, or None.")
     if source == MICROWORLD:
         n = int(count or 0)
         if n < 1:
-            raise gr.Error("Micro-world sets: choose at least 1 image per set.")
+            raise refusal("Micro-world sets: choose at least 1 image per set.")
         return ["--aux-microworld", str(n)], ["--aux-microworld", str(n)]
     if source == FOLDERS:
         styles = _check_folder(aux_styles, "auxiliary styles (for the content run)", batch, steps)
@@ -62,12 +63,12 @@ def _aux_args(source: str, count: int | None, aux_styles: str, aux_contents: str
     if source == PROMPTS:
         style_lines, content_lines = _lines(style_prompts), _lines(content_prompts)
         if not style_lines:
-            raise gr.Error("Class images: type at least one style class prompt (for the content run).")
+            raise refusal("Class images: type at least one style class prompt (for the content run).")
         if not content_lines:
-            raise gr.Error("Class images: type at least one content class prompt (for the style run).")
+            raise refusal("Class images: type at least one content class prompt (for the style run).")
         k = int(per_prompt or 0)
         if k < 1:
-            raise gr.Error("Class images: choose at least 1 image per prompt.")
+            raise refusal("Class images: choose at least 1 image per prompt.")
         count_args = ["--aux-count", str(k)]
         return ([a for p in style_lines for a in ("--aux-prompt", p)] + count_args,
                 [a for p in content_lines for a in ("--aux-prompt", p)] + count_args)
@@ -153,13 +154,13 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         ct, st = (ct_v or "").strip(), (st_v or "").strip()
         n_steps, n_combine, n_batch = int(steps_v or 0), int(combine_v or 0), int(batch_v or 0)
         if n_steps < 1 or n_combine < 1 or n_batch < 1 or int(rank_v or 0) < 1:
-            raise gr.Error("Rank, steps per stage, combine steps and batch size must be at least 1.")
+            raise refusal("Rank, steps per stage, combine steps and batch size must be at least 1.")
         content = _check_folder(content_v, "content images (step 1)", n_batch, n_steps)
         style = _check_folder(style_v, "style images (step 2)", n_batch, n_steps)
         if not ct or not st:
-            raise gr.Error("Type a content trigger and a style trigger: they are how prompts ask for each part.")
+            raise refusal("Type a content trigger and a style trigger: they are how prompts ask for each part.")
         if ct == st:
-            raise gr.Error(f"The content and style triggers are both {ct!r}: choose two different words.")
+            raise refusal(f"The content and style triggers are both {ct!r}: choose two different words.")
         content_aux, style_aux = _aux_args(source_v, count_v, aux_styles_v, aux_contents_v, style_prompts_v,
                                            content_prompts_v, per_prompt_v, n_batch, n_steps, micro=micro)
 
@@ -191,9 +192,9 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         try:  # all or nothing: a half-submitted wizard would leave a combine waiting forever
             queue.submit_all(jobs)
         except FileExistsError as exc:
-            raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}; wait a second and make again.") from exc
+            raise refusal(f"{str(exc)[:1].upper()}{str(exc)[1:]}; wait a second and make again.") from exc
         except OSError as exc:  # a full disk: no run was queued
-            raise gr.Error(f"Could not queue the runs (none was): {exc.strerror or exc}") from exc
+            raise refusal(f"Could not queue the runs (none was): {exc.strerror or exc}") from exc
         names = [run for run, *_ in jobs]
         then = f", then draws the {len(grid)}-image preview grid" if grid else ""
         text = (f"Queued 3 runs:\n1. {names[0]} (content)\n2. {names[1]} (style)\n"

@@ -19,6 +19,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
 from pipelines.composition import AUTO, CompositionSpec, parse_composition, read_composition, write_composition
+from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import EXAMPLE_CONCEPTS, describe, list_adapters
 from pipelines.lora_composer import BOX_COLOURS, box_overlay, compose, save_composition
@@ -334,7 +335,7 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
             return parse_composition(composition)
         except UserError as exc:
             message = re.sub(r"concepts\[(\d+)\]", lambda m: label_of(used[int(m.group(1))]), str(exc))
-            raise gr.Error(message) from exc
+            raise refusal(message) from exc
 
     def on_compose(data: dict, request: gr.Request, progress=gr.Progress()):
         spec = spec_of(data)
@@ -354,7 +355,7 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
                     path, n = outputs / f"compose-{stamp}-{output.seed}-{n}.png", n + 1
                 save_composition(output, spec, model, path)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         scale = max(1, OVERLAY_SIDE // max(output.image.size))
         preview = output.image.resize((output.image.width * scale, output.image.height * scale), Image.NEAREST)
         boxed = box_overlay(preview, [c.box for c in spec.concepts], [Path(c.lora).stem for c in spec.concepts])
@@ -411,7 +412,7 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
                                     "among the example concepts (import it in the Library tab)")
                 picked.append(value)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         listed = {v for _, v in current}
         current += [(f"{Path(v).name} ({Path(v).parent})", v) for v in dict.fromkeys(picked) if v not in listed]
         source = models.spec.source

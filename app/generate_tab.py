@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
@@ -115,7 +116,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                     yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used, \
                         [p for p, _ in images]
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         if token.is_set():
             yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used, \
                 [p for p, _ in images]
@@ -128,11 +129,11 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
 
     def on_upscale(paths):
         if not paths:
-            raise gr.Error("Generate something first.")
+            raise refusal("Generate something first.")
         try:
             done, problems = upscale_files(sr_models, [Path(p) for p in paths], outputs / "upscaled", None, None, 256)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         lines = [f"Upscaled {len(done)} image(s) into: `{outputs / 'upscaled'}`"] + [f"⚠ {p}" for p in problems]
         return [(str(r), r.name) for _, r in done], "\n\n".join(lines)
 

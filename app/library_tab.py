@@ -6,6 +6,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import export_adapter, import_adapter, library_entries, library_label, library_path
 from adapters.registry import library_columns
@@ -50,17 +51,17 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
             with models.use() as model:
                 target = import_adapter(path, folder, model.pipe, original_name=path.name)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         return (*refresh(), f"Imported **{target.name}**.")
 
     def on_export(name, fmt_v):
         if not name:
-            raise gr.Error("Choose an adapter first.")
+            raise refusal("Choose an adapter first.")
         try:
             with models.use() as model:
                 target = export_adapter(library_path(name, folder), fmt_v, folder, model.pipe)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         serve_files(demo, target)  # the adapters folder is not served as a whole
         return str(target), *refresh(), f"Wrote **{target.name}** ({fmt_v} format)."
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.refusals import refusal
 from core.errors import UserError
 from core.option_fields import OptionField, cli_args, form_values
 from adapters.library import adapters_folder
@@ -89,9 +90,9 @@ def _log_tail(run_dir: Path, n: int = 12) -> str:
 def _whole(value, label: str, minimum: int) -> int:
     """A number field as an int, or a readable refusal (an emptied field arrives as None)."""
     if value is None:
-        raise gr.Error(f"{label}: type a number.")
+        raise refusal(f"{label}: type a number.")
     if int(value) < minimum:
-        raise gr.Error(f"{label} must be at least {minimum} (got {int(value)}).")
+        raise refusal(f"{label} must be at least {minimum} (got {int(value)}).")
     return int(value)
 
 
@@ -100,11 +101,11 @@ def _image_folder(text: str, label: str) -> Path:
     root = Path(text).expanduser()
     try:
         if not root.is_dir():
-            raise gr.Error(f"{label} {text} does not exist (or is not a folder).")
+            raise refusal(f"{label} {text} does not exist (or is not a folder).")
         if not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.iterdir()):
-            raise gr.Error(f"{label} {text} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
+            raise refusal(f"{label} {text} holds no images ({', '.join(IMAGE_SUFFIXES)}).")
     except OSError as exc:  # not readable
-        raise gr.Error(f"{label} {text} cannot be read: {exc.strerror or exc}") from exc
+        raise refusal(f"{label} {text} cannot be read: {exc.strerror or exc}") from exc
     return root
 
 
@@ -113,9 +114,9 @@ def _submit(queue: JobQueue, run_name: str, kind: str, args: list[str]) -> None:
     try:
         queue.submit(run_name, kind, args)
     except (FileExistsError, UserError) as exc:
-        raise gr.Error(str(exc)) from exc
+        raise refusal(str(exc)) from exc
     except OSError as exc:
-        raise gr.Error(f"could not start {run_name}: {exc.strerror or exc}") from exc
+        raise refusal(f"could not start {run_name}: {exc.strerror or exc}") from exc
 
 
 def model_line(model_source: str | None) -> str:
@@ -308,17 +309,17 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             (ckpt_v, "Checkpoint every")))
         _whole(sample_v or 0, "Preview every N steps", 0)
         if lr_v is not None and float(lr_v) < 0:
-            raise gr.Error("Learning rate must be positive (0 or empty: the method's default).")
+            raise refusal("Learning rate must be positive (0 or empty: the method's default).")
         try:
             options = options_of(spec, [v for (s, _, _), v in zip(option_widgets, option_values) if s is spec])
         except (UserError, ValueError) as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         path = resolve_folder(folder_v, files_v, name_v)
         try:
             summary = dataset_summary(DatasetConfig(path, repeats=repeats_n, caption=caption_v or None,
                                                     trigger=trigger_v or None), batch_n, accum_n, steps_n)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         stem = safe_name(name_v or spec.default_name)
         out = adapters_folder(data_root) / f"{stem}.safetensors"
         args = ["--data", path, "--out", str(out), "--steps", str(steps_n), "--repeats", str(repeats_n),
@@ -346,11 +347,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         folder_v = (folder_v or "").strip()
         if not folder_v:
-            raise gr.Error("Choose a folder of high-resolution images.")
+            raise refusal("Choose a folder of high-resolution images.")
         # refused here, not by a job that fails in the background: a missing folder, one without images, no steps
         _image_folder(folder_v, "HR folder")
         if int(steps_v or 0) < 1:
-            raise gr.Error("Steps must be at least 1.")
+            raise refusal("Steps must be at least 1.")
         teacher = 0.1 if teacher_v is None else float(teacher_v)
         affinity = 0.01 if affinity_v is None else float(affinity_v)
         stem = safe_name(name_v or "my-upscaler")
@@ -371,7 +372,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         try:
             parse_key(key, DEFAULT_BITS)  # the shipped extractor's bit count
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         steps_n = _whole(steps_v, "Steps", 1)
         images = (images_v or "").strip()
         if images:
@@ -410,23 +411,23 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
 
     def on_stop(current):
         if not current:
-            raise gr.Error("Choose a run first.")
+            raise refusal("Choose a run first.")
         info = job_info(queue.runs_root / current)
         if info.status not in ("running", "queued"):
-            raise gr.Error(f"{current} is not running ({info.status}).")
+            raise refusal(f"{current} is not running ({info.status}).")
         try:
             request_stop(info.run_dir)
         except OSError as exc:  # a full disk
-            raise gr.Error(f"could not ask {current} to stop: {exc.strerror or exc}") from exc
+            raise refusal(f"could not ask {current} to stop: {exc.strerror or exc}") from exc
         gr.Info("Stopping after the current step; a checkpoint will be saved.")
 
     def on_resume(current):
         if not current:
-            raise gr.Error("Choose a run first.")
+            raise refusal("Choose a run first.")
         try:
             queue.resume(queue.runs_root / current)
         except ValueError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         gr.Info("Resumed from the last checkpoint.")
 
     stop.click(on_stop, runs, None, queue=False)

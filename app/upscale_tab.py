@@ -6,6 +6,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from app.refusals import refusal
 from core.errors import UserError
 from core.image_files import rgb_image
 from pipelines.upscale import SHIPPED, SRModelCache, sr_model_choices, upscale_files
@@ -35,14 +36,14 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
 
     def on_run(files_v, model_v, official_v, tile_v, outscale_v, progress=gr.Progress()):
         if not files_v:
-            raise gr.Error("Upload one or more images first.")
+            raise refusal("Upload one or more images first.")
         paths = [Path(getattr(f, "name", f)) for f in files_v]
         progress(0, desc="Upscaling")
         try:
             done, problems = upscale_files(cache, paths, folder, model_v, official_v or None, int(tile_v),
                                            float(outscale_v))
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         before_after = None
         if done:
             source, result = done[0]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.refusals import refusal
 from core.errors import UserError
 from pipelines.watermark.verify import SHIPPED_EXTRACTOR, extractor_choices, identify_files, robustness_file, \
     verify_files, watermark_adapter_choices
@@ -36,14 +37,14 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
 
     def paths_of(files_v) -> list[Path]:
         if not files_v:
-            raise gr.Error("Upload one or more images first.")
+            raise refusal("Upload one or more images first.")
         return [Path(getattr(f, "name", f)) for f in files_v]
 
     def on_verify(files_v, key_v, adapter_v, extractor_v, fpr_v):
         try:
             report = verify_files(paths_of(files_v), key_v, adapter_v, extractor_v, float(fpr_v), home, adapters)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         rows = [[name, f"{v.matched}/{v.bits}", f"{v.bit_accuracy:.1%}", f"{v.p_value:.3g}",
                  "watermarked" if v.watermarked else "not detected"] for name, v in report.per_image]
         text = f"Key `{report.key}` at FPR {float(fpr_v):g}: **{rows[0][4]}**"
@@ -58,7 +59,7 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
         try:
             found = identify_files(paths_of(files_v), keys_v, extractor_v, float(fpr_v), home)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         rows = [[r["image"], r["key"], f"{r['matched']}/{r['bits']}", f"{r['adjusted_p_value']:.3g}",
                  r["correction"]] for r in found]
         return (f"The best of {found[0]['keys']} registered keys, each tested at FPR/{found[0]['keys']}",
@@ -68,7 +69,7 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
         try:
             found = robustness_file(paths_of(files_v)[0], key_v, extractor_v, float(fpr_v), home)
         except UserError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise refusal(str(exc)) from exc
         rows = [[r["attack"], f"{r['matched']}/{r['bits']}", f"{r['bit_accuracy']:.1%}", f"{r['p_value']:.2g}",
                  "yes" if r["watermarked"] else "no"] for r in found]
         return "Bit accuracy of the first image under standard edits", gr.update(value=rows, headers=ROBUST_COLUMNS)

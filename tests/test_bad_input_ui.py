@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -622,6 +623,20 @@ def test_page_shows_readable_errors(studio, bad_corpus, browser, tmp_path):
     studio.check(new_ok=("datasets/",))
     TRIED["Train: upload name", "page"] += 1
     assert studio.unexpected_errors() == []
+
+
+def test_a_refusal_is_one_line_in_the_log(studio):
+    """The studio's log gets one 'refused: ...' line for a user's mistake, not a traceback (ATELIER_DEBUG unset)."""
+    start = studio.log.stat().st_size
+    image = [handle_file(str(sorted((studio.home / "outputs").glob("*.png"))[0]))]
+    message = refused(studio.client(), "/on_verify", image, "not-hex", None, EXTRACTOR, 1e-6)
+    time.sleep(0.5)  # the server writes its log line after answering
+    text = studio.log.read_bytes()[start:].decode("utf-8", "replace")
+    lines = [line for line in text.splitlines() if line.startswith("refused: ")]
+    assert len(lines) == 1, text
+    assert "Traceback" not in text, text
+    first_words = lines[0].removeprefix("refused: ")[:30]
+    assert first_words in message, (lines, message)
 
 
 def test_still_serves_and_nothing_was_lost(studio):
