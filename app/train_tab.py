@@ -45,11 +45,12 @@ def _progress_html(info) -> str:
     eta = f" · ETA {time.strftime('%H:%M:%S', time.gmtime(info.eta_s))}" if info.eta_s and info.status == "running" else ""
     loss = f" · loss {info.loss:.4f}" if isinstance(info.loss, (int, float)) else ""
     extra = f"<div>⚠ {info.message}</div>" if info.message else ""
+    extra += "".join(f"<div class='train-warning'>⚠ {w}</div>" for w in info.warnings)
     if info.method == "watermark" and info.status == "stopped":
         extra += ("<div>The adapter below holds the key as far as training got; <b>Resume</b> trains on from the "
                   "last checkpoint.</div>")
     done = f"<div>Adapter: <code>{info.artifact}</code></div>" if info.artifact else ""
-    return (f"<div id='train-progress'><b>{info.name}</b> — {info.status} · step {info.step}/{info.total}{loss}{eta}"
+    return (f"<div id='train-progress'><b>{info.name}</b> — {info.label} · step {info.step}/{info.total}{loss}{eta}"
             f"<div style='background:#eee;height:10px;border-radius:5px;margin:6px 0'>"
             f"<div style='width:{pct:.1f}%;background:#f97316;height:10px;border-radius:5px'></div></div>"
             f"{extra}{done}</div>")

@@ -10,6 +10,7 @@ from cli.watermark_train import TRAIN_DESCRIPTION, add_train_options, handle_tra
 from core.errors import UserError
 from core.option_fields import add_cli_options, options_from_args
 from trainers.registry import make_method, training_methods
+from trainers.run_targets import done_line
 
 
 def add_common_options(p: argparse.ArgumentParser) -> None:
@@ -212,8 +213,8 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"stopped at step {result.step}; continue with: python launch.py train {config.method} "
               f"--resume {run_dir}", flush=True)
     else:
-        print(f"done: {result.artifact} (step {result.step}, final loss {result.losses[-1]:.4f})" if result.losses
-              else f"done: {result.artifact}", flush=True)
+        loss = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        print(done_line(result, f"{result.artifact} (step {result.step}{loss})"), flush=True)
     return 0
 
 
@@ -238,5 +239,5 @@ def run_train_sr(args: argparse.Namespace) -> int:
     if result.status == "stopped":
         print(f"stopped at step {result.step}; continue with: python launch.py train sr --resume {run_dir}")
     else:
-        print(f"done: {result.artifact} (step {result.step})")
+        print(done_line(result, f"{result.artifact} (step {result.step})"), flush=True)
     return 0

@@ -102,7 +102,7 @@ def handle_train(args: argparse.Namespace) -> int:
               flush=True)
     last = run.history[-1] if run.history else {}
     print(json.dumps({"artifact": run.result.artifact, "key": run.key, "steps": run.result.step,
-                      "status": run.result.status, "bit_accuracy": last.get("bit_accuracy"), "psnr": last.get("psnr"),
+                      "status": run.result.label, "warnings": run.result.warnings, "bit_accuracy": last.get("bit_accuracy"), "psnr": last.get("psnr"),
                       "seconds_to_99": run.seconds_to_99, "key_stored": not config.keep_key_secret}))
     return 0
 

@@ -81,3 +81,21 @@ def save_atomic(tensors: dict, path: Path, metadata: dict[str, str] | None = Non
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp),
                   metadata={str(k): str(v) for k, v in (metadata or {}).items()})
     return path
+
+
+def add_metadata(path: Path, extra: dict[str, str]) -> Path:
+    """Add (or replace) string metadata in a finished file without loading its tensors: only the JSON header is
+    rewritten (padded to 8 bytes, as safetensors writes it) and the data bytes are copied through, atomically."""
+    path = Path(path)
+    header = read_header(path)
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), **{str(k): str(v) for k, v in extra.items()}}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    with replacing(path) as tmp, path.open("rb") as src, tmp.open("wb") as dst:
+        dst.write(struct.pack("<Q", len(raw)) + raw)
+        src.seek(8 + n)
+        while chunk := src.read(1 << 24):
+            dst.write(chunk)
+    return path

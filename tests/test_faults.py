@@ -125,7 +125,8 @@ def test_sigkill_at_random_moments_resumes_to_the_weights_of_an_uninterrupted_ru
         what = _kill_at(proc, run_dir, kind, rng, starts) if kind != "none" else None
         if what is None:  # the last launch, or one that finished before its kill came
             assert proc.wait(timeout=600) == 0, log.read_text()[-2000:]
-            assert "done:" in log.read_text() and "Traceback" not in log.read_text()
+            assert ("done:" in log.read_text() or "done with warnings:" in log.read_text()) \
+                and "Traceback" not in log.read_text()
             break
         latest = _assert_checkpoints_whole(run_dir / "checkpoints")
         _assert_file_whole_or_absent(out)

@@ -27,7 +27,9 @@ def test_cli_train_lora_writes_a_loadable_adapter(data, tiny_model_dir, tmp_path
                      "--steps", "4", "--rank", "4", "--trigger", "sks", "--run-dir", str(tmp_path / "run"),
                      "--sample-prompt", "sks a red circle", "--sample-steps", "2")
     assert result.returncode == 0, result.stderr
-    assert out.is_file() and "done:" in result.stdout
+    # four steps cannot show the loss falling: the run saves its file and says so on its last line
+    last = result.stdout.strip().splitlines()[-1]
+    assert out.is_file() and last.startswith("done with warnings:") and "too few to tell" in last, last
     from core.safetensors_files import read_metadata
 
     meta = read_metadata(out)

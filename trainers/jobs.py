@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.atomic_files import write_text
@@ -21,6 +21,7 @@ from core.atomic_files import write_text
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import EventLog, read_events
 from trainers.loop import STOP_FILE
+from trainers.run_targets import status_label
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch.py"
 JOB_FILE = "job.json"
@@ -39,10 +40,16 @@ class JobInfo:
     artifact: str | None
     message: str | None
     resumable: bool
+    warnings: list[str] = field(default_factory=list)  # targets a finished run fell short of
 
     @property
     def name(self) -> str:
         return self.run_dir.name
+
+    @property
+    def label(self) -> str:
+        """The status as the user reads it ("done with warnings" where targets were missed)."""
+        return status_label(self.status, self.warnings)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -81,6 +88,7 @@ def job_info(run_dir: Path) -> JobInfo:
     step = total = 0
     loss = eta = None
     status, artifact, message = None, None, None
+    warnings: list[str] = []
     for event in read_events(run_dir):
         kind = event.get("event")
         if kind in ("start", "step", "resumed"):
@@ -94,6 +102,7 @@ def job_info(run_dir: Path) -> JobInfo:
             step = int(event.get("step", step) or step)
             artifact = event.get("artifact", artifact)
             message = event.get("message")
+            warnings = list(event.get("warnings") or [])
     if job.get("state") == "queued":
         status = "queued"
         if job.get("after"):
@@ -105,7 +114,7 @@ def job_info(run_dir: Path) -> JobInfo:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     return JobInfo(run_dir=run_dir, method=job.get("method", "?"), status=status, step=step, total=total,
                    loss=loss, eta_s=eta, artifact=artifact, message=message,
-                   resumable=ckpt is not None and status in ("stopped", "interrupted", "error"))
+                   resumable=ckpt is not None and status in ("stopped", "interrupted", "error"), warnings=warnings)
 
 
 def list_jobs(runs_root: Path) -> list[JobInfo]:

@@ -22,8 +22,10 @@ import torch
 
 from core.errors import UserError
 
+from core.safetensors_files import add_metadata
 from trainers.checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
-from trainers.events import EventLog
+from trainers.events import EventLog, read_events
+from trainers.run_targets import METADATA_KEY, loss_shortfall, status_label
 
 STOP_FILE = "STOP"
 ETA_WINDOW = 20  # steps whose mean duration gives the ETA
@@ -54,6 +56,12 @@ class TrainResult:
     step: int
     artifact: str | None
     losses: list[float]
+    warnings: list[str] = field(default_factory=list)  # targets a finished run fell short of
+
+    @property
+    def label(self) -> str:
+        """"done", "done with warnings" or "stopped", as the user reads it."""
+        return status_label(self.status, self.warnings)
 
 
 class Processes:
@@ -119,6 +127,9 @@ class StepTrainer:
     restore_position: Callable[[dict[str, Any]], None] = lambda position: None
     after_logged: Callable[[int], None] | None = None  # e.g. preview samples, after the step's event
     artifact_when_stopped: bool = False  # a stop also writes the artefact as far as training got
+    # The trainer's own targets, checked before ``finish``: one line per target missed (see trainers.run_targets).
+    shortfalls: Callable[[int], list[str]] = lambda step: []
+    loss_should_fall: bool = True  # False where the loss mixes weights that change during the run
 
 
 @dataclass
@@ -180,6 +191,16 @@ class RunLoop:
         self.log.write("resumed", step=resumed.state.step, checkpoint=resumed.path.name)
         return resumed.state.step
 
+    def _losses_before_resume(self) -> list[float]:
+        """The logged losses of the steps a resumed run starts after (the latest entry per step wins: an earlier
+        attempt may have logged steps past the checkpoint it is resumed from)."""
+        if self.resumed is None:
+            return []
+        upto = self.resumed.state.step
+        by_step = {int(e["step"]): float(e["loss"]) for e in read_events(self.run_dir)
+                   if e.get("event") == "step" and "loss" in e and int(e.get("step", 0)) <= upto}
+        return [by_step[s] for s in sorted(by_step)]
+
     def run(self, trainer: StepTrainer, **start_fields: Any) -> TrainResult:
         """Restore (when resuming), then step until ``total``, the trainer's own end or a stop."""
         step = self._restore(trainer)
@@ -211,13 +232,19 @@ class RunLoop:
             if step % self.checkpoint_every == 0 and step < self.total and not finished:
                 self.checkpoint(trainer, step)
         self.checkpoint(trainer, step)
+        warnings = [w for w in (loss_shortfall(self._losses_before_resume() + losses) if trainer.loss_should_fall
+                                else None,
+                                *trainer.shortfalls(step)) if w]
         done = trainer.finish(step)
         artifact = done.get("artifact")
         if self.processes.is_main:
-            self.log.write("done", step=step, **{"final_loss": losses[-1] if losses else None, **done})
+            if warnings and artifact and str(artifact).endswith(".safetensors") and Path(artifact).is_file():
+                add_metadata(Path(artifact), {METADATA_KEY: "\n".join(warnings)})
+            self.log.write("done", step=step, **{"final_loss": losses[-1] if losses else None, **done},
+                           warnings=warnings)
             self.stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
         self.processes.barrier()
-        return TrainResult("done", step, artifact, losses)
+        return TrainResult("done", step, artifact, losses, warnings)
 
 
 def random_state(rng: random.Random) -> list:

@@ -293,12 +293,34 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None, resum
                                   progress["seconds_to_99"])
             return {"artifact": str(out), "seconds_to_99": progress["seconds_to_99"]}
 
+        def shortfalls(at: int) -> list[str]:
+            return watermark_shortfalls(history, config, bits_n)
+
         trainer = StepTrainer(step=step, trainable_state=lambda: {n: p.detach().clone() for n, p in named.items()},
                               optimizer=optimizer, lr_scheduler=None, finish=finish, position=position,
-                              restore_position=restore_position, artifact_when_stopped=True)
+                              restore_position=restore_position, artifact_when_stopped=True,
+                              shortfalls=shortfalls, loss_should_fall=False)
         result = loop.run(trainer, trainable_parameters=sum(p.numel() for p in params), layers=len(names),
                           extractor=extractor_id, bits=bits_n, mode=config.mode)
     return WatermarkRun(result=result, key=key_hex, seconds_to_99=progress["seconds_to_99"], history=history)
+
+
+def watermark_shortfalls(history: list[dict], config: WatermarkConfig, bits_n: int, window: int = 5) -> list[str]:
+    """The run's targets (every bit read, the decoder's images kept) against the mean of its last ``window`` steps.
+    The loss is no target here: it mixes two terms whose weights the schedule moves."""
+    recent = history[-window:]
+    if not recent:
+        return ["no step of this run was logged: bit accuracy and PSNR unknown"]
+    acc = sum(h["bit_accuracy"] for h in recent) / len(recent)
+    quality = sum(h["psnr"] for h in recent) / len(recent)
+    missed = []
+    if acc < config.stop_bit_accuracy:
+        missed.append(f"bit accuracy {acc:.3f} is below {config.stop_bit_accuracy} (about {round((1 - acc) * bits_n)} "
+                      f"of {bits_n} bits read wrong): train longer before relying on it")
+    if quality < config.stop_psnr:
+        missed.append(f"PSNR {quality:.1f} dB is below {config.stop_psnr:g} dB: images decoded with this adapter "
+                      "differ visibly from the model's own")
+    return missed
 
 
 def _save_watermark(vae, names: list[str], full: bool, model, config: WatermarkConfig, key_hex: str, bits_n: int,

@@ -1,0 +1,75 @@
+"""Honest endings: a run that misses its targets still saves its file, but says so in the ``done`` event, the Runs
+status, the CLI's last line and the file's metadata."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.safetensors_files import add_metadata, read_metadata, save_atomic
+from trainers.jobs import job_info
+from trainers.run_loop import RunLoop, StepReport, StepTrainer
+from trainers.run_targets import METADATA_KEY, done_line, loss_shortfall
+
+
+def test_loss_shortfall_reads_the_trend_not_the_last_step():
+    falling = [1.0 / (1 + i) + 0.3 * math.sin(i) ** 2 for i in range(100)]  # noisy, but down
+    assert loss_shortfall(falling) is None
+    rising = [0.1 + 0.01 * i for i in range(100)]
+    assert "did not fall" in loss_shortfall(rising)
+    flat = [0.5] * 50
+    assert "did not fall" in loss_shortfall(flat)
+    assert "too few" in loss_shortfall([1.0, 0.5, 0.2])
+
+
+def test_add_metadata_keeps_every_tensor(tmp_path):
+    tensors = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int32)}
+    path = save_atomic(tensors, tmp_path / "x.safetensors", {"keep": "me"})
+    add_metadata(path, {"new": "line one\nline two", "keep": "me"})
+    assert read_metadata(path) == {"keep": "me", "new": "line one\nline two"}
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors) and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def _toy_run(run_dir, losses: list[float], *, shortfalls=lambda step: []):
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    out = run_dir / "toy.safetensors"
+
+    def finish(step: int) -> dict:
+        save_atomic({"w": weight.detach()}, out)
+        return {"artifact": str(out)}
+
+    trainer = StepTrainer(step=lambda done: StepReport(losses[done]), trainable_state=lambda: {"w": weight.detach()},
+                          optimizer=optimizer, lr_scheduler=None, finish=finish, shortfalls=shortfalls)
+    return RunLoop(run_dir, total=len(losses), checkpoint_every=1000).run(trainer), out
+
+
+def test_a_run_that_learns_ends_plainly_done(tmp_path):
+    result, out = _toy_run(tmp_path / "run", [1.0 - 0.01 * i for i in range(40)])
+    assert (result.label, result.warnings) == ("done", [])
+    assert METADATA_KEY not in read_metadata(out)
+    assert job_info(tmp_path / "run").label == "done"
+    assert done_line(result, "x") == "done: x"
+
+
+@pytest.mark.parametrize("case", ["loss", "own target"])
+def test_a_run_short_of_its_targets_ends_done_with_warnings(tmp_path, case):
+    if case == "loss":
+        result, out = _toy_run(tmp_path / "run", [0.5 + 0.001 * i for i in range(40)])
+        expected = "the loss did not fall"
+    else:
+        result, out = _toy_run(tmp_path / "run", [1.0 - 0.01 * i for i in range(40)],
+                               shortfalls=lambda step: [f"bit accuracy 0.700 at step {step}"])
+        expected = "bit accuracy 0.700 at step 40"
+    assert result.status == "done" and result.label == "done with warnings"
+    assert any(expected in w for w in result.warnings)
+    assert expected in read_metadata(out)[METADATA_KEY]  # the file says it too
+    info = job_info(tmp_path / "run")
+    assert info.label == "done with warnings" and any(expected in w for w in info.warnings)
+    done = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()][-1]
+    assert done["event"] == "done" and any(expected in w for w in done["warnings"])
+    assert done_line(result, "x").startswith("done with warnings: x — ") and expected in done_line(result, "x")
