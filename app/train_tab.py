@@ -11,7 +11,7 @@ from app.refusals import refusal
 from core.errors import UserError
 from core.option_fields import OptionField, cli_args, form_values
 from adapters.library import adapters_folder
-from models.loading import default_model_source, describe_model_source
+from models.loading import default_model_source, describe_model_source, source_family
 from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from core.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
@@ -19,6 +19,8 @@ from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upl
 from trainers.events import read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
+from trainers.presets import (RUN_PREFIX, Preset, estimated_time, find_preset, full_settings, presets_for,
+                              run_preset, save_preset, shipped_presets)
 from trainers.registry import MethodSpec, train_tab_methods, training_methods
 
 from app.b4m_wizard import build_b4m_wizard
@@ -26,10 +28,11 @@ from app.file_serving import serve_files
 
 
 
-def _option_widget(spec: MethodSpec, f: OptionField):
-    """The form field of one option, as its declaration describes it."""
+def _option_widget(spec: MethodSpec, f: OptionField, preset: Preset | None):
+    """The form field of one option, as its declaration describes it, showing the preset's value where it has one."""
     common = {"label": f.label, "elem_id": f"train-{spec.name}-{f.name.replace('_', '-')}", "info": None}
-    value = f.form_value()
+    value = f.form_value_of(preset.options[f.name]) if preset is not None and f.name in preset.options \
+        else f.form_value()
     if f.choices:
         return gr.Dropdown(list(f.choices), value=value, **common)
     if f.kind == "bool":
@@ -134,6 +137,41 @@ def model_line(model_source: str | None) -> str:
     return f"Runs train on **{shown}** · {family}"
 
 
+class _Presets:
+    """The presets the form offers for the model the studio trains on (trainers.presets holds them)."""
+
+    def __init__(self, home: Path, runs_root: Path, model_source: str | None) -> None:
+        self.home, self.runs_root = home, runs_root
+        try:
+            self.family = source_family(model_source)
+        except UserError:  # the model line above says what is wrong with it
+            self.family = ""
+        self.family_label = {"micro": "the micro model", "sd1": "SD 1.x", "sd2": "SD 2.x",
+                             "sdxl": "SDXL"}.get(self.family, "this model")
+
+    @staticmethod
+    def _names(spec: MethodSpec) -> set[str]:
+        return {f.name for f in spec.option_fields()}
+
+    def choices(self, spec: MethodSpec, extra: str | None = None) -> list[str]:
+        names = [p.name for p in presets_for(self.home, spec.name, self._names(spec), self.family)] + ["none"]
+        return names + ([extra] if extra and extra not in names else [])
+
+    def default(self, spec: MethodSpec) -> str:
+        return next((p.name for p in shipped_presets(spec.name, self._names(spec)) if p.family == self.family), "none")
+
+    def named(self, spec: MethodSpec, name: str | None) -> Preset | None:
+        if name and name.startswith(RUN_PREFIX):
+            return run_preset(self.runs_root / name.removeprefix(RUN_PREFIX))[0]
+        return find_preset(self.home, spec.name, self._names(spec), self.family, name or "none")
+
+    def cli_value(self, name: str | None) -> str:
+        """What ``--preset`` gets: a reused run's config.json, else the preset's name."""
+        if name and name.startswith(RUN_PREFIX):
+            return str(self.runs_root / name.removeprefix(RUN_PREFIX) / "config.json")
+        return name or "none"
+
+
 def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_source: str | None) -> None:
     gr.Markdown(model_line(model_source), elem_id="train-model")
     with gr.Row():
@@ -141,24 +179,36 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             gr.Markdown("### New run")
             specs = {spec.label: spec for spec in train_tab_methods()}
             first = next(iter(specs.values()))
+            presets = _Presets(data_root, queue.runs_root, model_source)
+            initial = presets.named(first, presets.default(first))
+            start_values = full_settings(initial)
             method = gr.Radio(list(specs), value=first.label, label="Method", elem_id="train-method",
                               info=" · ".join(f"{spec.label}: {spec.help.partition(': ')[2] or spec.help}"
                                               for spec in specs.values()))
+            preset = gr.Dropdown(presets.choices(first), value=presets.default(first), label="Preset",
+                                 elem_id="train-preset",
+                                 info=f"Settings to start from, for {presets.family_label}: the shipped one of "
+                                      "the model's family, your saved ones, or none (the bare defaults).")
             folder = gr.Textbox(label="Dataset folder (images + same-name .txt captions)", elem_id="train-folder")
             uploads = gr.File(label="…or upload images and captions", file_count="multiple", elem_id="train-upload")
             with gr.Row():
                 trigger = gr.Textbox(label="Trigger word", elem_id="train-trigger")
                 caption = gr.Textbox(label="One caption for all (optional)", elem_id="train-caption")
             with gr.Row():
-                repeats = gr.Number(value=1, precision=0, label="Repeats", elem_id="train-repeats")
-                batch = gr.Number(value=1, precision=0, label="Batch size", elem_id="train-batch")
-                accum = gr.Number(value=1, precision=0, label="Grad. accumulation", elem_id="train-accum")
-                steps = gr.Number(value=300, precision=0, label="Steps", elem_id="train-steps")
+                repeats = gr.Number(value=start_values["repeats"], precision=0, label="Repeats",
+                                    elem_id="train-repeats")
+                batch = gr.Number(value=start_values["batch_size"], precision=0, label="Batch size",
+                                  elem_id="train-batch")
+                accum = gr.Number(value=start_values["grad_accum"], precision=0, label="Grad. accumulation",
+                                  elem_id="train-accum")
+                steps = gr.Number(value=start_values["steps"], precision=0, label="Steps", elem_id="train-steps")
             with gr.Row():
-                lr = gr.Number(value=first.default_lr or 0, label=first.lr_label, elem_id="train-lr")
-                sample_every = gr.Number(value=0, precision=0, label="Preview every N steps (0: end)",
-                                         elem_id="train-sample-every")
-                ckpt_every = gr.Number(value=100, precision=0, label="Checkpoint every", elem_id="train-ckpt-every")
+                lr = gr.Number(value=start_values["lr"] or first.default_lr or 0, label=first.lr_label,
+                               elem_id="train-lr")
+                sample_every = gr.Number(value=start_values["sample_every"], precision=0,
+                                         label="Preview every N steps (0: end)", elem_id="train-sample-every")
+                ckpt_every = gr.Number(value=start_values["checkpoint_every"], precision=0, label="Checkpoint every",
+                                       elem_id="train-ckpt-every")
             # Each method's own fields, generated from its options (trainers.registry); only the chosen one shows.
             # A Column carries the id and visibility (a Group given both renders twice in Gradio 6.31).
             groups, option_widgets, previews = {}, [], {}
@@ -167,13 +217,19 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                     fields = spec.ui_fields()
                     for row in range(0, len(fields), 2):
                         with gr.Row():
-                            option_widgets += [(spec, f, _option_widget(spec, f)) for f in fields[row:row + 2]]
+                            option_widgets += [(spec, f, _option_widget(spec, f, initial if spec is first else
+                                                                         presets.named(spec, presets.default(spec))))
+                                               for f in fields[row:row + 2]]
                     if spec.preview is not None:
                         previews[spec.name] = gr.Textbox(label=f"{spec.label}: before training", interactive=False,
                                                          lines=1, elem_id=f"train-{spec.name}-plan")
             prompts = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts")
             name = gr.Textbox(label="Output name", value=first.default_name, elem_id="train-name")
-            arithmetic = gr.Textbox(label="Before you start", lines=3, interactive=False, elem_id="train-arithmetic")
+            arithmetic = gr.Textbox(label="Before you start", lines=5, interactive=False, elem_id="train-arithmetic")
+            with gr.Row():
+                preset_name = gr.Textbox(label="Save the form as a preset", placeholder="a name", scale=3,
+                                         elem_id="train-preset-name")
+                preset_save = gr.Button("Save preset", size="sm", scale=1, elem_id="train-preset-save")
             start = gr.Button("Start training", variant="primary", elem_id="train-start")
             connect_b4m = build_b4m_wizard(queue, data_root, model_source)
             with gr.Accordion("Upscaler fine-tuning (DSCLoRA)", open=False, elem_id="train-sr"):
@@ -213,6 +269,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             with gr.Row():
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
                 resume = gr.Button("Resume", elem_id="train-resume")
+                reuse = gr.Button("Reuse settings", elem_id="train-reuse")
             plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="train-loss")
             samples = gr.Gallery(label="Preview samples", columns=4, height=200, elem_id="train-samples")
             tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
@@ -224,21 +281,35 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             return str(upload_dataset([getattr(f, "name", f) for f in files_v], data_root / "datasets", name_v))
         return folder_v or ""
 
-    def on_preview(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v):
+    def on_preview(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v,
+                   method_v, preset_v):
+        """Before you start: the preset, the step arithmetic and the time this machine's last run of the method
+        on this model suggests."""
+        spec = specs.get(method_v, first)
+        try:
+            chosen = presets.named(spec, preset_v)
+        except UserError as exc:
+            chosen_line = f"⚠ {exc}"
+        else:
+            chosen_line = chosen.describe() if chosen is not None else "No preset: the bare defaults."
+        timing = estimated_time(queue.runs_root, spec.name, model_source, int(batch_v or 1), int(steps_v or 1))
         path = resolve_folder(folder_v, files_v, name_v)
         if not path:
-            return path, "Choose a dataset folder or upload images."
+            return path, "\n".join(["Choose a dataset folder or upload images.", chosen_line, timing])
         try:
-            return path, dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
-                                                       trigger=trigger_v or None),
-                                         int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
+            summary = dataset_summary(DatasetConfig(path, repeats=int(repeats_v or 1), caption=caption_v or None,
+                                                    trigger=trigger_v or None),
+                                      int(batch_v or 1), int(accum_v or 1), int(steps_v or 1))
         except UserError as exc:
-            return path, f"⚠ {exc}"
+            summary = f"⚠ {exc}"
+        return path, "\n".join([summary, chosen_line, timing])
 
     inputs = [folder, uploads, name, trigger, caption, repeats, batch, accum, steps]
-    for widget in (folder, repeats, batch, accum, steps, trigger, caption):
-        widget.change(on_preview, inputs, [folder, arithmetic], queue=False)
-    uploads.upload(on_preview, inputs, [folder, arithmetic])
+    preview_inputs = inputs + [method, preset]
+    for widget in (folder, repeats, batch, accum, steps, trigger, caption, preset):
+        widget.change(on_preview, preview_inputs, [folder, arithmetic], queue=False)
+    uploads.upload(on_preview, preview_inputs, [folder, arithmetic])
+    demo.load(on_preview, preview_inputs, [folder, arithmetic], queue=False)  # the preset and time from the start
 
     widgets = [widget for _, _, widget in option_widgets]
 
@@ -272,21 +343,58 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             return plans[key]
         return on_plan
 
-    def on_method(method_v, lr_v, name_v):
+    preset_outputs = [repeats, batch, accum, steps, lr, sample_every, ckpt_every, *widgets]
+
+    def on_preset(method_v, preset_v):
+        """Fill the form from a preset (every field it sets; the bare default for the others)."""
         spec = specs.get(method_v, first)
-        default_lrs = {s.default_lr for s in specs.values()} - {None}
-        if spec.default_lr is None and lr_v in default_lrs:
-            lr_value = 0  # an untouched default of another method → this method's derived learning rate
-        elif spec.default_lr is not None and (not lr_v or lr_v in default_lrs):
-            lr_value = spec.default_lr
-        else:
-            lr_value = lr_v
+        try:
+            chosen = presets.named(spec, preset_v)
+        except UserError as exc:
+            raise refusal(str(exc)) from exc
+        values = full_settings(chosen)
+        lr_value = values["lr"] if values["lr"] is not None else (spec.default_lr or 0)
+        own = [gr.update(value=f.form_value_of(chosen.options[f.name]) if chosen is not None and
+                         f.name in chosen.options else f.form_value()) if s is spec else gr.skip()
+               for s, f, _ in option_widgets]
+        return (values["repeats"], values["batch_size"], values["grad_accum"], values["steps"],
+                gr.update(value=lr_value, label=spec.lr_label), values["sample_every"], values["checkpoint_every"],
+                *own)
+
+    def on_method(method_v, name_v):
+        """Show the method's own fields and offer its presets, starting from the model family's."""
+        spec = specs.get(method_v, first)
         default_names = {s.default_name for s in specs.values()}
         new_name = spec.default_name if name_v in default_names or not name_v else name_v
         return (*(gr.update(visible=name == spec.name) for name in groups),
-                gr.update(value=lr_value, label=spec.lr_label), new_name)
+                gr.update(choices=presets.choices(spec), value=presets.default(spec)), new_name)
 
-    changed = method.change(on_method, [method, lr, name], [*groups.values(), lr, name], queue=False)
+    # .input (a user's choice), not .change: "Reuse settings" sets the method and preset itself
+    changed = method.input(on_method, [method, name], [*groups.values(), preset, name], queue=False) \
+        .then(on_preset, [method, preset], preset_outputs, queue=False)
+    preset.input(on_preset, [method, preset], preset_outputs, queue=False)
+
+    def on_save_preset(method_v, preset_v, preset_name_v, repeats_v, batch_v, accum_v, steps_v, lr_v, sample_v,
+                       ckpt_v, *option_values):
+        """The form as a named preset: its fields, plus what the preset it started from sets beyond them."""
+        spec = specs.get(method_v, first)
+        try:
+            base = presets.named(spec, preset_v)
+            options = options_of(spec, [v for (s, _, _), v in zip(option_widgets, option_values) if s is spec])
+            settings = {**(base.settings if base is not None else {}),
+                        "repeats": _whole(repeats_v, "Repeats", 1), "batch_size": _whole(batch_v, "Batch size", 1),
+                        "grad_accum": _whole(accum_v, "Grad. accumulation", 1), "steps": _whole(steps_v, "Steps", 1),
+                        "lr": float(lr_v) if lr_v else None, "sample_every": int(sample_v or 0),
+                        "checkpoint_every": _whole(ckpt_v, "Checkpoint every", 1)}
+            saved = save_preset(data_root, spec.name, preset_name_v or "", settings,
+                                {**(base.options if base is not None else {}), **options})
+        except (UserError, ValueError) as exc:
+            raise refusal(str(exc)) from exc
+        gr.Info(f"Saved preset {saved.name} for {spec.label}.")
+        return gr.update(choices=presets.choices(spec), value=saved.name)
+
+    preset_save.click(on_save_preset, [method, preset, preset_name, repeats, batch, accum, steps, lr, sample_every,
+                                       ckpt_every, *widgets], preset, queue=False)
     for spec in specs.values():
         if spec.preview is None:
             continue
@@ -302,7 +410,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return [j.name for j in list_jobs(queue.runs_root)]
 
     def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, lr_v,
-                 sample_v, ckpt_v, prompts_v, method_v, *option_values):
+                 sample_v, ckpt_v, prompts_v, method_v, preset_v, *option_values):
         spec = specs.get(method_v, first)
         # the job's own checks, here: a bad number is refused on the page, not by a job failing in the background
         steps_n, repeats_n, batch_n, accum_n, ckpt_n = (_whole(v, label, 1) for v, label in (
@@ -339,11 +447,12 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             args += ["--caption", caption_v]
         if model_source:
             args += ["--model", model_source]
+        args += ["--preset", presets.cli_value(preset_v)]  # what the form does not show (e.g. the LoRA's layers)
         run_name = f"{time.strftime('%Y%m%d-%H%M%S')}-{spec.name}-{stem}"
         _submit(queue, run_name, spec.name, args)
         return gr.update(choices=choices(), value=run_name), summary
 
-    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, *widgets], [runs, arithmetic])
+    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, preset, *widgets], [runs, arithmetic])
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         folder_v = (folder_v or "").strip()
@@ -431,5 +540,24 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             raise refusal(str(exc)) from exc
         gr.Info("Resumed from the last checkpoint.")
 
+    def on_reuse(current):
+        """The chosen run's settings back in the New-run form (its method, data and preset from its config)."""
+        if not current:
+            raise refusal("Choose a run first.")
+        try:
+            chosen, extra = run_preset(queue.runs_root / current)
+        except UserError as exc:
+            raise refusal(str(exc)) from exc
+        spec = next((s for s in specs.values() if s.name == extra["method"]), None)
+        if spec is None:
+            raise refusal(f"{current} is a {extra['method']} run; the New-run form trains "
+                          f"{', '.join(specs)} (use its own section above).")
+        return (gr.update(value=spec.label), *(gr.update(visible=name == spec.name) for name in groups),
+                gr.update(choices=presets.choices(spec, chosen.name), value=chosen.name), extra["data"] or "",
+                extra["trigger"] or "", extra["caption"] or "", "\n".join(extra["sample_prompts"] or []),
+                Path(extra["out"] or spec.default_name).stem)
+
+    reuse.click(on_reuse, runs, [method, *groups.values(), preset, folder, trigger, caption, prompts, name],
+                queue=False).then(on_preset, [method, preset], preset_outputs, queue=False)
     stop.click(on_stop, runs, None, queue=False)
     resume.click(on_resume, runs, None, queue=False)

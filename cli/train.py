@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 from cli.watermark_train import TRAIN_DESCRIPTION, add_train_options, handle_train
 from core.errors import UserError
 from core.option_fields import add_cli_options, options_from_args
+from core.paths import data_home
+from trainers.presets import find_preset
 from trainers.registry import make_method, training_methods
 from trainers.run_targets import done_line
 
@@ -17,12 +19,12 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="folder of images with same-name .txt captions")
     p.add_argument("--out", help="the trained adapter, a .safetensors file")
     p.add_argument("--model", help="base model (default: the embedded model)")
-    p.add_argument("--steps", type=int, help="optimizer steps (default 500)")
-    p.add_argument("--lr", type=float, help="learning rate (default: LoRA 1e-4; SaRA 1e-3·exp(−350·θ))")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: the preset's, else 500)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the preset's, else LoRA 1e-4; SaRA 1e-3·exp(−350·θ))")
     p.add_argument("--trigger", help="trigger word, prepended to every caption that lacks it")
     p.add_argument("--caption", help="one caption for every image (instead of .txt files)")
     p.add_argument("--repeats", type=int, help="times each image is seen per epoch (default 1)")
-    p.add_argument("--batch-size", type=int, help="global batch size (default 1)")
+    p.add_argument("--batch-size", type=int, help="global batch size (default: the preset's, else 1)")
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
     p.add_argument("--resolution", type=int, help="training resolution (default: the model's native size)")
     p.add_argument("--buckets", action="store_true", default=None, help="aspect-ratio buckets instead of centre crops")
@@ -40,12 +42,15 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
                                         "drawing (captions used as written; DreamBooth-style)")
     p.add_argument("--prior-weight", type=float, help="weight of the prior-preservation loss (default 1)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 100)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default: the preset's, else 100)")
     p.add_argument("--sample-every", type=int, help="steps between preview samples (default: only at the end)")
     p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="preview prompt (repeatable)")
     p.add_argument("--sample-steps", type=int)
     p.add_argument("--device", help="auto, cpu, cuda, mps")
-    p.add_argument("--preset", help="a config.json of an earlier run; flags given here override it")
+    p.add_argument("--preset", help="settings to start from, overridden by the flags given here: auto (default: the "
+                                    "shipped preset of the model's family — micro, sd1, sd2, sdxl), a preset's "
+                                    "name (shipped or saved in the Train tab), none (the bare defaults), or an "
+                                    "earlier run's config.json")
     p.add_argument("--run-dir", help="run folder (default: a new folder under <data folder>/runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last checkpoint")
 
@@ -106,12 +111,19 @@ def config_from_args(args: argparse.Namespace):
     names = {f.name for f in fields(TrainConfig)}
     if args.resume:
         base = TrainConfig.load(Path(args.resume) / "config.json")
-    elif args.preset:
+    elif args.preset and (args.preset.endswith(".json") or Path(args.preset).expanduser().is_file()):
         base = TrainConfig.load(Path(args.preset))
     else:
         if not args.data or not args.out:
             raise UserError("--data and --out are required (or --resume RUN_DIR, or --preset CONFIG)")
         base = TrainConfig(data=args.data, out=args.out, method=args.method)
+        from models.loading import source_family  # deferred: loads torch, which --help must not
+
+        preset = find_preset(data_home(), args.method, {f.name for f in args.option_fields},
+                             source_family(args.model), args.preset or "auto")
+        if preset is not None:
+            base = replace(base, **preset.settings, method_options=dict(preset.options))
+            print(preset.describe(), flush=True)
     values = {k: v for k, v in vars(args).items() if k in names and v is not None and k != "method"}
     options = {**base.method_options, **options_from_args(args, args.option_fields)}
     config = TrainConfig(**{**base.__dict__, **values, "method": args.method, "method_options": options})
@@ -121,8 +133,6 @@ def config_from_args(args: argparse.Namespace):
 
 
 def default_run_dir_for(method: str, out: str) -> Path:
-    from core.paths import data_home
-
     return data_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{method}-{Path(out).stem}"
 
 

@@ -50,8 +50,11 @@ class OptionField:
 
     def form_value(self) -> Any:
         """What the Train tab shows before the user types."""
-        return self.ui_default if self.default is None else (
-            ",".join(self.default) if self.kind == "list" else self.default)
+        return self.form_value_of(self.default)
+
+    def form_value_of(self, value: Any) -> Any:
+        """How the Train tab shows ``value`` (None: the field's ``ui_default``; a list as comma-separated names)."""
+        return self.ui_default if value is None else (",".join(value) if self.kind == "list" else value)
 
 
 def _kind(annotation: Any) -> tuple[str, bool]:

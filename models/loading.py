@@ -224,17 +224,26 @@ def describe_model_source(source: str | Path | None, config: str | Path | None =
     """The model's family in one line ("SDXL (2 text encoders, epsilon, 1024 px)") for the Train tab, read from the
     config files: pages show it and must not load gigabytes of weights for it. A model the studio cannot use is
     refused as :func:`load_model` refuses it. Remembered per source (a single file may need one load)."""
-    return _describe(str(source or ""), str(config or ""))
+    return _family_and_description(str(source or ""), str(config or ""))[1]
+
+
+def source_family(source: str | Path | None, config: str | Path | None = None) -> str:
+    """The family whose training presets fit the model: ``micro`` for the shipped micro-world model, else ``sd1``,
+    ``sd2`` or ``sdxl`` (read from the config files, as :func:`describe_model_source`)."""
+    if is_micro_model(source):
+        return "micro"
+    return _family_and_description(str(source or ""), str(config or ""))[0]
 
 
 @lru_cache(maxsize=32)
-def _describe(source: str, config: str) -> str:
+def _family_and_description(source: str, config: str) -> tuple[str, str]:
     src, kind = _source(source or None)
     if kind == "single_file":
         configs = single_file_configs(src, Path(config) if config else None)
         if configs is None:  # its configs come from the Hub with the weights: load it once
             model = load_model(src)
-            return model_family(model.pipe).describe(model.pipe)
+            family = model_family(model.pipe)
+            return family.key, family.describe(model.pipe)
     else:
         configs = read_folder_configs(src) if kind == "folder" else _hub_configs(str(source))
         check_architecture(architecture_from_configs(configs["index"], configs["unet"]),
@@ -242,4 +251,5 @@ def _describe(source: str, config: str) -> str:
     if configs.get("unet") is None:
         raise ModelLoadError(f"{src.name if kind == 'folder' else source}: no unet/config.json")
     view = config_view(configs)
-    return model_family(view).describe(view)
+    family = model_family(view)
+    return family.key, family.describe(view)

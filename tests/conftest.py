@@ -180,6 +180,12 @@ def number(page, elem_id: str):
     return page.locator(f"#{elem_id} input[type=number]")
 
 
+def pick(page, elem_id: str, option) -> None:
+    """Choose ``option`` in the Gradio dropdown ``elem_id``."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option).click()
+
+
 def type_number(page, elem_id: str, value) -> None:
     """Type ``value`` into a number or slider component and leave it, as a user does (the change event fires)."""
     box = number(page, elem_id)

@@ -441,13 +441,13 @@ def test_compose_form(studio, bad_corpus):
 
 
 def preview(client: Client, folder: str, files=None, name: str = "my-lora") -> tuple[str, str]:
-    return client.predict(folder, files, name, "sks", "", 1, 1, 1, 10, api_name="/on_preview")
+    return client.predict(folder, files, name, "sks", "", 1, 1, 1, 10, "LoRA", "none", api_name="/on_preview")
 
 
 def start_args(folder: str, *, batch=1, steps=10):
-    # common fields, then each Train-tab method's own (LoRA: rank, text encoder; rsLoRA: the same; SaRA: budget, θ, λ,
+    # common fields, the method and its preset, then each Train-tab method's own (LoRA: rank, text encoder; rsLoRA: the same; SaRA: budget, θ, λ,
     # progressive), as trainers.registry declares them
-    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 1e-4, 0, 100, "", "LoRA", 4, False, 8, False,
+    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 1e-4, 0, 100, "", "LoRA", "none", 4, False, 8, False,
             "5%", 0, 5e-3, 0.5)
 
 
@@ -464,10 +464,10 @@ def test_train_dataset_folders(studio, bad_corpus):
     for name in DATASET_BAD_FILES:
         line = next(line for line in text.splitlines() if name in line)
         assert_readable(line, f"skipped {name}: ")
-    _, text = preview(client, str(mixed / "no-such-folder"))
-    assert_readable(text, "does not exist")
+    _, text = preview(client, str(mixed / "no-such-folder"))  # the problem first; the preset and time below it
+    assert_readable(text.splitlines()[0], "does not exist")
     _, text = preview(client, str(mixed / DATASET_GOOD_FILES[0]))
-    assert_readable(text, DATASET_GOOD_FILES[0])
+    assert_readable(text.splitlines()[0], DATASET_GOOD_FILES[0])
     studio.check()
     runs = studio.home / "runs"
     refusals = [("/on_start", start_args(str(mixed / "no-such-folder")), "does not exist"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, run_compose, running_studio, type_number, \
+from conftest import MICRO_MODEL, compose_canvas_point, number, open_tab, pick, run_compose, running_studio, type_number, \
     upload
 
 pytestmark = pytest.mark.browser
@@ -27,11 +27,6 @@ def progress_says(page, run: str, status: str, timeout: float) -> None:
     page.wait_for_function(f"(() => {{ const t = document.querySelector('#train-progress-box')?.innerText ?? ''; "
                            f"return t.includes({json.dumps(run + ' —')}) && t.includes({json.dumps(status)}); }})()",
                            timeout=timeout)
-
-
-def pick(page, elem_id: str, option) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option).click()
 
 
 def test_a_new_users_day(browser, tmp_path, monkeypatch):
@@ -88,7 +83,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.locator("#train-name textarea, #train-name input").first.fill(NAME)
         page.locator("#train-upload input[type=file]").set_input_files(uploads)
         page.wait_for_function("document.querySelector('#train-arithmetic textarea')?.value"
-                               ".includes('6 images × 1 repeats ÷ batch 1')", timeout=60_000)
+                               ".includes('6 images × 1 repeats ÷ batch 4')", timeout=60_000)  # the micro preset
         dataset = home / "datasets" / NAME
         assert page.locator("#train-folder textarea, #train-folder input").first.input_value() == str(dataset)
         assert sorted(p.name for p in dataset.iterdir()) == sorted(Path(p).name for p in uploads)

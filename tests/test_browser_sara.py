@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill_train_form, open_tab, running_studio
+from conftest import fill_train_form, open_tab, pick, running_studio
 
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
@@ -48,7 +48,18 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         page.locator("#train-sara").wait_for(state="visible", timeout=10_000)
         page.locator("#train-lora-rank").wait_for(state="hidden", timeout=10_000)
         assert "derived" in page.locator("#train-lr").inner_text()
-        assert float(page.locator("#train-lr input").input_value() or 0) == 0
+        # the model family's SaRA preset fills the form (the micro model's: the benchmark's lr 2e-3) ...
+        from models.loading import source_family
+        from trainers.presets import find_preset, full_settings
+        from trainers.registry import training_methods
+
+        preset = find_preset(None, "sara", {f.name for f in training_methods()["sara"].option_fields()},
+                             source_family(default_model_dir), "auto")
+        page.wait_for_function("document.querySelector('#train-lr input').value == "
+                               f"{json.dumps(str(full_settings(preset)['lr'] or 0))}", timeout=10_000)
+        # ... and no preset leaves the learning rate to θ (0)
+        pick(page, "train-preset", "none")
+        page.wait_for_function("document.querySelector('#train-lr input').value == '0'", timeout=10_000)
         page.wait_for_function(f"{PLAN}.includes('θ =')", timeout=60_000)
         assert "(5.00%)" in _plan(page), _plan(page)
 

@@ -83,7 +83,8 @@ def test_the_train_tab_queues_what_the_command_line_parses():
     for spec in train_tab_methods():
         values = {f.name: f.form_value() for f in spec.ui_fields()}
         options = spec.from_form({k: v for k, v in values.items() if v not in (None, 0, "")})
-        argv = ["train", spec.name, "--data", "d", "--out", "o.safetensors", *cli_args(spec.option_fields(), options)]
+        argv = ["train", spec.name, "--data", "d", "--out", "o.safetensors", "--preset", "none",
+                *cli_args(spec.option_fields(), options)]
         parsed = config_from_args(parser.parse_args(argv)).method_options
         assert {k: (tuple(v) if isinstance(v, list) else v) for k, v in parsed.items()} == options, spec.name
     assert [s.label for s in train_tab_methods()] == ["LoRA", "rsLoRA", "SaRA"]
