@@ -16,7 +16,7 @@ from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from core.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
 from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
-from trainers.events import read_events
+from trainers.events import describe_event, read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
 from trainers.presets import (RUN_PREFIX, Preset, estimated_time, find_preset, full_settings, presets_for,
@@ -70,19 +70,7 @@ def _samples(run_dir: Path) -> list[tuple[str, str]]:
 
 def _log_tail(run_dir: Path, n: int = 12) -> str:
     """The newest lines first, so the box shows what is happening now."""
-    lines = []
-    for e in read_events(run_dir):
-        kind = e.get("event")
-        if kind == "step":
-            line = f"step {e['step']}/{e['total']}  loss {e['loss']:.4f}"
-            if "lr" in e:
-                line += f"  lr {e['lr']:.2e}"
-            if "bit_accuracy" in e:  # a watermark run
-                line += f"  bits {e['bit_accuracy']:.0%}  PSNR {e['psnr']:.1f} dB"
-            lines.append(line)
-        else:
-            detail = {k: v for k, v in e.items() if k not in ("time", "event")}
-            lines.append(f"{kind}: {detail}")
+    lines = [line for e in read_events(run_dir) for line in describe_event(e)]
     log = run_dir / "process.log"
     if log.is_file():
         text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()

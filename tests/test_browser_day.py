@@ -119,7 +119,8 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         assert f"step {STEPS}/{STEPS}" in page.locator("#train-progress-box").inner_text()
         assert read_metadata(lora).get("atelier.method") == "lora"
         log = page.locator("#train-log textarea").input_value()
-        assert f"resumed: {{'step': {stopped}" in log and f"step {STEPS}/{STEPS}" in log
+        assert f"(step {stopped})" in log and "resumed from" in log and f"step {STEPS}/{STEPS}" in log
+        assert "{'" not in log  # sentences, not Python dicts
         shot(page, "train-done")
 
         # 4. Compose the new LoRA (left box) with a shipped example LoRA (right box).

@@ -73,3 +73,32 @@ def test_a_run_short_of_its_targets_ends_done_with_warnings(tmp_path, case):
     done = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()][-1]
     assert done["event"] == "done" and any(expected in w for w in done["warnings"])
     assert done_line(result, "x").startswith("done with warnings: x — ") and expected in done_line(result, "x")
+
+
+def test_the_log_reads_as_sentences(tmp_path):
+    from trainers.events import describe_event
+
+    result, _ = _toy_run(tmp_path / "run", [0.5 + 0.001 * i for i in range(40)])
+    lines = [line for e in json_lines(tmp_path / "run" / "events.jsonl") for line in describe_event(e)]
+    assert lines[0].startswith("training started at step 0") and any("step 40/40  loss" in line for line in lines)
+    assert "saving …" in lines
+    assert any(line.startswith("done with warnings at step 40") for line in lines)
+    assert any(line.startswith("⚠ the loss did not fall") for line in lines)
+    assert not any("{'" in line for line in lines)
+    assert describe_event({"event": "something_new", "a_b": 1}) == ["something new: a b 1"]
+
+
+def json_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_running_job_shows_its_phase(tmp_path):
+    from trainers.jobs import JobInfo
+
+    _toy_run(tmp_path / "run", [1.0 - 0.01 * i for i in range(20)])
+    phases = [e["phase"] for e in json_lines(tmp_path / "run" / "events.jsonl") if e["event"] == "phase"]
+    assert phases == ["saving"]  # the toy trainer loads nothing; the shared loop says when it saves
+    info = JobInfo(run_dir=tmp_path, method="lora", status="running", step=0, total=0, loss=None, eta_s=None,
+                   artifact=None, message=None, resumable=False, phase="loading model")
+    assert info.label == "running · loading model"
+    assert JobInfo(**{**info.__dict__, "phase": None}).label == "running · starting"

@@ -63,6 +63,7 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2))
     device = pick_device(config.device)
     torch.manual_seed(config.seed)
+    loop.phase("loading model")
     student_model = load_sr_model(config.base, device=str(device), allow_pth=config.official_pth)
     teacher = load_sr_model(config.teacher or config.base, device=str(device), allow_pth=config.official_pth).network
     teacher.requires_grad_(False).eval()
@@ -73,6 +74,7 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
         student.load_state_dict(loop.resumed.trainable, strict=False)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    loop.phase("checking data")
     data = HRCrops(config.hr_folder, student.config.scale, config.patch, config.seed)
     if loop.resumed is None:
         for line in data.report.lines():

@@ -52,3 +52,52 @@ def read_events(run_dir: Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
             except ValueError:
                 continue
+
+
+def _fields(event: dict[str, Any], skip: tuple[str, ...] = ()) -> str:
+    shown = {k: v for k, v in event.items() if k not in ("time", "event", *skip) and v not in (None, "", [], {})}
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shown.items())
+
+
+def describe_event(event: dict[str, Any]) -> list[str]:
+    """One event of a run as the lines a person reads in the Train tab's log (not a Python dict)."""
+    kind, step = event.get("event"), event.get("step")
+    if kind == "step":
+        line = f"step {step}/{event.get('total')}  loss {event.get('loss', float('nan')):.4f}"
+        if "lr" in event:
+            line += f"  lr {event['lr']:.2e}"
+        if "bit_accuracy" in event:  # a watermark run
+            line += f"  bits {event['bit_accuracy']:.0%}  PSNR {event['psnr']:.1f} dB"
+        return [line]
+    if kind == "start":
+        what = event.get("arithmetic") or f"{event.get('total')} steps"
+        where = ", ".join(str(event[k]) for k in ("model_family", "device") if event.get(k))
+        size = f"; {event['trainable_parameters']:,} trainable values" if event.get("trainable_parameters") else ""
+        return [f"training started at step {step}: {what}" + (f" ({where})" if where else "") + size]
+    if kind == "checkpoint":
+        return [f"checkpoint saved at step {step}"]
+    if kind == "resumed":
+        return [f"resumed from {event.get('checkpoint')} (step {step})"]
+    if kind == "stopped":
+        return [f"stopped at step {step}" + (f"; saved {event['artifact']}" if event.get("artifact") else "")]
+    if kind == "done":
+        loss = event.get("final_loss")
+        head = (f"done at step {step}" + (f", final loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                + (f": {event['artifact']}" if event.get("artifact") else ""))
+        warnings = event.get("warnings") or []
+        return ([head.replace("done", "done with warnings", 1)] if warnings else [head]) + [f"⚠ {w}" for w in warnings]
+    if kind == "error":
+        return [f"error: {event.get('message')}"]
+    if kind == "dataset":
+        return [str(event.get("message", ""))]
+    if kind == "early_stop":
+        return [f"stopped early at step {step}: {event.get('reason')}"]
+    if kind == "sample":
+        return [f"preview samples at step {step}"]
+    if kind == "geometry":
+        return [f"image sizes and crops: {len(event.get('images') or [])} images"]
+    if kind == "method":
+        return [f"method {event.get('method')}: {_fields(event, ('method',))}"]
+    if kind == "phase":
+        return [f"{event.get('phase')} …"]
+    return [f"{str(kind).replace('_', ' ')}: {_fields(event)}"]

@@ -41,6 +41,7 @@ class JobInfo:
     message: str | None
     resumable: bool
     warnings: list[str] = field(default_factory=list)  # targets a finished run fell short of
+    phase: str | None = None  # what a running job does now: loading model, checking data, training, saving, ...
 
     @property
     def name(self) -> str:
@@ -49,6 +50,8 @@ class JobInfo:
     @property
     def label(self) -> str:
         """The status as the user reads it ("done with warnings" where targets were missed)."""
+        if self.status == "running":
+            return f"running · {self.phase or 'starting'}"
         return status_label(self.status, self.warnings)
 
 
@@ -89,6 +92,7 @@ def job_info(run_dir: Path) -> JobInfo:
     loss = eta = None
     status, artifact, message = None, None, None
     warnings: list[str] = []
+    phase: str | None = None
     for event in read_events(run_dir):
         kind = event.get("event")
         if kind in ("start", "step", "resumed"):
@@ -97,6 +101,9 @@ def job_info(run_dir: Path) -> JobInfo:
             loss = event.get("loss", loss)
             eta = event.get("eta_s", eta)
             status = None
+            phase = "training"
+        elif kind == "phase":
+            phase = event.get("phase")
         elif kind in FINAL:
             status = kind
             step = int(event.get("step", step) or step)
@@ -114,7 +121,8 @@ def job_info(run_dir: Path) -> JobInfo:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     return JobInfo(run_dir=run_dir, method=job.get("method", "?"), status=status, step=step, total=total,
                    loss=loss, eta_s=eta, artifact=artifact, message=message,
-                   resumable=ckpt is not None and status in ("stopped", "interrupted", "error"), warnings=warnings)
+                   resumable=ckpt is not None and status in ("stopped", "interrupted", "error"), warnings=warnings,
+                   phase=phase if status == "running" else None)
 
 
 def list_jobs(runs_root: Path) -> list[JobInfo]:

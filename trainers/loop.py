@@ -152,6 +152,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         config.save(run_dir / "config.json")
 
     torch.manual_seed(config.seed)
+    loop.phase("loading model")
     model = load_model(config.model, device=str(accelerator.device), dtype="fp32", attention="auto")
     pipe = model.pipe
     family = model_family(pipe)
@@ -172,6 +173,7 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         pipe.unet.enable_gradient_checkpointing()
     pipe.unet.train()
 
+    loop.phase("checking data")
     resolution = config.resolution or model.native_size
     multiple = int(pipe.vae_scale_factor) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     dataset = ImageFolderDataset(DatasetConfig(config.data, resolution=resolution, repeats=config.repeats,

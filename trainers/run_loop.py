@@ -168,6 +168,11 @@ class RunLoop:
         if self.processes.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
+    def phase(self, name: str) -> None:
+        """What the run does while no step shows (loading model, checking data, caching latents, saving), so Runs
+        never shows a bare "step 0/0"."""
+        self.log.write("phase", phase=name)
+
     def checkpoint(self, trainer: StepTrainer, step: int) -> None:
         if self.processes.is_main:
             position = trainer.position()
@@ -232,6 +237,7 @@ class RunLoop:
             if step % self.checkpoint_every == 0 and step < self.total and not finished:
                 self.checkpoint(trainer, step)
         self.checkpoint(trainer, step)
+        self.phase("saving")
         warnings = [w for w in (loss_shortfall(self._losses_before_resume() + losses) if trainer.loss_should_fall
                                 else None,
                                 *trainer.shortfalls(step)) if w]

@@ -217,11 +217,13 @@ def train_watermark(config: WatermarkConfig, run_dir: Path, *, model=None, resum
     key_hex = format_key(key)
     # The run folder keeps the key (a drawn one too): a resumed run must train the same key.
     (run_dir / "config.json").write_text(json.dumps({**asdict(config), "key": key_hex}, indent=2))
+    loop.phase("loading model")
     model = model or load_model(config.model, device=config.device, dtype="fp32")
     vae = model.pipe.vae
     device = vae.device
     extractor = extractor.to(device).requires_grad_(False)
     extractor_id = extractor_hash(extractor)
+    loop.phase("caching latents")
     latents = collect_latents(model, config).to(device)
     with torch.no_grad():
         targets = torch.cat([decode(vae, latents[i:i + 8]) for i in range(0, len(latents), 8)])
