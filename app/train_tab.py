@@ -16,7 +16,7 @@ from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from core.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
 from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
-from trainers.events import describe_event, read_events
+from trainers.events import describe_event, preview_grid, read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
 from trainers.presets import (RUN_PREFIX, Preset, estimated_time, find_preset, full_settings, presets_for,
@@ -64,8 +64,9 @@ def _loss_frame(run_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
 
 
-def _samples(run_dir: Path) -> list[tuple[str, str]]:
-    return [(str(p), p.stem) for p in sorted((run_dir / "samples").glob("*.png"))]
+def _samples(run_dir: Path):
+    cells, columns = preview_grid(run_dir)
+    return gr.update(value=cells, columns=columns)
 
 
 def _log_tail(run_dir: Path, n: int = 12) -> str:
@@ -255,11 +256,12 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 refresh = gr.Button("Refresh", size="sm", scale=1, elem_id="train-refresh")
             progress = gr.HTML(elem_id="train-progress-box")
             with gr.Row():
-                stop = gr.Button("Stop", variant="stop", elem_id="train-stop")
-                resume = gr.Button("Resume", elem_id="train-resume")
+                stop = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
+                resume = gr.Button("Resume", elem_id="train-resume", interactive=False)
                 reuse = gr.Button("Reuse settings", elem_id="train-reuse")
             plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="train-loss")
-            samples = gr.Gallery(label="Preview samples", columns=4, height=200, elem_id="train-samples")
+            samples = gr.Gallery(label="Preview samples (base model first, then newest first)", columns=2,
+                                 height=420, elem_id="train-samples")
             tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
     timer = gr.Timer(2.0)
     connect_b4m(runs)

@@ -102,3 +102,25 @@ def test_a_running_job_shows_its_phase(tmp_path):
                    artifact=None, message=None, resumable=False, phase="loading model")
     assert info.label == "running · loading model"
     assert JobInfo(**{**info.__dict__, "phase": None}).label == "running · starting"
+
+
+def test_previews_form_a_grid_base_row_first_then_newest_first(tmp_path):
+    from PIL import Image
+
+    from trainers.events import EventLog, preview_grid
+
+    run = tmp_path / "run"
+    (run / "samples").mkdir(parents=True)
+    log = EventLog(run)
+    for step, names, base in ((0, ["base-000.png", "base-001.png"], True),
+                              (10, ["step-0000010-000.png", "step-0000010-001.png"], False),
+                              (20, ["step-0000020-000.png", "step-0000020-001.png"], False)):
+        for name in names:
+            Image.new("RGB", (4, 4)).save(run / "samples" / name)
+        log.write("sample", step=step, paths=[f"samples/{n}" for n in names], prompts=["sks a star", "a circle"],
+                  **({"base": True} if base else {}))
+    cells, columns = preview_grid(run)
+    assert columns == 2
+    assert [label for _, label in cells] == ["base model · sks a star", "base model · a circle",
+                                             "step 20 · sks a star", "step 20 · a circle",
+                                             "step 10 · sks a star", "step 10 · a circle"]

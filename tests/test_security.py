@@ -74,6 +74,8 @@ def studio(tiny_model_dir, tmp_path_factory):
     (run / "samples").mkdir(parents=True)
     (run / "job.json").write_text('{"method": "lora", "args": ["--data", "/home/ada/private"], "state": "done"}')
     Image.new("RGB", (8, 8), (200, 30, 30)).save(run / "samples" / "000010-0.png")
+    (run / "events.jsonl").write_text('{"time": 0, "event": "sample", "step": 10, "paths": ["samples/000010-0.png"], '
+                                      '"prompts": ["a red circle"]}\n')  # what the preview grid reads
     (home / "adapters").mkdir()
     (home / "adapters" / "mine.safetensors").write_bytes(b"an adapter is not served")
     outputs = home / "outputs"
@@ -122,7 +124,8 @@ def test_a_runs_samples_are_served_only_once_the_page_shows_them(studio):
     assert studio.get(sample) == 403  # the runs folder is not served as a whole
     client = studio.client()
     client.predict(None, api_name="/on_refresh")  # the page's load: this session's list of runs
-    samples = client.predict(RUN, api_name="/on_tick")[2]  # progress, loss plot, samples, log
+    grid = client.predict(RUN, api_name="/on_tick")[2]  # progress, loss plot, samples, log
+    samples = grid["value"]  # an update: the grid's columns follow the run's preview prompts
     assert len(samples) == 1 and Path(samples[0]["image"]).is_file()
     assert studio.get(sample) == 200
     assert studio.get(f"/gradio_api/file={studio.home}/runs/{RUN}/job.json") == 403

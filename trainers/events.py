@@ -101,3 +101,24 @@ def describe_event(event: dict[str, Any]) -> list[str]:
     if kind == "phase":
         return [f"{event.get('phase')} …"]
     return [f"{str(kind).replace('_', ' ')}: {_fields(event)}"]
+
+
+def preview_grid(run_dir: Path) -> tuple[list[tuple[str, str]], int]:
+    """A run's preview samples as a grid, one column per prompt: the base model's row first (what training
+    changes), then every preview newest first; each labelled by step and prompt."""
+    base: list[tuple[str, str]] = []
+    rows: list[list[tuple[str, str]]] = []
+    columns = 1
+    for event in read_events(run_dir):
+        if event.get("event") != "sample":
+            continue
+        prompts, paths = list(event.get("prompts") or []), list(event.get("paths") or [])
+        columns = max(columns, len(paths))
+        cells = [(str(Path(run_dir) / path), f"{'base model' if event.get('base') else 'step ' + str(event.get('step'))}"
+                                            f" · {prompts[i] if i < len(prompts) else ''}")
+                 for i, path in enumerate(paths) if (Path(run_dir) / path).is_file()]
+        if event.get("base"):
+            base = cells
+        else:
+            rows.append(cells)
+    return base + [cell for row in reversed(rows) for cell in row], columns

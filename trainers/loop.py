@@ -164,6 +164,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         if weight_dtype != torch.float32 and not upcast:  # frozen weights in half precision save memory
             frozen.to(accelerator.device, dtype=weight_dtype)
     vae_dtype = pipe.vae.dtype
+    if loop.resumed is None and config.sample_prompts:  # the base model's images, for the previews to compare with
+        _preview(pipe, config, run_dir, 0, log, accelerator, base=True)
     params = method.attach(pipe, config)
     if loop.resumed is not None:  # before the optimizer exists: restoring may change the parameter set (SaRA)
         params = method.load_trainable_state(loop.resumed.trainable) or params
@@ -352,9 +354,10 @@ class _Item:
         return _Item(self.pixels, "", self.micro_conditioning)
 
 
-def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator) -> None:
+def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator, *,
+             base: bool = False) -> None:
     """Sample the preview prompts, all from the same seed, so previews compare across steps and across prompts (a
-    content × style grid differs only by its prompts)."""
+    content × style grid differs only by its prompts); ``base``: the model before training, the same way."""
     if not accelerator.is_main_process or not config.sample_prompts:
         accelerator.wait_for_everyone()
         return
@@ -367,11 +370,11 @@ def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog,
         generator = torch.Generator("cpu").manual_seed(config.seed)
         with torch.no_grad(), accelerator.autocast():
             image = pipe(prompt, num_inference_steps=config.sample_steps, generator=generator).images[0]
-        path = folder / f"step-{step:07d}-{i:03d}.png"  # names sort in prompt order in the gallery
+        path = folder / (f"base-{i:03d}.png" if base else f"step-{step:07d}-{i:03d}.png")
         save_png_with_parameters(image, path, format_parameters(prompt, "", {"Steps": config.sample_steps,
                                                                              "Seed": config.seed,
                                                                              "Training step": step}))
         paths.append(str(path.relative_to(run_dir)))
     pipe.unet.train()
-    log.write("sample", step=step, paths=paths, prompts=config.sample_prompts)
+    log.write("sample", step=step, paths=paths, prompts=config.sample_prompts, **({"base": True} if base else {}))
     accelerator.wait_for_everyone()

@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from core.errors import UserError
+from core.errors import ModelLoadError, UserError
 
 from core.safetensors_files import add_metadata
 from trainers.checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
@@ -245,7 +245,10 @@ class RunLoop:
         artifact = done.get("artifact")
         if self.processes.is_main:
             if warnings and artifact and str(artifact).endswith(".safetensors") and Path(artifact).is_file():
-                add_metadata(Path(artifact), {METADATA_KEY: "\n".join(warnings)})
+                try:
+                    add_metadata(Path(artifact), {METADATA_KEY: "\n".join(warnings)})
+                except ModelLoadError:  # not a safetensors file after all (a stub's): the events still say it
+                    pass
             self.log.write("done", step=step, **{"final_loss": losses[-1] if losses else None, **done},
                            warnings=warnings)
             self.stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
