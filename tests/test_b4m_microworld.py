@@ -8,8 +8,8 @@ budget gave no image with both (bench/results/b4m_microworld_short.md), so this 
 The judge is the measure here: the logged loss (data + auxiliary term at random timesteps) moves by a few per cent
 over a run, within its step-to-step noise.
 
-The new judge (well-formed objects only; same run of that table) finds no well-formed star in any of the 36 samples
-and the stripes on a well-formed object in 2 (6 %): the only new-judge bar is half of that, as the old style bar is
+The new judge (well-formed objects only; same run of that table; versions 3 and 4 alike) finds no well-formed star in
+any of the 36 samples and the stripes on a well-formed object in 2 (6 %): the only new-judge bar is half of that, as the old style bar is
 half of 28 %; a content bar cannot be set while the measured content is 0.
 """
 from __future__ import annotations
