@@ -64,7 +64,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from core.errors import UserError
+    from adapters.library import adapters_folder
+    from core.paths import data_home
     from pipelines.generation import GenerationRequest, check_adapter_files, generate, parse_lora_arg, save_generated
+    from pipelines.prompt_loras import lora_tags
     from models.loading import load_model
 
     out = Path(args.out)
@@ -72,13 +75,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UserError(f"--out must name a .png file (got {args.out})")
     if out.exists() and out.is_dir():
         raise UserError(f"--out {args.out} is a folder; name a .png file")
-    check_adapter_files([parse_lora_arg(text)[0] for text in args.lora or ()], args.watermark)  # before the model
+    library = adapters_folder(data_home())
+    tagged = [path for path, _ in lora_tags(args.prompt, library)]  # <lora:NAME:WEIGHT> in the prompt
+    check_adapter_files([parse_lora_arg(text)[0] for text in args.lora or ()] + tagged, args.watermark)  # before the model
     model = load_model(args.model, device=args.device, dtype=args.dtype, attention=args.attention, config=args.config)
     request = GenerationRequest(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, width=args.width, height=args.height,
                                 scheduler=args.scheduler, batch_count=args.batch_count,
                                 loras=tuple(parse_lora_arg(text) for text in args.lora or ()),
-                                watermark=args.watermark)
+                                watermark=args.watermark, lora_folder=str(library))
 
     def progress(step: int, total: int) -> None:
         print(f"\rstep {step}/{total}", end="" if step < total else "\n", file=sys.stderr, flush=True)
@@ -133,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="make images from a prompt",
                          description="Make images from a prompt; parameters are saved in the PNG and a .json sidecar.")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, help="the prompt; <lora:NAME:WEIGHT> applies the Library's adapter NAME (A1111 style)")
     gen.add_argument("--out", required=True, help="output .png (with --batch-count N: OUT-1.png … OUT-N.png)")
     gen.add_argument("--negative", default="", help="negative prompt")
     gen.add_argument("--seed", type=int, default=-1, help="seed (default: random)")

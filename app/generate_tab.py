@@ -101,7 +101,8 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
         request_obj = GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
                                         guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
                                         height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras,
-                                        watermark=str(adapters / Path(watermark_v).name) if watermark_v else None)
+                                        watermark=str(adapters / Path(watermark_v).name) if watermark_v else None,
+                                        lora_folder=str(adapters))
         images: list[tuple[str, str]] = []
         params, seed_used = "", -1
         try:
@@ -111,7 +112,8 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                                      on_step=lambda s, t: progress((s, t), desc="Generating")):
                     path = save_generated(item, outputs)
                     images.append((str(path), f"seed {item.seed}"))
-                    params, seed_used = item.parameters, item.seed
+                    # the batch's first seed: "Reuse last seed" then gives the whole batch again (seed, seed+1, …)
+                    params, seed_used = item.parameters, seed_used if len(images) > 1 else item.seed
                     notes = "".join(f"\n\n⚠ {w}" for w in item.record["warnings"])
                     yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used, \
                         [p for p, _ in images]

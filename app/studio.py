@@ -18,6 +18,19 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # default of 10 000 the studio's memory grew with every session in bench/concurrent_sessions.py. The least recently
 # used session beyond this number is dropped (its gr.State values, e.g. the last seed, start from the defaults again).
 SESSIONS_KEPT = 100
+# Ctrl+Enter (⌘+Enter) runs the visible tab's main button, as in A1111: Generate, Compose, Upscale, Verify. Training
+# is not started by a keystroke.
+CTRL_ENTER_JS = """
+() => {
+  document.addEventListener("keydown", (e) => {
+    if (e.key !== "Enter" || !(e.ctrlKey || e.metaKey)) return;
+    for (const id of ["gen-run", "compose-run", "up-run", "wm-verify"]) {
+      const b = document.getElementById(id);
+      if (b && b.offsetParent !== null && !b.disabled) { e.preventDefault(); b.click(); return; }
+    }
+  });
+}
+"""
 
 
 @dataclass
@@ -104,6 +117,7 @@ def build_studio(config: StudioConfig):
                 build_verify_tab(demo, data_home(), adapters_folder(data_home()))
             with gr.Tab("Library", id="library"):
                 build_library_tab(demo, models, adapters_folder(data_home()))
+        demo.load(None, None, None, js=CTRL_ENTER_JS)
     jobs.start_background()
     demo.queue(default_concurrency_limit=1)
     return demo

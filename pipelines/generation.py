@@ -26,6 +26,7 @@ from core.png_metadata import format_parameters, save_png_with_parameters
 from core.safetensors_files import read_header
 from models.schedulers import MODEL_DEFAULT, make_scheduler, scheduler_label
 from adapters.sara.files import sparse_deltas_applied
+from pipelines.prompt_loras import lora_tags, strip_lora_tags
 from pipelines.watermark.merge import is_watermark_file, load_watermark, watermark_applied
 
 MAX_SEED = 2**32 - 1
@@ -51,6 +52,7 @@ class GenerationRequest:
     batch_count: int = 1
     loras: tuple[tuple[str, float], ...] = ()  # (adapter file, strength)
     watermark: str | None = None  # a watermark adapter merged into the VAE decoder for this request
+    lora_folder: str | None = None  # the adapters folder of the prompt's <lora:NAME:WEIGHT> tags (+ shipped examples)
 
     def resolved(self, model: LoadedModel) -> "GenerationRequest":
         """Check every field and fill the defaults that depend on the model; raises ``UserError``."""
@@ -80,11 +82,14 @@ class GenerationRequest:
         if self.watermark:
             if not is_watermark_file(Path(self.watermark)):
                 raise UserError(f"{Path(self.watermark).name} is not a watermark adapter")
-        for path, strength in self.loras:
+        tagged = lora_tags(self.prompt, Path(self.lora_folder) if self.lora_folder else None)
+        loras = tuple(self.loras) + tagged
+        for path, strength in loras:
             if not -4.0 <= float(strength) <= 4.0:
                 raise UserError(f"LoRA strength must be between -4 and 4 (got {strength} for {Path(path).name})")
+        check_adapter_files([path for path, _ in tagged])
         return replace(self, steps=int(self.steps), guidance=float(self.guidance), seed=seed, width=width,
-                       height=height, batch_count=int(self.batch_count))
+                       height=height, batch_count=int(self.batch_count), loras=loras, lora_folder=None)
 
 
 @dataclass
@@ -106,7 +111,10 @@ def token_warnings(tokenizer, texts: list[tuple[str, str]]) -> list[str]:
 
 
 def prompt_warnings(model: LoadedModel, req: GenerationRequest) -> list[str]:
-    return token_warnings(model.pipe.tokenizer, [("prompt", req.prompt), ("negative prompt", req.negative_prompt)])
+    empty = [] if strip_lora_tags(req.prompt).strip() else [
+        "the prompt is empty: the model draws whatever it likes (type what you want to see)"]
+    return empty + token_warnings(model.pipe.tokenizer, [("prompt", strip_lora_tags(req.prompt)),
+                                                 ("negative prompt", req.negative_prompt)])
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -201,7 +209,8 @@ def _generate_images(model: LoadedModel, req: GenerationRequest, sampler: str, w
         # A CPU generator makes the same seed give the same image on every device.
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.inference_mode():
-            embeds = encode_prompts(pipe, req.prompt, req.negative_prompt or None, cfg=req.guidance > 1.0)
+            embeds = encode_prompts(pipe, strip_lora_tags(req.prompt), req.negative_prompt or None,
+                                    cfg=req.guidance > 1.0)
             image = pipe(**embeds.pipeline_kwargs(), num_inference_steps=req.steps, guidance_scale=req.guidance,
                          width=req.width, height=req.height, generator=generator,
                          callback_on_step_end=step_end).images[0]
