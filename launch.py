@@ -15,7 +15,7 @@ import warnings
 # Feature modules that add their own sub-commands through ``register(subparsers)``.
 # ``cli.watermark_train`` makes the ``watermark`` group (cli.watermark) and adds its training commands.
 COMMAND_MODULES = ("cli.microworld", "cli.sara", "cli.train", "cli.watermark_train",
-                   "cli.compose")
+                   "cli.compose", "cli.adapter")
 
 
 def quiet_libraries() -> None:

@@ -128,3 +128,40 @@ def export_adapter(path: Path, fmt: str, folder: Path, pipe=None) -> Path:
     target = _free_name(folder, f"{stem}.{fmt}.safetensors")
     export_lora(path, target, fmt, pipe)
     return target
+
+
+def _own_file(name: str, folder: Path) -> Path:
+    """A file of the user's adapters folder, by name only (a shipped example or a path elsewhere is refused)."""
+    if name.endswith(EXAMPLE_SUFFIX) or Path(name).name != name:
+        raise UserError(f"{name}: only adapters of your own folder ({folder}) can be changed; shipped examples stay")
+    path = folder / name
+    if not path.is_file():
+        raise UserError(f"{name}: no such adapter in {folder}")
+    return path
+
+
+def delete_adapter(name: str, folder: Path) -> Path:
+    """Remove one adapter file of the user's folder (nothing else: its run folder and other formats stay)."""
+    path = _own_file(name, folder)
+    path.unlink()
+    return path
+
+
+def rename_adapter(name: str, new_name: str, folder: Path) -> Path:
+    """Rename an adapter file within the user's folder; never over an existing file."""
+    path = _own_file(name, folder)
+    new = safe_name(new_name.strip(), "")
+    if not new:
+        raise UserError("Type a new name.")
+    if not new.lower().endswith(".safetensors"):
+        new += ".safetensors"
+    target = folder / new
+    if target.exists():
+        raise UserError(f"{new} exists already: choose another name")
+    path.rename(target)
+    return target
+
+
+def export_formats(path: Path) -> tuple[str, ...]:
+    """The formats the Library can write this adapter in (none for a watermark, a SaRA delta, ...)."""
+    return tuple(identify(path).export_formats)

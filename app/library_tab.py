@@ -8,7 +8,8 @@ import pandas as pd
 
 from app.refusals import refusal
 from core.errors import UserError
-from adapters.library import export_adapter, import_adapter, library_entries, library_label, library_path
+from adapters.library import (EXAMPLE_SUFFIX, delete_adapter, export_adapter, export_formats, import_adapter,
+                              library_entries, library_label, library_path, rename_adapter)
 from adapters.registry import library_columns
 from models.cache import ModelCache
 
@@ -32,6 +33,13 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
             fmt = gr.Radio(["diffusers", "kohya"], value="kohya", label="Export to", elem_id="lib-format")
             export = gr.Button("Export", elem_id="lib-export")
             exported = gr.File(label="Exported file", interactive=False, elem_id="lib-exported")
+            with gr.Row():
+                new_name = gr.Textbox(label="New name", scale=3, elem_id="lib-new-name")
+                rename = gr.Button("Rename", size="sm", scale=1, elem_id="lib-rename")
+            delete = gr.Button("Delete…", variant="stop", size="sm", elem_id="lib-delete")
+            with gr.Row(visible=False, elem_id="lib-confirm-row") as confirm_row:
+                confirm = gr.Button("Yes, delete this file", variant="stop", size="sm", elem_id="lib-confirm")
+                keep = gr.Button("Keep it", size="sm", elem_id="lib-keep")
     status = gr.Markdown(elem_id="lib-status")
 
     def refresh():
@@ -64,6 +72,50 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
             raise refusal(str(exc)) from exc
         serve_files(demo, target)  # the adapters folder is not served as a whole
         return str(target), *refresh(), f"Wrote **{target.name}** ({fmt_v} format)."
+
+    def on_chosen(name):
+        """Offer only the formats the chosen adapter can be written in, and say so where there is none."""
+        if not name:
+            return gr.update(), ""
+        try:
+            formats = export_formats(library_path(name, folder))
+        except UserError as exc:
+            return gr.update(interactive=False), f"⚠ {exc}"
+        if not formats:
+            return gr.update(interactive=False), f"{name} cannot be exported to another format (only LoRA-type " \
+                                                 "adapters have a diffusers and a kohya form)."
+        return gr.update(choices=list(formats), value=formats[-1], interactive=True), ""
+
+    chosen.change(on_chosen, chosen, [fmt, status], queue=False)
+
+    def on_rename(name, new_name_v):
+        if not name:
+            raise refusal("Choose an adapter first.")
+        try:
+            target = rename_adapter(name, new_name_v or "", folder)
+        except UserError as exc:
+            raise refusal(str(exc)) from exc
+        return (*refresh(), f"Renamed **{name}** to **{target.name}**.", "")
+
+    rename.click(on_rename, [chosen, new_name], [table, problems, chosen, status, new_name], show_progress="hidden")
+
+    def on_delete(name):
+        if not name:
+            raise refusal("Choose an adapter first.")
+        if name.endswith(EXAMPLE_SUFFIX):
+            raise refusal(f"{name}: shipped examples stay.")
+        return gr.update(visible=True), f"Delete **{name}**? Only this file is removed (its run folder stays)."
+
+    def on_confirm(name):
+        try:
+            path = delete_adapter(name or "", folder)
+        except UserError as exc:
+            raise refusal(str(exc)) from exc
+        return (gr.update(visible=False), *refresh(), f"Deleted **{path.name}**.")
+
+    delete.click(on_delete, chosen, [confirm_row, status], queue=False)
+    confirm.click(on_confirm, chosen, [confirm_row, table, problems, chosen, status], show_progress="hidden")
+    keep.click(lambda: (gr.update(visible=False), "Kept."), None, [confirm_row, status], queue=False)
 
     # hidden progress: a refused file leaves the table as it was, not covered by an error badge (the toast says why)
     upload.upload(on_import, upload, [table, problems, chosen, status], show_progress="hidden")
