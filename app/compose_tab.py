@@ -19,6 +19,7 @@ from gradio_image_annotation import image_annotator
 from PIL import Image, ImageDraw
 
 from pipelines.composition import AUTO, CompositionSpec, parse_composition, read_composition, write_composition
+from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import EXAMPLE_CONCEPTS, describe, list_adapters
@@ -446,4 +447,5 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
         return [gr.update(choices=fresh) for _ in current]
 
     demo.load(refresh_choices, loras, loras, queue=False)
+    keep_fresh(lambda: [adapters], refresh_choices, loras, loras)
 

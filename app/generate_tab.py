@@ -6,6 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import list_adapters
@@ -149,6 +150,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
 
     refresh_loras.click(adapter_choices, None, [*lora_files, watermark], queue=False)
     demo.load(adapter_choices, None, [*lora_files, watermark], queue=False)
+    keep_fresh(lambda: [adapters], adapter_choices, [], [*lora_files, watermark])  # a new run's file appears
     def on_cancel(request: gr.Request) -> None:
         # A toast, not the status line: the generation's own "Cancelled after …" may land first and must stay.
         gr.Info("Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel.")

@@ -6,6 +6,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import (EXAMPLE_SUFFIX, delete_adapter, export_adapter, export_formats, import_adapter,
@@ -121,3 +122,4 @@ def build_library_tab(demo: gr.Blocks, models: ModelCache, folder: Path) -> None
     upload.upload(on_import, upload, [table, problems, chosen, status], show_progress="hidden")
     export.click(on_export, [chosen, fmt], [exported, table, problems, chosen, status])
     demo.load(refresh, None, [table, problems, chosen], api_name="library_list")
+    keep_fresh(lambda: [folder], refresh, [], [table, problems, chosen])

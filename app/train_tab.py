@@ -7,6 +7,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
+from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
 from core.option_fields import OptionField, cli_args, form_values
@@ -494,6 +495,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
 
     refresh.click(on_refresh, runs, runs, queue=False)
     demo.load(on_refresh, runs, runs, queue=False)  # a page refresh re-attaches to the newest run
+    keep_fresh(lambda: [queue.runs_root], on_refresh, [runs], [runs])  # a run queued elsewhere (CLI, wizard)
 
     def on_tick(current):
         if not current:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import gradio as gr
 
+from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
-from pipelines.watermark.verify import SHIPPED_EXTRACTOR, extractor_choices, identify_files, robustness_file, \
-    verify_files, watermark_adapter_choices
+from pipelines.watermark.verify import (SHIPPED_EXTRACTOR, extractor_choices, extractors_folder, identify_files,
+                                       robustness_file, verify_files, watermark_adapter_choices)
 
 VERIFY_COLUMNS = ["image", "bits matched", "bit accuracy", "p-value", "verdict"]
 IDENTIFY_COLUMNS = ["image", "key", "bits matched", "adjusted p-value", "correction"]
@@ -82,3 +83,4 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
         return gr.update(choices=watermark_adapter_choices(adapters)), gr.update(choices=extractor_choices(home))
 
     demo.load(refresh, None, [adapter, extractor], queue=False, api_name="verify_choices")
+    keep_fresh(lambda: [adapters, extractors_folder(home)], refresh, [], [adapter, extractor])

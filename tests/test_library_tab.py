@@ -47,3 +47,31 @@ def test_library_rename_delete_and_export_formats(tiny_model_dir, bad_corpus, tm
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.browser
+def test_lists_follow_the_adapters_folder_without_a_reload(tiny_model_dir, bad_corpus, tmp_path, monkeypatch, browser):
+    """A file that lands in the adapters folder (a run ending, an import elsewhere) shows in the Library table and in
+    Generate's adapter list of an open page; one that goes, goes."""
+    from conftest import open_tab, running_studio
+
+    home = tmp_path / "home"
+    folder = home / "adapters"
+    folder.mkdir(parents=True)
+    monkeypatch.setenv("ATELIER_HOME", str(home))
+    with running_studio(tiny_model_dir, home / "outputs") as url:
+        page = open_tab(browser, url, "Library")
+        page.wait_for_function("document.querySelector('#lib-table')?.innerText.includes('heart')", timeout=30_000)
+        assert "fresh-one" not in page.locator("#lib-table").inner_text()
+        shutil.copy(good_tiny_lora(bad_corpus), folder / "fresh-one.safetensors")
+        page.wait_for_function("document.querySelector('#lib-table')?.innerText.includes('fresh-one')", timeout=20_000)
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-loras").click()  # the adapters accordion
+        page.locator("#gen-lora-0 input").click()
+        page.get_by_role("option", name="fresh-one.safetensors").wait_for(timeout=20_000)
+        page.keyboard.press("Escape")
+        page.screenshot(path=str(tmp_path / "live-list.png"), full_page=True)
+        (folder / "fresh-one.safetensors").unlink()
+        page.get_by_role("tab", name="Library").click()
+        page.wait_for_function("!document.querySelector('#lib-table')?.innerText.includes('fresh-one')",
+                               timeout=20_000)
