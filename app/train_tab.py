@@ -1,6 +1,7 @@
 """The Train tab: set up a run, watch it live, stop and resume it. Jobs run as ``launch.py train`` subprocesses."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -27,6 +28,9 @@ from trainers.registry import MethodSpec, train_tab_methods, training_methods
 from app.b4m_wizard import build_b4m_wizard
 from app.file_serving import serve_files
 
+
+
+FORM_KEY = "atelier-train-form"  # the browser's localStorage key of the New-run form
 
 
 def _option_widget(spec: MethodSpec, f: OptionField, preset: Preset | None):
@@ -444,6 +448,28 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return gr.update(choices=choices(), value=run_name), summary
 
     start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, preset, *widgets], [runs, arithmetic])
+
+    # The New-run form survives a page refresh: the browser keeps its values (localStorage, written by a client-side
+    # handler on every change, no server round trip) and the page puts them back on load.
+    form = [method, preset, folder, trigger, caption, repeats, batch, accum, steps, lr, sample_every, ckpt_every,
+            prompts, name, *widgets]
+    kept_form = gr.JSON(visible=False)
+    remember_js = f"(...values) => {{ localStorage.setItem({json.dumps(FORM_KEY)}, JSON.stringify(values)); }}"
+    for widget in form:
+        widget.change(None, form, None, js=remember_js, queue=False, show_progress="hidden")
+
+    def restore(kept):
+        spec = specs.get(kept[0]) if isinstance(kept, list) and len(kept) == len(form) else None
+        if spec is None:
+            return (gr.skip(),) * (len(form) + len(groups))
+        values = [gr.update(value=v) for v in kept]
+        values[1] = gr.update(choices=presets.choices(spec, kept[1]), value=kept[1])
+        values[form.index(lr)] = gr.update(value=kept[form.index(lr)], label=spec.lr_label)
+        return (*values, *(gr.update(visible=n == spec.name) for n in groups))
+
+    restore_js = f"() => {{ try {{ return [JSON.parse(localStorage.getItem({json.dumps(FORM_KEY)}))]; }} " \
+                 "catch (e) { return [null]; } }"  # a list: one value per input
+    demo.load(restore, kept_form, [*form, *groups.values()], js=restore_js, queue=False)
 
     def on_sr_start(folder_v, base_v, steps_v, teacher_v, affinity_v, name_v):
         folder_v = (folder_v or "").strip()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fill_train_form, open_tab, pick, running_studio
+from conftest import fill_train_form, open_tab, pick, running_studio, type_number
 
 pytest.importorskip("playwright")
 pytestmark = pytest.mark.browser
@@ -113,3 +113,23 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
         events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines() if line.strip()]
         planned = next(e for e in events if e.get("event") == "method")
         assert planned["selection"] == _plan(page)
+
+
+def test_the_new_run_form_survives_a_refresh(browser, default_model_dir, tmp_path):
+    with running_studio(default_model_dir, tmp_path / "outputs") as url:
+        page = open_tab(browser, url, "Train", width=1500, height=1400)
+        page.locator("#train-method label", has_text="SaRA").click()
+        page.locator("#train-sara").wait_for(state="visible", timeout=10_000)
+        page.locator("#train-trigger textarea, #train-trigger input").first.fill("zzz")
+        type_number(page, "train-steps", 77)
+        _type_budget(page, "3%")
+        page.wait_for_timeout(1000)  # the browser keeps the form on every change
+        page.reload()
+        page.get_by_role("tab", name="Train").click()
+        page.locator("#train-sara").wait_for(state="visible", timeout=15_000)  # the method came back, with its fields
+        page.wait_for_function("document.querySelector('#train-steps input')?.value === '77'", timeout=15_000)
+        assert page.locator("#train-trigger textarea, #train-trigger input").first.input_value() == "zzz"
+        budget = page.locator("#train-sara-budget textarea, #train-sara-budget input").first.input_value()
+        assert budget == "3%"
+        assert not page.locator("#train-lora-rank").is_visible()
+        page.screenshot(path=str(tmp_path / "form-after-refresh.png"), full_page=True)
