@@ -9,6 +9,7 @@ import gradio as gr
 from app.live_lists import keep_fresh
 from app.refusals import refusal
 from core.errors import UserError
+from core.png_metadata import generation_fields, read_png_parameters
 from adapters.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
 from models.cache import ModelCache
@@ -83,6 +84,11 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                 run = gr.Button("Generate", variant="primary", elem_id="gen-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="gen-cancel")
             gr.Examples(EXAMPLE_PROMPTS, inputs=[prompt], label="Example prompts")
+            with gr.Accordion("PNG Info (read a picture's settings)", open=False, elem_id="gen-png-info"):
+                png_file = gr.File(label="Drop a PNG made here, in A1111 or ComfyUI", file_types=[".png"],
+                                   elem_id="gen-png-file")
+                png_text = gr.Textbox(label="Its parameters", lines=4, interactive=False, elem_id="gen-png-text")
+                png_send = gr.Button("Send to Generate", size="sm", elem_id="gen-png-send")
         with gr.Column(scale=4):
             # No fixed height and images contained: with one, the grid shows a single result as a full-width square,
             # which a fixed height cut (and object-fit: cover crops images that are not square).
@@ -156,5 +162,28 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
         gr.Info("Cancelling…" if tokens.cancel(request.session_hash or "anonymous") else "Nothing to cancel.")
 
     cancel.click(on_cancel, None, None, queue=False)
+
+    def on_png(file):
+        if file is None:
+            return ""
+        try:
+            text = read_png_parameters(Path(getattr(file, "name", file)))
+        except Exception as exc:  # PIL's errors for a broken or hostile file vary; none may reach the server
+            raise refusal(f"Not a readable PNG: {exc.__class__.__name__}") from exc
+        return text or "This PNG holds no generation parameters."
+
+    def on_png_send(text):
+        fields = generation_fields(text or "")
+        if not fields["prompt"] and len(fields) == 2:
+            raise refusal("Drop a PNG with generation parameters first.")
+        sampler = fields.get("sampler")
+        return (fields["prompt"], fields["negative_prompt"],
+                *(gr.update(value=fields[k]) if k in fields else gr.skip()
+                  for k in ("steps", "guidance", "seed", "width", "height")),
+                gr.update(value=sampler) if sampler in SCHEDULER_NAMES else gr.skip())
+
+    png_file.change(on_png, png_file, png_text, queue=False)
+    png_send.click(on_png_send, png_text, [prompt, negative, steps, guidance, seed, width, height, scheduler],
+                   queue=False)
     randomize.click(lambda: -1, None, seed, queue=False)
     reuse.click(lambda s: s, last_seed, seed, queue=False)

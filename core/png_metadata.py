@@ -76,3 +76,22 @@ def save_png_with_parameters(image: Image.Image, path: Path, parameters: str,
 def read_png_parameters(path: Path) -> str | None:
     with Image.open(path) as im:
         return im.info.get("parameters")
+
+
+def generation_fields(parameters: str) -> dict[str, Any]:
+    """The Generate form's fields a ``parameters`` text sets (A1111's PNG Info → *Send to txt2img*): prompt, negative
+    prompt, steps, CFG scale, seed, size and sampler; a value that is missing or unreadable is left out."""
+    parsed = parse_parameters(parameters)
+    settings = parsed["settings"]
+    fields: dict[str, Any] = {"prompt": parsed["prompt"], "negative_prompt": parsed["negative_prompt"]}
+    for key, name, kind in (("Steps", "steps", int), ("CFG scale", "guidance", float), ("Seed", "seed", int)):
+        try:
+            fields[name] = kind(settings[key])
+        except (KeyError, ValueError):
+            pass
+    size = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(settings.get("Size", "")))
+    if size:
+        fields["width"], fields["height"] = int(size[1]), int(size[2])
+    if settings.get("Sampler"):
+        fields["sampler"] = str(settings["Sampler"])
+    return fields
