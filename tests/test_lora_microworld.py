@@ -17,9 +17,7 @@ TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (MICRO_MODEL / "model_index.json").is_file(),
                                  reason="micro base model not shipped")]
-# make test runs this check through the page (tests/test_browser_first_lora.py: the Train tab's micro preset is this
-# recipe); this API form stays for make test-long.
-LONG = pytest.mark.long
+
 
 
 def _star_rates(pipe) -> tuple[float, float, list[str]]:
@@ -36,7 +34,9 @@ def _star_rates(pipe) -> tuple[float, float, list[str]]:
     return old, new, [f"{v['shape']}/{v['named_shape'] or v['verdict']}" for v in verdicts]
 
 
-@LONG
+# make test runs this check through the page (tests/test_browser_first_lora.py: the Train tab's micro preset is this
+# recipe); this API form stays for make test-long.
+@pytest.mark.long
 def test_lora_on_a_novel_shape_makes_the_judge_see_it(tmp_path):
     from models.loading import load_model
     from pipelines.generation import adapters_applied
