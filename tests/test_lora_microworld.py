@@ -19,7 +19,6 @@ pytestmark = [pytest.mark.slow,
                                  reason="micro base model not shipped")]
 
 
-
 def _star_rates(pipe) -> tuple[float, float, list[str]]:
     """Share of the seeds read as a star by the old judge (the CNN's label) and by the new one (a well-formed star),
     and what the new judge named per seed."""
