@@ -21,8 +21,8 @@ from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upl
 from trainers.events import describe_event, preview_grid, read_events
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
-from trainers.presets import (RUN_PREFIX, Preset, estimated_time, find_preset, full_settings, presets_for,
-                              run_preset, save_preset, shipped_presets)
+from trainers.presets import (FAMILY_LABELS, RUN_PREFIX, Preset, estimated_time, find_preset, full_settings,
+                              presets_for, run_preset, save_preset, shipped_presets)
 from trainers.registry import MethodSpec, train_tab_methods, training_methods
 
 from app.b4m_wizard import build_b4m_wizard
@@ -36,8 +36,7 @@ FORM_KEY = "atelier-train-form"  # the browser's localStorage key of the New-run
 def _option_widget(spec: MethodSpec, f: OptionField, preset: Preset | None):
     """The form field of one option, as its declaration describes it, showing the preset's value where it has one."""
     common = {"label": f.label, "elem_id": f"train-{spec.name}-{f.name.replace('_', '-')}", "info": None}
-    value = f.form_value_of(preset.options[f.name]) if preset is not None and f.name in preset.options \
-        else f.form_value()
+    value = preset.form_value(f) if preset is not None else f.form_value()
     if f.choices:
         return gr.Dropdown(list(f.choices), value=value, **common)
     if f.kind == "bool":
@@ -140,8 +139,7 @@ class _Presets:
             self.family = source_family(model_source)
         except UserError:  # the model line above says what is wrong with it
             self.family = ""
-        self.family_label = {"micro": "the micro model", "sd1": "SD 1.x", "sd2": "SD 2.x",
-                             "sdxl": "SDXL"}.get(self.family, "this model")
+        self.family_label = FAMILY_LABELS.get(self.family, "this model")
 
     @staticmethod
     def _names(spec: MethodSpec) -> set[str]:
@@ -181,7 +179,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                                               for spec in specs.values()))
             preset = gr.Dropdown(presets.choices(first), value=presets.default(first), label="Preset",
                                  elem_id="train-preset",
-                                 info=f"Settings to start from, for {presets.family_label}: the shipped one of "
+                                 info=f"Settings to start from ({presets.family_label}): the shipped one of "
                                       "the model's family, your saved ones, or none (the bare defaults).")
             folder = gr.Textbox(label="Dataset folder (images + same-name .txt captions)", elem_id="train-folder")
             uploads = gr.File(label="…or upload images and captions", file_count="multiple", elem_id="train-upload")
@@ -349,9 +347,8 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             raise refusal(str(exc)) from exc
         values = full_settings(chosen)
         lr_value = values["lr"] if values["lr"] is not None else (spec.default_lr or 0)
-        own = [gr.update(value=f.form_value_of(chosen.options[f.name]) if chosen is not None and
-                         f.name in chosen.options else f.form_value()) if s is spec else gr.skip()
-               for s, f, _ in option_widgets]
+        own = [gr.update(value=chosen.form_value(f) if chosen is not None else f.form_value()) if s is spec
+               else gr.skip() for s, f, _ in option_widgets]
         return (values["repeats"], values["batch_size"], values["grad_accum"], values["steps"],
                 gr.update(value=lr_value, label=spec.lr_label), values["sample_every"], values["checkpoint_every"],
                 *own)
@@ -447,7 +444,8 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         _submit(queue, run_name, spec.name, args)
         return gr.update(choices=choices(), value=run_name), summary
 
-    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, preset, *widgets], [runs, arithmetic])
+    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, preset, *widgets],
+                [runs, arithmetic])
 
     # The New-run form survives a page refresh: the browser keeps its values (localStorage, written by a client-side
     # handler on every change, no server round trip) and the page puts them back on load.

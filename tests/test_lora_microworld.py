@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from conftest import MICRO_MODEL
+from trainers.presets import MICRO_TARGETS
 
 NOVEL = "star"
 PROMPT = f"sks a red {NOVEL} in the center, gray background"
 SEEDS = list(range(100, 112))
 # A new shape is a change of layout, not only of attention: the LoRA also wraps the transformer's projections and
-# feed-forward and the ResNet convs (LoCon-style), all of which our adapter files and diffusers' loader handle.
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-           "conv1", "conv2"]
+# feed-forward and the ResNet convs (LoCon-style), all of which our adapter files and diffusers' loader handle. The
+# micro model's shipped preset is this recipe, so the list is the preset's.
+TARGETS = list(MICRO_TARGETS)
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not (MICRO_MODEL / "model_index.json").is_file(),

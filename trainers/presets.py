@@ -44,6 +44,10 @@ class Preset:
     note: str = ""
     path: Path | None = None  # a saved preset's file
 
+    def form_value(self, f) -> Any:
+        """How the form shows option field ``f`` under this preset (the field's own default where it sets none)."""
+        return f.form_value_of(self.options[f.name]) if f.name in self.options else f.form_value()
+
     def describe(self) -> str:
         shown = {**self.settings, **self.options}
         parts = [f"{k.replace('_', ' ')} {', '.join(v) if isinstance(v, (list, tuple)) else v}"
