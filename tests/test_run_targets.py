@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from core.safetensors_files import add_metadata, read_metadata, save_atomic
 from trainers.jobs import job_info
 from trainers.run_loop import RunLoop, StepReport, StepTrainer
-from trainers.run_targets import METADATA_KEY, done_line, loss_shortfall
+from trainers.run_targets import CREATED_KEY, METADATA_KEY, RUN_DIR_KEY, STEPS_KEY, done_line, loss_shortfall
 
 
 def test_loss_shortfall_reads_the_trend_not_the_last_step():
@@ -51,7 +51,11 @@ def _toy_run(run_dir, losses: list[float], *, shortfalls=lambda step: []):
 def test_a_run_that_learns_ends_plainly_done(tmp_path):
     result, out = _toy_run(tmp_path / "run", [1.0 - 0.01 * i for i in range(40)])
     assert (result.label, result.warnings) == ("done", [])
-    assert METADATA_KEY not in read_metadata(out)
+    meta = read_metadata(out)
+    assert METADATA_KEY not in meta
+    # where the file came from, for the Library: the run folder, its steps and the date
+    assert (meta[RUN_DIR_KEY], meta[STEPS_KEY]) == (str((tmp_path / "run").resolve()), "40")
+    assert meta[CREATED_KEY][:4].isdigit() and "T" in meta[CREATED_KEY]
     assert job_info(tmp_path / "run").label == "done"
     assert done_line(result, "x") == "done: x"
 

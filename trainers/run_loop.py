@@ -25,7 +25,7 @@ from core.errors import ModelLoadError, UserError
 from core.safetensors_files import add_metadata
 from trainers.checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
 from trainers.events import EventLog, read_events
-from trainers.run_targets import METADATA_KEY, loss_shortfall, status_label
+from trainers.run_targets import CREATED_KEY, METADATA_KEY, RUN_DIR_KEY, STEPS_KEY, loss_shortfall, status_label
 
 STOP_FILE = "STOP"
 ETA_WINDOW = 20  # steps whose mean duration gives the ETA
@@ -206,6 +206,20 @@ class RunLoop:
                    if e.get("event") == "step" and "loss" in e and int(e.get("step", 0)) <= upto}
         return [by_step[s] for s in sorted(by_step)]
 
+    def _stamp(self, artifact: str | None, step: int, warnings: list[str]) -> None:
+        """Write the run's provenance (folder, steps, date) and any warnings into the artefact's metadata."""
+        if not (self.processes.is_main and artifact and str(artifact).endswith(".safetensors")
+                and Path(artifact).is_file()):
+            return
+        fields = {RUN_DIR_KEY: str(self.run_dir.resolve()), STEPS_KEY: str(step),
+                  CREATED_KEY: time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if warnings:
+            fields[METADATA_KEY] = "\n".join(warnings)
+        try:
+            add_metadata(Path(artifact), fields)
+        except ModelLoadError:  # not a safetensors file after all (a stub's): the events still say it
+            pass
+
     def run(self, trainer: StepTrainer, **start_fields: Any) -> TrainResult:
         """Restore (when resuming), then step until ``total``, the trainer's own end or a stop."""
         step = self._restore(trainer)
@@ -230,6 +244,7 @@ class RunLoop:
                 # a stop during the last step: the run finishes
                 self.checkpoint(trainer, step)
                 artifact = trainer.finish(step).get("artifact") if trainer.artifact_when_stopped else None
+                self._stamp(artifact, step, [])
                 self.log.write("stopped", step=step, **({"artifact": artifact} if artifact else {}))
                 if self.processes.is_main:
                     self.stop.file.unlink(missing_ok=True)  # acted on; a later --resume must not stop again
@@ -243,12 +258,8 @@ class RunLoop:
                                 *trainer.shortfalls(step)) if w]
         done = trainer.finish(step)
         artifact = done.get("artifact")
+        self._stamp(artifact, step, warnings)
         if self.processes.is_main:
-            if warnings and artifact and str(artifact).endswith(".safetensors") and Path(artifact).is_file():
-                try:
-                    add_metadata(Path(artifact), {METADATA_KEY: "\n".join(warnings)})
-                except ModelLoadError:  # not a safetensors file after all (a stub's): the events still say it
-                    pass
             self.log.write("done", step=step, **{"final_loss": losses[-1] if losses else None, **done},
                            warnings=warnings)
             self.stop.file.unlink(missing_ok=True)  # a stop asked for while the last step ran
