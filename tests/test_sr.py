@@ -319,3 +319,41 @@ def test_sr_pretraining_stopped_and_rerun_ends_with_the_weights_of_an_uninterrup
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     assert_one_stop_and_resume(run_dir, 6)
+
+
+def test_hr_crops_hold_out_every_eighth_image_and_give_the_same_validation_crops(tmp_path):
+    from trainers.hr_crops import HRCrops
+
+    for i in range(9):
+        Image.new("RGB", (32, 32), (i * 25, 0, 0)).save(tmp_path / f"{i}.png")
+    data = HRCrops(str(tmp_path), 2, 8, seed=0, hold_out_every=8)
+    assert len(data.images) == 8 and [im[0, 0, 0] for im in data.held_out] == [7 * 25]  # image 7 only
+    lr, hr, held_out = data.validation(4)
+    assert held_out and set(hr[:, 0].flatten().mul(255).round().tolist()) == {175.0}  # only the held-out image
+    torch.testing.assert_close(data.validation(4)[1], hr)  # the same crops every time
+    few = HRCrops(str(tmp_path), 2, 8, seed=0, hold_out_every=16)
+    assert not few.held_out and few.validation(4)[2] is False
+
+
+@pytest.mark.parametrize("lr, warned", [(0.0, False), (1.0, True)])
+def test_dsclora_ends_with_warnings_when_it_upscales_held_out_crops_worse_than_its_start(tmp_path, lr, warned):
+    """The target of an SR fine-tune: PSNR on held-out crops not below the start model's. An absurd learning rate
+    wrecks the model and the run says so (events, result, file); an unchanged model (lr 0) meets it."""
+    from core.safetensors_files import read_metadata
+    from trainers.events import read_events
+
+    start = save_sr_model(SPAN(SpanConfig(channels=16)).reparameterize().eval(), tmp_path / "start.safetensors")
+    train_dir = tmp_path / "hr"
+    train_dir.mkdir()
+    for i in range(8):
+        Image.effect_noise((48, 48), 30 + 5 * i).convert("RGB").save(train_dir / f"{i}.png")
+    out = tmp_path / "tuned.safetensors"
+    result = train_dsclora(DscLoraConfig(hr_folder=str(train_dir), out=str(out), base=str(start), steps=4,
+                                         batch_size=2, patch=12, lr=lr, seed=1), tmp_path / "run")
+    check = [e for e in read_events(tmp_path / "run") if e.get("event") == "validation"][-1]
+    assert check["held_out"] is True and check["crops"] == 16
+    assert (check["psnr"] is None or check["psnr"] < check["start_psnr"]) is warned  # None: NaN, diverged
+    ours = [w for w in result.warnings if "below the start model's" in w]  # (4 steps also warn: too few to judge)
+    assert bool(ours) is warned and result.label == "done with warnings"
+    if warned:
+        assert "16 held-out crops" in ours[0] and ours[0] in read_metadata(out)["atelier.warnings"]

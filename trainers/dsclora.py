@@ -7,6 +7,7 @@ and the result is saved as a plain SPAN file, as fast and as small as the model 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +53,20 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return (affinity(student) - affinity(teacher)).abs().mean()
 
 
+HOLD_OUT_EVERY = 8  # every 8th HR image (by name) judges the fine-tune instead of training it
+
+
+@torch.no_grad()
+def crops_psnr(network: SPAN, lr: torch.Tensor, hr: torch.Tensor) -> float:
+    """PSNR (dB, RGB in [0, 1]) of the network's ×scale output on fixed crops: the run's quality target."""
+    was_training = network.training
+    network.eval()
+    out = network(lr).clamp(0, 1)
+    network.train(was_training)
+    mse = F.mse_loss(out.float(), hr.float()).clamp_min(1e-12)
+    return float(10 * torch.log10(1.0 / mse))
+
+
 def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False) -> TrainResult:
     """Fine-tune through the run loop (stop, exact resume, checkpoints, events); merge and save at the end."""
     from models.devices import pick_device
@@ -68,17 +83,21 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
     teacher = load_sr_model(config.teacher or config.base, device=str(device), allow_pth=config.official_pth).network
     teacher.requires_grad_(False).eval()
     student = student_model.network
+    loop.phase("checking data")
+    data = HRCrops(config.hr_folder, student.config.scale, config.patch, config.seed, hold_out_every=HOLD_OUT_EVERY)
+    if loop.resumed is None:
+        for line in data.report.lines():
+            loop.log.write("dataset", message=line)
+    val_lr, val_hr, held_out = data.validation()
+    val_lr, val_hr = val_lr.to(device), val_hr.to(device)
+    start_psnr = crops_psnr(student, val_lr, val_hr)  # the start model's, before any ConvLoRA is attached
     layers = attach_conv_lora(student, config)
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B)]
     if loop.resumed is not None:
         student.load_state_dict(loop.resumed.trainable, strict=False)
     optimizer = torch.optim.Adam(params, lr=config.lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
-    loop.phase("checking data")
-    data = HRCrops(config.hr_folder, student.config.scale, config.patch, config.seed)
-    if loop.resumed is None:
-        for line in data.report.lines():
-            loop.log.write("dataset", message=line)
+    where = "held-out" if held_out else f"training (fewer than {HOLD_OUT_EVERY} images: none held out)"
 
     def step(done: int) -> StepReport:
         lr_img, hr_img = (t.to(device) for t in data.batch(config.batch_size))
@@ -97,6 +116,16 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
         return StepReport(loss.item(), {"l1_hr": round(loss_hr.item(), 6), "l1_teacher": round(loss_teacher.item(), 6),
                                         "affinity": round(loss_aff.item(), 6), "lr": scheduler.get_last_lr()[0]})
 
+    def shortfalls(at: int) -> list[str]:
+        trained = crops_psnr(student, val_lr, val_hr)
+        loop.log.write("validation", step=at, psnr=None if math.isnan(trained) else round(trained, 3), start_psnr=round(start_psnr, 3),
+                       crops=len(val_lr), held_out=held_out)
+        if trained >= start_psnr:
+            return []
+        got = "no number (NaN: training diverged)" if math.isnan(trained) else f"{trained:.2f} dB"
+        return [f"PSNR on {len(val_lr)} {where} crops is {got}, below the start model's {start_psnr:.2f} dB: the "
+                "fine-tune made the upscaler worse there (try a lower learning rate)"]
+
     def finish(at: int) -> dict:
         network = merge_conv_lora(student).eval()
         save_sr_model(network, Path(config.out), {
@@ -108,6 +137,7 @@ def train_dsclora(config: DscLoraConfig, run_dir: Path, *, resume: bool = False)
     trainer = StepTrainer(
         step=step, optimizer=optimizer, lr_scheduler=scheduler, finish=finish,
         trainable_state=lambda: {k: v.detach().clone() for k, v in student.state_dict().items() if ".lora_" in k},
-        position=lambda: {"data": data.state()}, restore_position=lambda position: data.restore(position["data"]))
+        position=lambda: {"data": data.state()}, restore_position=lambda position: data.restore(position["data"]),
+        shortfalls=shortfalls)
     return loop.run(trainer, device=str(device), trainable_parameters=sum(p.numel() for p in params),
                     method="dsclora")
