@@ -18,7 +18,7 @@ from pipelines.upscale import SHIPPED, sr_model_choices, sr_models_folder
 from core.paths import safe_name
 from pipelines.watermark.keys import DEFAULT_BITS, new_key, parse_key
 from trainers.dataset import IMAGE_SUFFIXES, DatasetConfig, dataset_summary, upload_dataset
-from trainers.events import describe_event, preview_grid, read_events
+from trainers.events import describe_event, preview_grid, read_events, training_curves
 from trainers.jobs import JobQueue, job_info, list_jobs, request_stop
 from trainers.options import parse_options
 from trainers.presets import (FAMILY_LABELS, RUN_PREFIX, Preset, estimated_time, find_preset, full_settings,
@@ -63,14 +63,23 @@ def _progress_html(info) -> str:
             f"{extra}{done}</div>")
 
 
-def _loss_frame(run_dir: Path) -> pd.DataFrame:
-    rows = [(int(e["step"]), float(e["loss"])) for e in read_events(run_dir) if e.get("event") == "step"]
-    return pd.DataFrame(rows, columns=["step", "loss"]).astype({"step": "int64", "loss": "float64"})
+def _curves(run_dir: Path) -> tuple[pd.DataFrame | None, ...]:
+    """The loss (raw and smoothed), validation-loss and learning-rate frames. None, not an empty frame, where there
+    is nothing yet, and the validation loss in a plot of its own: a Gradio 6 plot first given an empty frame draws
+    no line afterwards, and one keeps the series it first saw (a validation line added later would never show)."""
+    curves = training_curves(run_dir)
+
+    def frame(rows: list, columns: list[str]) -> pd.DataFrame | None:
+        return pd.DataFrame(rows, columns=columns).astype({"step": "int64", columns[1]: "float64"}) if rows else None
+
+    return (frame(curves.loss, ["step", "loss", "series"]), frame(curves.validation, ["step", "validation loss"]),
+            frame(curves.lr, ["step", "lr"]))
 
 
 def _samples(run_dir: Path):
     cells, columns = preview_grid(run_dir)
-    return gr.update(value=cells, columns=columns)
+    # one column per prompt; a single prompt's previews wrap four to a row instead of one full-width image each
+    return gr.update(value=cells, columns=columns if columns > 1 else 4)
 
 
 def _log_tail(run_dir: Path, n: int = 12) -> str:
@@ -104,6 +113,20 @@ def _image_folder(text: str, label: str) -> Path:
     except OSError as exc:  # not readable
         raise refusal(f"{label} {text} cannot be read: {exc.strerror or exc}") from exc
     return root
+
+
+def _validation_args(text: str) -> list[str]:
+    """The form's validation field as flags: a share such as 0.1, or a folder of images (checked here)."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        share = float(text)
+    except ValueError:
+        return ["--validation-data", str(_image_folder(text, "Validation folder"))]
+    if not 0 < share < 1:
+        raise refusal(f"Validation share {text}: give a number between 0 and 1 (e.g. 0.1), or a folder.")
+    return ["--validation-split", str(share)]
 
 
 def _submit(queue: JobQueue, run_name: str, kind: str, args: list[str]) -> None:
@@ -216,6 +239,9 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                         previews[spec.name] = gr.Textbox(label=f"{spec.label}: before training", interactive=False,
                                                          lines=1, elem_id=f"train-{spec.name}-plan")
             prompts = gr.Textbox(label="Preview prompts (one per line)", lines=2, elem_id="train-prompts")
+            validation = gr.Textbox(label="Validation images (a folder, or a share of the dataset such as 0.1; "
+                                          "empty: none)", elem_id="train-validation",
+                                    info="A validation loss at fixed noise and timesteps, at every checkpoint.")
             name = gr.Textbox(label="Output name", value=first.default_name, elem_id="train-name")
             arithmetic = gr.Textbox(label="Before you start", lines=5, interactive=False, elem_id="train-arithmetic")
             with gr.Row():
@@ -262,7 +288,17 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                 stop = gr.Button("Stop", variant="stop", elem_id="train-stop", interactive=False)
                 resume = gr.Button("Resume", elem_id="train-resume", interactive=False)
                 reuse = gr.Button("Reuse settings", elem_id="train-reuse")
-            plot = gr.LinePlot(x="step", y="loss", title="Loss", height=220, elem_id="train-loss")
+            with gr.Row():
+                sample_now = gr.Button("Sample now", size="sm", elem_id="train-sample-now", interactive=False)
+                extend_by = gr.Number(value=100, precision=0, label="Extend by N steps", min_width=120,
+                                      elem_id="train-extend-by")
+                extend = gr.Button("Extend", size="sm", elem_id="train-extend", interactive=False)
+            plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (raw and smoothed)", height=220,
+                               elem_id="train-loss", color_map={"loss": "#cbd5e1", "smoothed": "#ea580c"})
+            with gr.Row():
+                val_plot = gr.LinePlot(x="step", y="validation loss", title="Validation loss (fixed noise)",
+                                       height=160, elem_id="train-val-plot")
+                lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=160, elem_id="train-lr-plot")
             samples = gr.Gallery(label="Preview samples (base model first, then newest first)", columns=2,
                                  height=420, elem_id="train-samples")
             tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
@@ -402,7 +438,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return [j.name for j in list_jobs(queue.runs_root)]
 
     def on_start(folder_v, files_v, name_v, trigger_v, caption_v, repeats_v, batch_v, accum_v, steps_v, lr_v,
-                 sample_v, ckpt_v, prompts_v, method_v, preset_v, *option_values):
+                 sample_v, ckpt_v, prompts_v, validation_v, method_v, preset_v, *option_values):
         spec = specs.get(method_v, first)
         # the job's own checks, here: a bad number is refused on the page, not by a job failing in the background
         steps_n, repeats_n, batch_n, accum_n, ckpt_n = (_whole(v, label, 1) for v, label in (
@@ -433,6 +469,7 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         for prompt in (prompts_v or "").splitlines():
             if prompt.strip():
                 args += ["--sample-prompt", prompt.strip()]
+        args += _validation_args(validation_v or "")
         if trigger_v:
             args += ["--trigger", trigger_v]
         if caption_v:
@@ -444,13 +481,13 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         _submit(queue, run_name, spec.name, args)
         return gr.update(choices=choices(), value=run_name), summary
 
-    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, method, preset, *widgets],
+    start.click(on_start, inputs + [lr, sample_every, ckpt_every, prompts, validation, method, preset, *widgets],
                 [runs, arithmetic])
 
     # The New-run form survives a page refresh: the browser keeps its values (localStorage, written by a client-side
     # handler on every change, no server round trip) and the page puts them back on load.
     form = [method, preset, folder, trigger, caption, repeats, batch, accum, steps, lr, sample_every, ckpt_every,
-            prompts, name, *widgets]
+            prompts, validation, name, *widgets]
     kept_form = gr.JSON(visible=False)
     remember_js = f"(...values) => {{ localStorage.setItem({json.dumps(FORM_KEY)}, JSON.stringify(values)); }}"
     for widget in form:
@@ -521,19 +558,42 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
     demo.load(on_refresh, runs, runs, queue=False)  # a page refresh re-attaches to the newest run
     keep_fresh(lambda: [queue.runs_root], on_refresh, [runs], [runs])  # a run queued elsewhere (CLI, wizard)
 
+    watched = [progress, plot, val_plot, lr_plot, samples, tail, stop, resume, sample_now, extend]
+
     def on_tick(current):
         if not current:
-            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * len(watched)
         run_dir = queue.runs_root / current
         info = job_info(run_dir)
         serve_files(demo, run_dir / "samples")  # only the samples: the rest of a run folder is not served
         # Stop and Resume are offered only where they can work: Stop while a run waits or runs, Resume for a stopped
-        # or interrupted run with a checkpoint.
-        return (_progress_html(info), _loss_frame(run_dir), _samples(run_dir), _log_tail(run_dir),
-                gr.update(interactive=info.status in ("running", "queued")), gr.update(interactive=info.resumable))
+        # or interrupted run with a checkpoint; Sample now and Extend for a running or finished run of the shared
+        # training loop.
+        return (_progress_html(info), *_curves(run_dir), _samples(run_dir), _log_tail(run_dir),
+                gr.update(interactive=info.status in ("running", "queued")), gr.update(interactive=info.resumable),
+                gr.update(interactive=info.extendable), gr.update(interactive=info.extendable))
 
-    timer.tick(on_tick, runs, [progress, plot, samples, tail, stop, resume], queue=False)
-    runs.change(on_tick, runs, [progress, plot, samples, tail, stop, resume], queue=False)
+    timer.tick(on_tick, runs, watched, queue=False)
+    runs.change(on_tick, runs, watched, queue=False)
+
+    def on_sample_now(current):
+        if not current:
+            raise refusal("Choose a run first.")
+        try:
+            gr.Info(queue.sample_now(queue.runs_root / current))
+        except ValueError as exc:
+            raise refusal(str(exc)) from exc
+
+    def on_extend(current, steps_v):
+        if not current:
+            raise refusal("Choose a run first.")
+        try:
+            gr.Info(queue.extend(queue.runs_root / current, _whole(steps_v, "Extend by", 1)))
+        except ValueError as exc:
+            raise refusal(str(exc)) from exc
+
+    sample_now.click(on_sample_now, runs, None, queue=False)
+    extend.click(on_extend, [runs, extend_by], None, queue=False)
 
     def on_stop(current):
         if not current:
@@ -571,9 +631,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         return (gr.update(value=spec.label), *(gr.update(visible=name == spec.name) for name in groups),
                 gr.update(choices=presets.choices(spec, chosen.name), value=chosen.name), extra["data"] or "",
                 extra["trigger"] or "", extra["caption"] or "", "\n".join(extra["sample_prompts"] or []),
+                extra["validation_data"] or (f"{extra['validation_split']:g}" if extra["validation_split"] else ""),
                 Path(extra["out"] or spec.default_name).stem)
 
-    reuse.click(on_reuse, runs, [method, *groups.values(), preset, folder, trigger, caption, prompts, name],
+    reuse.click(on_reuse, runs, [method, *groups.values(), preset, folder, trigger, caption, prompts, validation,
+                                 name],
                 queue=False).then(on_preset, [method, preset], preset_outputs, queue=False)
     stop.click(on_stop, runs, None, queue=False)
     resume.click(on_resume, runs, None, queue=False)

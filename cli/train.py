@@ -46,6 +46,10 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-every", type=int, help="steps between preview samples (default: only at the end)")
     p.add_argument("--sample-prompt", action="append", dest="sample_prompts", help="preview prompt (repeatable)")
     p.add_argument("--sample-steps", type=int)
+    p.add_argument("--validation-data", help="folder of validation images + captions: a validation loss at fixed "
+                                             "noise and timesteps at every checkpoint and at the end")
+    p.add_argument("--validation-split", type=float,
+                   help="instead: this share of the training images held out for the validation loss (e.g. 0.1)")
     p.add_argument("--device", help="auto, cpu, cuda, mps")
     p.add_argument("--preset", help="settings to start from, overridden by the flags given here: auto (default: the "
                                     "shipped preset of the model's family — micro, sd1, sd2, sdxl), a preset's "
@@ -53,6 +57,9 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
                                     "earlier run's config.json")
     p.add_argument("--run-dir", help="run folder (default: a new folder under <data folder>/runs)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or interrupted run from its last checkpoint")
+    p.add_argument("--extend", type=int, metavar="N",
+                   help="with --resume: N more steps than the run was set to (also on a finished run; the result "
+                        "equals one run that long; 0 draws the previews again and saves the file)")
 
 
 def register(subparsers) -> None:
@@ -125,6 +132,12 @@ def config_from_args(args: argparse.Namespace):
             base = replace(base, **preset.settings, method_options=dict(preset.options))
             print(preset.describe(), flush=True)
     values = {k: v for k, v in vars(args).items() if k in names and v is not None and k != "method"}
+    if getattr(args, "extend", None) is not None:
+        if not args.resume:
+            raise UserError("--extend N continues a run: give it with --resume RUN_DIR")
+        if args.extend < 0 or args.steps is not None:
+            raise UserError("--extend takes a number of steps ≥ 0, instead of --steps")
+        values["steps"] = base.steps + args.extend
     options = {**base.method_options, **options_from_args(args, args.option_fields)}
     config = TrainConfig(**{**base.__dict__, **values, "method": args.method, "method_options": options})
     if config.method != args.method:

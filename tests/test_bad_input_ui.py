@@ -447,7 +447,7 @@ def preview(client: Client, folder: str, files=None, name: str = "my-lora") -> t
 def start_args(folder: str, *, batch=1, steps=10):
     # common fields, the method and its preset, then each Train-tab method's own (LoRA: rank, text encoder; rsLoRA: the same; SaRA: budget, θ, λ,
     # progressive), as trainers.registry declares them
-    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 1e-4, 0, 100, "", "LoRA", "none", 4, False, 8, False,
+    return (folder, None, "x", "sks", "", 1, batch, 1, steps, 1e-4, 0, 100, "", "", "LoRA", "none", 4, False, 8, False,
             "5%", 0, 5e-3, 0.5)
 
 

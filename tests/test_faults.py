@@ -524,7 +524,7 @@ def test_a_restarted_studio_reattaches_to_the_running_job_and_stops_and_resumes_
     try:
         studios.append(start_studio(tiny_model_dir, tmp_path / "outputs"))
         client = Client(studios[0][1], verbose=False)
-        update, _ = client.predict(str(data), None, "restart", "sks", "", 1, 1, 1, 400, 1e-3, 0, 2, "", "LoRA", "none",
+        update, _ = client.predict(str(data), None, "restart", "sks", "", 1, 1, 1, 400, 1e-3, 0, 2, "", "", "LoRA", "none",
                                    4, False, 8, False, "5%", 0, 5e-3, 0.5, api_name="/on_start")
         name = update["value"]
         run_dir = home / "runs" / name

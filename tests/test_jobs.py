@@ -1,10 +1,12 @@
 """Training as jobs: the CLI command in a subprocess, stopped and resumed; two processes equal one."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import disk_full_after_one_job_record, one_and_two_processes, run_cli, wait_for
@@ -71,6 +73,59 @@ def test_stop_and_resume_through_the_job_queue(data, tiny_model_dir, tmp_path):
     assert info.step == stopped_at + 3 and out.is_file()
     kinds = [e["event"] for e in read_events(run_dir)]
     assert kinds.count("start") == 2 and "resumed" in kinds
+
+
+def _final_weights(run_dir: Path) -> dict:
+    return load_file(str(latest_checkpoint(run_dir / "checkpoints") / "trainable.safetensors"))
+
+
+def test_extend_by_n_steps_equals_one_longer_run_and_sample_now_draws_previews(data, tiny_model_dir, tmp_path):
+    """A finished run extended by 4 steps ends with the weights of one 10-step run; extending a running run adds the
+    steps after its end; "Sample now" draws the previews of a finished run again (and of a running one at its
+    current step)."""
+    queue = JobQueue(tmp_path / "runs")
+    common = ["--data", str(data), "--model", str(tiny_model_dir), "--rank", "4", "--lr", "1e-3", "--seed", "3",
+              "--batch-size", "2", "--checkpoint-every", "1000", "--sample-prompt", "a red circle",
+              "--sample-steps", "2"]
+    whole = queue.submit("whole", "lora", [*common, "--out", str(tmp_path / "whole.safetensors"), "--steps", "10"])
+    wait_for(lambda: job_info(whole).status == "done")
+    short = queue.submit("short", "lora", [*common, "--out", str(tmp_path / "short.safetensors"), "--steps", "6"])
+    wait_for(lambda: job_info(short).status == "done")
+    assert job_info(short).extendable and not job_info(short).resumable
+    assert "from step 6 to step 10" in queue.extend(short, 4)
+    info = wait_for(lambda: (i := job_info(short)).status == "done" and i.step == 10 and i)
+    a, b = _final_weights(whole), _final_weights(short)
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
+    steps = [e["step"] for e in read_events(short) if e["event"] == "step"]
+    assert steps == list(range(1, 11)) and info.artifact
+
+    def samples_at() -> list[int]:
+        return [e["step"] for e in read_events(short) if e["event"] == "sample" and not e.get("base")]
+
+    before = samples_at()
+    assert "step 10" in queue.sample_now(short)
+    wait_for(lambda: len(samples_at()) > len(before) and job_info(short).status == "done")
+    assert samples_at()[-1] == 10 and job_info(short).step == 10  # no training step was added
+
+    running = queue.submit("running", "lora", [*common, "--out", str(tmp_path / "r.safetensors"), "--steps", "400"])
+    assert "once it reaches step" in queue.extend(running, 3)
+    wait_for(lambda: job_info(running).step >= 2)
+    assert "after the current step" in queue.sample_now(running)
+    wait_for(lambda: any(e["event"] == "sample" and not e.get("base") for e in read_events(running)))
+    request_stop(running)
+    wait_for(lambda: job_info(running).status == "stopped")
+    assert not job_info(running).extendable  # a stopped run is resumed, not extended
+
+
+def test_a_running_run_extended_goes_on_after_its_end(data, tiny_model_dir, tmp_path):
+    queue = JobQueue(tmp_path / "runs")
+    run = queue.submit("run", "lora", ["--data", str(data), "--model", str(tiny_model_dir), "--rank", "4",
+                                       "--out", str(tmp_path / "o.safetensors"), "--steps", "12"])
+    queue.extend(run, 3)
+    info = wait_for(lambda: (queue.tick(), (i := job_info(run)).status == "done" and i.step == 15 and i)[1])
+    assert info.total == 15 and json.loads((run / "job.json").read_text()).get("then_extend") is None
 
 
 def test_a_killed_job_is_listed_as_interrupted_and_resumable(data, tiny_model_dir, tmp_path):

@@ -317,7 +317,7 @@ def test_the_train_tab_offers_text_encoder_training_for_a_lora(tiny_sdxl_dir, da
 
     demo = train_tab(str(tiny_sdxl_dir), tmp_path)
     fns = {getattr(f.fn, "__name__", ""): f.fn for f in demo.fns.values()}
-    form = [str(data), None, "x", "sks", "", 1, 1, 1, 10, 1e-4, 0, 100, "", "LoRA", "none"]
+    form = [str(data), None, "x", "sks", "", 1, 1, 1, 10, 1e-4, 0, 100, "", "", "LoRA", "none"]
     for name, checked in (("with-te", True), ("without-te", False)):
         fns["on_start"](*form[:2], name, *form[3:], 4, checked, 8, False, "5%", 0, 5e-3, 0.5)
     records = [json.loads(p.read_text())["args"] for p in (tmp_path / "runs").glob(f"*/{JOB_FILE}")]

@@ -128,3 +128,24 @@ def test_previews_form_a_grid_base_row_first_then_newest_first(tmp_path):
     assert [label for _, label in cells] == ["base model · sks a star", "base model · a circle",
                                              "step 20 · sks a star", "step 20 · a circle",
                                              "step 10 · sks a star", "step 10 · a circle"]
+
+
+def test_training_curves_smooth_the_loss_and_carry_the_validation_loss_and_lr(tmp_path):
+    from trainers.events import SMOOTHING, EventLog, describe_event, training_curves
+
+    log = EventLog(tmp_path)
+    for step, loss in enumerate([1.0, 0.0, 1.0, 0.0], start=1):
+        log.write("step", step=step, total=4, loss=loss, lr=1e-3 * step)
+    log.write("step", step=4, total=4, loss=0.5, lr=4e-3)  # a resume logged step 4 again: the latest counts
+    log.write("validation", step=4, loss=0.7, images=2, timesteps=[125])
+    curves = training_curves(tmp_path)
+    raw = [v for _, v, s in curves.loss if s == "loss"]
+    smooth = [v for _, v, s in curves.loss if s == "smoothed"]
+    assert raw == [1.0, 0.0, 1.0, 0.5] and curves.validation == [(4, 0.7)]
+    assert smooth[0] == pytest.approx(1.0)  # bias-corrected: starts at the first loss, not near zero
+    w = SMOOTHING
+    expected = ((1 - w) * (w ** 3 * 1.0 + w ** 2 * 0.0 + w * 1.0 + 0.5)) / (1 - w ** 4)
+    assert smooth[-1] == pytest.approx(expected)
+    assert max(smooth) - min(smooth) < max(raw) - min(raw)  # smoother than the raw loss
+    assert curves.lr == [(1, 1e-3), (2, 2e-3), (3, 3e-3), (4, 4e-3)]
+    assert describe_event({"event": "validation", "step": 4, "loss": 0.7}) == ["validation at step 4: loss 0.7000"]

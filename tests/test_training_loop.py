@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import UserError
 from trainers.checkpoints import latest_checkpoint, list_checkpoints, load_checkpoint
 from trainers.events import read_events
 from trainers.loop import STOP_FILE, TrainConfig, snr_weights, train
@@ -103,6 +104,33 @@ def test_training_lowers_the_denoising_loss(data, tiny_model_dir, tmp_path):
     assert result.status == "done"
     print(f"denoising loss before {before:.4f} after {after:.4f}")
     assert after < 0.9 * before, (before, after)
+
+
+def test_validation_loss_on_held_out_images_is_deterministic_and_falls(data, tiny_model_dir, tmp_path):
+    """A share of the training images held out: the validation loss (fixed noise and timesteps) is logged at the
+    start, at every checkpoint and at the end; the same run gives the same numbers, and training lowers it."""
+    cfg = _config(data, tiny_model_dir, tmp_path, steps=30, lr=3e-3, min_snr_gamma=0.0, noise_offset=0.0,
+                  checkpoint_every=10, validation_split=0.5, method_options={"rank": 8})
+
+    def validation(run: Path) -> list[tuple[int, float]]:
+        return [(e["step"], e["loss"]) for e in read_events(run) if e["event"] == "validation"]
+
+    train(cfg, StateOnly(), tmp_path / "a")
+    train(cfg, StateOnly(), tmp_path / "b")
+    a = validation(tmp_path / "a")
+    assert [step for step, _ in a] == [0, 10, 20, 30] and a == validation(tmp_path / "b")
+    assert a[-1][1] < a[0][1], a
+    used = [e["message"] for e in read_events(tmp_path / "a") if e["event"] == "dataset"]
+    held = next(e for e in read_events(tmp_path / "a") if e["event"] == "validation")
+    assert held["images"] == 2 and held["timesteps"] == [125, 375, 625, 875], held
+    assert "validation: 2 image(s) held out of training: img01.png, img03.png" in used, used  # every 2nd, by name
+
+
+def test_a_validation_folder_or_share_not_both(data, tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="not both"):
+        _config(data, tiny_model_dir, tmp_path, validation_data=str(data), validation_split=0.2).validate()
+    with pytest.raises(UserError, match="share"):
+        _config(data, tiny_model_dir, tmp_path, validation_split=1.5).validate()
 
 
 def test_min_snr_weights():

@@ -184,6 +184,21 @@ class ImageFolderDataset:
     def sample(self, index: int) -> Sample:
         return self.samples[index % len(self.samples)]
 
+    def split_off(self, share: float) -> "ImageFolderDataset":
+        """Move every n-th image (n = round(1 / share), by name) out of this dataset into a validation set of the
+        same settings, which it returns: the same images on every run and every resume."""
+        import copy
+
+        every = max(2, round(1 / share))
+        held = self.samples[every - 1::every]
+        if not held or len(held) == len(self.samples):
+            raise UserError(f"a validation share of {share:g} leaves no image for validation or none for training "
+                            f"({len(self.samples)} images)")
+        validation = copy.copy(self)
+        validation.samples = held
+        self.samples = [s for i, s in enumerate(self.samples) if i % every != every - 1]
+        return validation
+
     def geometry_lines(self) -> list[str]:
         """Per image: its size, bucket and crop, as a run records them (what SDXL's time ids are made of)."""
         return [f"{s.path.name}: {s.original[0]}x{s.original[1]} -> {s.size[0]}x{s.size[1]}, crop top {s.crop[0]} "

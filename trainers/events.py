@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -98,9 +99,48 @@ def describe_event(event: dict[str, Any]) -> list[str]:
         return [f"image sizes and crops: {len(event.get('images') or [])} images"]
     if kind == "method":
         return [f"method {event.get('method')}: {_fields(event, ('method',))}"]
+    if kind == "validation":
+        if "start_psnr" in event:  # an upscaler fine-tune's check against its start model
+            got = "NaN" if event.get("psnr") is None else f"{event['psnr']:.2f} dB"
+            where = "held-out" if event.get("held_out") else "training"
+            return [f"validation at step {step}: PSNR {got} on {event.get('crops')} {where} crops "
+                    f"(start model {event['start_psnr']:.2f} dB)"]
+        return [f"validation at step {step}: loss {event.get('loss', float('nan')):.4f}"]
     if kind == "phase":
         return [f"{event.get('phase')} …"]
     return [f"{str(kind).replace('_', ' ')}: {_fields(event)}"]
+
+
+SMOOTHING = 0.9  # the weight of the past in the loss curve's moving average (TensorBoard's default slider)
+
+
+@dataclass
+class TrainingCurves:
+    loss: list[tuple[int, float, str]]  # (step, value, "loss" | "smoothed")
+    validation: list[tuple[int, float]]
+    lr: list[tuple[int, float]]
+
+
+def training_curves(run_dir: Path) -> TrainingCurves:
+    """What the Train tab plots: the loss with its smoothed line (an exponential moving average, bias-corrected so
+    the start is not dragged to zero), the validation loss and the learning rate, per step. The latest entry per step
+    wins (a resumed run may have logged steps past the checkpoint it went back to)."""
+    steps: dict[int, dict] = {}
+    validation: dict[int, float] = {}
+    for event in read_events(run_dir):
+        if event.get("event") == "step" and isinstance(event.get("loss"), (int, float)):
+            steps[int(event["step"])] = event
+        elif event.get("event") == "validation" and isinstance(event.get("loss"), (int, float)):
+            validation[int(event["step"])] = float(event["loss"])
+    rows: list[tuple[int, float, str]] = []
+    average, weight = 0.0, 0.0
+    for step in sorted(steps):
+        loss = float(steps[step]["loss"])
+        average = SMOOTHING * average + (1 - SMOOTHING) * loss
+        weight = SMOOTHING * weight + (1 - SMOOTHING)
+        rows += [(step, loss, "loss"), (step, average / weight, "smoothed")]
+    lrs = [(step, float(steps[step]["lr"])) for step in sorted(steps) if isinstance(steps[step].get("lr"), (int, float))]
+    return TrainingCurves(rows, sorted(validation.items()), lrs)
 
 
 def preview_grid(run_dir: Path) -> tuple[list[tuple[str, str]], int]:

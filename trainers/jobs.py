@@ -21,6 +21,8 @@ from core.atomic_files import write_text
 from trainers.checkpoints import latest_checkpoint
 from trainers.events import EventLog, read_events
 from trainers.loop import STOP_FILE
+from trainers.registry import training_methods
+from trainers.run_loop import SAMPLE_FILE
 from trainers.run_targets import status_label
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch.py"
@@ -42,6 +44,9 @@ class JobInfo:
     resumable: bool
     warnings: list[str] = field(default_factory=list)  # targets a finished run fell short of
     phase: str | None = None  # what a running job does now: loading model, checking data, training, saving, ...
+    # A run of the shared training loop (LoRA types, SaRA, Break-for-Make) that is running, queued or done: "Extend
+    # by N steps" and "Sample now" can act on it.
+    extendable: bool = False
 
     @property
     def name(self) -> str:
@@ -119,10 +124,14 @@ def job_info(run_dir: Path) -> JobInfo:
     elif status is None:
         status = "interrupted"  # killed or crashed without a final event
     ckpt = latest_checkpoint(run_dir / "checkpoints")
+    spec = training_methods().get(job.get("method", ""))
+    shared_loop = spec is not None and spec.method is not None  # trained by trainers.loop (not watermark, SR)
     return JobInfo(run_dir=run_dir, method=job.get("method", "?"), status=status, step=step, total=total,
                    loss=loss, eta_s=eta, artifact=artifact, message=message,
                    resumable=ckpt is not None and status in ("stopped", "interrupted", "error"), warnings=warnings,
-                   phase=phase if status == "running" else None)
+                   phase=phase if status == "running" else None,
+                   extendable=shared_loop and (status in ("running", "queued") or (status == "done" and
+                                                                                    ckpt is not None)))
 
 
 def list_jobs(runs_root: Path) -> list[JobInfo]:
@@ -222,8 +231,51 @@ class JobQueue:
                                          "queued": time.time()})
         self.tick()
 
+    def extend(self, run_dir: Path, steps: int) -> str:
+        """``steps`` more training steps for a run of the shared loop: a finished run continues from its final
+        checkpoint now; a running or queued one once it is done. Returns a sentence saying which."""
+        info = job_info(run_dir)
+        if steps < 1:
+            raise ValueError("extend by at least one step")
+        if not info.extendable:
+            raise ValueError(f"{info.name} cannot be extended ({info.status}; only finished or running runs of the "
+                             "shared training loop: LoRA types, SaRA, Break-for-Make)")
+        job = _read_json(run_dir / JOB_FILE)
+        if info.status in ("running", "queued"):
+            _write_json(run_dir / JOB_FILE, {**job, "then_extend": int(job.get("then_extend") or 0) + steps})
+            return f"{info.name} goes on for {steps} more steps once it reaches step {info.total}."
+        self._requeue(run_dir, info.method, ["--resume", str(run_dir), "--extend", str(steps)])
+        return f"{info.name} continues from step {info.step} to step {info.step + steps}."
+
+    def sample_now(self, run_dir: Path) -> str:
+        """Preview samples now: a running run draws them after its current step; a finished one is loaded again
+        just to draw them (and save its file unchanged)."""
+        info = job_info(run_dir)
+        if not info.extendable:
+            raise ValueError(f"{info.name} cannot draw previews now ({info.status}; only finished or running runs "
+                             "of the shared training loop)")
+        if not _read_json(run_dir / "config.json").get("sample_prompts"):
+            raise ValueError(f"{info.name} has no preview prompts")
+        if info.status in ("running", "queued"):
+            (run_dir / SAMPLE_FILE).write_text("sample requested\n")
+            return f"{info.name} draws its previews after the current step."
+        self._requeue(run_dir, info.method, ["--resume", str(run_dir), "--extend", "0"])
+        return f"{info.name} is loaded again to draw its previews at step {info.step}."
+
+    def _requeue(self, run_dir: Path, method: str, args: list[str], *, start: bool = True) -> None:
+        job = {k: v for k, v in _read_json(run_dir / JOB_FILE).items() if k != "then_extend"}
+        _write_json(run_dir / JOB_FILE, {**job, "method": method, "args": args, "state": "queued",
+                                         "queued": time.time()})
+        if start:
+            self.tick()
+
     def tick(self) -> None:
-        """Start queued jobs while fewer than ``max_running`` run."""
+        """Start queued jobs while fewer than ``max_running`` run (a finished run asked to go on is queued again)."""
+        for job in list_jobs(self.runs_root):
+            extra = _read_json(job.run_dir / JOB_FILE).get("then_extend") if job.status == "done" else None
+            if extra:
+                self._requeue(job.run_dir, job.method, ["--resume", str(job.run_dir), "--extend", str(int(extra))],
+                              start=False)
         with self._lock:
             jobs = list_jobs(self.runs_root)
             running = sum(1 for j in jobs if j.status == "running")

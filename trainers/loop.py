@@ -70,6 +70,10 @@ class TrainConfig:
     buckets: bool = False
     checkpoint_every: int = 100
     sample_every: int = 0  # 0: only at the end
+    # Validation loss (at every checkpoint and at the end): a folder of images + captions, or a share of the training
+    # images held out (every n-th by name). Fixed noise and timesteps per image, so the values compare across steps.
+    validation_data: str | None = None
+    validation_split: float = 0.0
     sample_prompts: list[str] = field(default_factory=list)
     sample_steps: int = 20
     device: str = "auto"
@@ -89,6 +93,8 @@ class TrainConfig:
             (self.min_snr_gamma >= 0, "min-SNR gamma must be ≥ 0"),
             (self.checkpoint_every >= 1, "checkpoint interval must be at least 1"),
             (self.sample_every >= 0, "sample interval must be ≥ 0"),
+            (0.0 <= self.validation_split < 1.0, "validation share must be in [0, 1)"),
+            (not (self.validation_data and self.validation_split), "give a validation folder or a share, not both"),
             (bool(self.out) and self.out.endswith(".safetensors"), "--out must name a .safetensors file"),
         ]
         for ok, message in checks:
@@ -181,6 +187,11 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     dataset = ImageFolderDataset(DatasetConfig(config.data, resolution=resolution, repeats=config.repeats,
                                                caption=config.caption, trigger=config.trigger,
                                                buckets=config.buckets), size_multiple=multiple)
+    validation = dataset.split_off(config.validation_split) if config.validation_split else None
+    if config.validation_data:
+        validation = ImageFolderDataset(DatasetConfig(config.validation_data, resolution=resolution,
+                                                      caption=config.caption, trigger=config.trigger,
+                                                      buckets=config.buckets), size_multiple=multiple)
     plan = BatchPlan(dataset, config.batch_size, config.seed)
     # Prior preservation (DreamBooth): images of what the model should keep drawing, captions as written (no
     # trigger), their loss added with ``prior_weight`` at every step.
@@ -205,6 +216,10 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
             log.write("dataset", message=line)
         for line in prior.report.lines() if prior is not None else ():
             log.write("dataset", message=f"prior: {line}")
+        if validation is not None:
+            names = ", ".join(s.path.name for s in validation.samples)
+            log.write("dataset", message=f"validation: {len(validation.samples)} image(s)"
+                                         f"{' held out of training' if config.validation_split else ''}: {names}")
     summary = method.summary()
     if summary:
         log.write("method", method=method.name, lr=lr, **summary)
@@ -226,9 +241,10 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
                              device=accelerator.device)
 
     def denoising_loss(samples: list[_Item], size: tuple[int, int], global_batch: int, gen: torch.Generator,
-                       sl: slice):
+                       sl: slice, timestep: int | None = None):
         """The (min-SNR weighted) denoising loss of this process's slice of a global batch; noise comes from ``gen``
-        for the whole global batch, so any number of processes sees the same noise."""
+        for the whole global batch, so any number of processes sees the same noise. ``timestep``: that one for
+        every image instead of random ones (the validation loss)."""
         pixels = [s.pixels for s in samples]
         w, h = size
         lat_shape = (global_batch, pipe.vae.config.latent_channels, h // pipe.vae_scale_factor,
@@ -237,6 +253,8 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         noise = torch.randn(lat_shape, generator=gen)
         offset = torch.randn(lat_shape[:2] + (1, 1), generator=gen)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (global_batch,), generator=gen)
+        if timestep is not None:
+            timesteps = torch.full_like(timesteps, timestep)
         px = torch.stack(pixels).to(accelerator.device, dtype=vae_dtype)
         with torch.no_grad():
             dist = pipe.vae.encode(px).latent_dist
@@ -316,11 +334,34 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
         nonlocal pos
         pos = DataPosition(int(position["epoch"]), int(position["batch"]))
 
-    def preview(step: int) -> None:
-        if config.sample_every and step % config.sample_every == 0 and step < config.steps:
+    def validate(step: int) -> None:
+        """The mean denoising loss over every validation image at VALIDATION_TIMESTEPS fixed timesteps, each with
+        its own fixed noise: the same numbers for the same weights (every process computes it, so the wrapped
+        UNet's collectives match)."""
+        span = noise_scheduler.config.num_train_timesteps
+        fixed = [int((k + 0.5) * span / VALIDATION_TIMESTEPS) for k in range(VALIDATION_TIMESTEPS)]
+        unet.eval()
+        losses = []
+        with torch.no_grad(), role("data"):
+            for i in range(len(validation.samples)):
+                item = _Item.load(validation, i)
+                for t in fixed:
+                    gen = torch.Generator("cpu").manual_seed(config.seed * 1_000_033 + i * 1_009 + t)
+                    losses.append(denoising_loss([item], validation.bucket_of(i), 1, gen, slice(0, 1), t).item())
+        unet.train()
+        log.write("validation", step=step, loss=round(sum(losses) / len(losses), 6), images=len(validation.samples),
+                  timesteps=fixed)
+
+    def after_logged(step: int) -> None:
+        if validation is not None and step % config.checkpoint_every == 0 and step < config.steps:
+            validate(step)
+        due = bool(config.sample_every) and step % config.sample_every == 0
+        if (loop.sample_requested() or due) and step < config.steps:
             _preview(pipe, config, run_dir, step, log, accelerator)
 
     def finish(step: int) -> dict[str, Any]:
+        if validation is not None:
+            validate(step)
         if config.sample_prompts:
             _preview(pipe, config, run_dir, step, log, accelerator)
         if not main:
@@ -331,7 +372,9 @@ def train(config: TrainConfig, method: TrainingMethod, run_dir: Path, *, resume:
     trainer = StepTrainer(step=take_step, trainable_state=method.trainable_state, optimizer=optimizer,
                           lr_scheduler=lr_scheduler, finish=finish, generators={"noise": noise_gen},
                           position=lambda: {"epoch": pos.epoch, "batch": pos.batch}, restore_position=restore_position,
-                          after_logged=preview)
+                          after_logged=after_logged)
+    if validation is not None and loop.resumed is None:
+        validate(0)  # the base model's, where the curve starts
     return loop.run(trainer, arithmetic=arithmetic, device=str(accelerator.device), mixed_precision=precision,
                     processes=world, trainable_parameters=sum(p.numel() for p in params), lr=lr,
                     model_family=family.describe(pipe))
@@ -352,6 +395,9 @@ class _Item:
 
     def without_caption(self) -> "_Item":
         return _Item(self.pixels, "", self.micro_conditioning)
+
+
+VALIDATION_TIMESTEPS = 4  # evenly spread over the schedule: 125, 375, 625, 875 of 1000
 
 
 def _preview(pipe, config: TrainConfig, run_dir: Path, step: int, log: EventLog, accelerator, *,

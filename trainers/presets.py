@@ -116,7 +116,8 @@ def run_preset(run_dir: Path) -> tuple[Preset, dict[str, Any]]:
         raise UserError(f"{Path(run_dir).name} has no readable config.json (only runs of the shared training loop "
                         "can be reused)")
     settings = {k: config[k] for k in SETTING_NAMES if k in config}
-    extra = {k: config.get(k) for k in ("method", "data", "trigger", "caption", "sample_prompts", "out")}
+    extra = {k: config.get(k) for k in ("method", "data", "trigger", "caption", "sample_prompts", "out",
+                                        "validation_data", "validation_split")}
     return Preset(f"{RUN_PREFIX}{Path(run_dir).name}", None, settings, dict(config.get("method_options") or {}),
                   path=Path(run_dir) / "config.json"), extra
 

@@ -28,6 +28,7 @@ from trainers.events import EventLog, read_events
 from trainers.run_targets import CREATED_KEY, METADATA_KEY, RUN_DIR_KEY, STEPS_KEY, loss_shortfall, status_label
 
 STOP_FILE = "STOP"
+SAMPLE_FILE = "SAMPLE"  # "Sample now": previews after the current step (a file, as STOP; removed once acted on)
 ETA_WINDOW = 20  # steps whose mean duration gives the ETA
 
 
@@ -167,6 +168,16 @@ class RunLoop:
         self.stop = StopFlag(self.run_dir)
         if self.processes.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    def sample_requested(self) -> bool:
+        """Whether "Sample now" was asked for since the last look (the request is taken: it acts once)."""
+        flag = self.run_dir / SAMPLE_FILE
+        if not (self.processes.any(flag.exists())):
+            return False
+        self.processes.barrier()  # every process has looked before the main one removes the file
+        if self.processes.is_main:
+            flag.unlink(missing_ok=True)
+        return True
 
     def phase(self, name: str) -> None:
         """What the run does while no step shows (loading model, checking data, caching latents, saving), so Runs
