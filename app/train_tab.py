@@ -24,6 +24,7 @@ from trainers.options import parse_options
 from trainers.presets import (FAMILY_LABELS, RUN_PREFIX, Preset, estimated_time, find_preset, full_settings,
                               presets_for, run_preset, save_preset, shipped_presets)
 from trainers.registry import MethodSpec, train_tab_methods, training_methods
+from trainers.watermark_config import WatermarkConfig
 
 from app.b4m_wizard import build_b4m_wizard
 from app.file_serving import serve_files
@@ -272,8 +273,8 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
                                         label=f"Key ({DEFAULT_BITS // 4} hex digits; a fresh random one, write it down)")
                     wm_new_key = gr.Button("New random key", size="sm", scale=1, elem_id="train-wm-new-key")
                 with gr.Row():
-                    wm_steps = gr.Number(value=200, precision=0, label="Steps (at most: stops once the key reads back)",
-                                         elem_id="train-wm-steps")
+                    wm_steps = gr.Number(value=WatermarkConfig.max_steps, precision=0, elem_id="train-wm-steps",
+                                         label="Steps (at most: stops once the key reads back)")
                     wm_images = gr.Textbox(label="Images to train on (a folder; empty: 64 samples of the model)",
                                            elem_id="train-wm-images")
                 wm_name = gr.Textbox(label="Output name", value="my-watermark", elem_id="train-wm-name")

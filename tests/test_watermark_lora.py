@@ -19,6 +19,22 @@ def test_scheduler_raises_the_watermark_weight_while_bits_lag():
     assert (s.lambda_wm, s.lambda_img) == (0.5, 1.25)
 
 
+def test_below_the_psnr_floor_image_quality_comes_first_whatever_the_bits():
+    """The floor the defaults use (without it λ_w grew without bound and random keys ended at 13–17 dB)."""
+    s = LossWeightScheduler(gamma=0.25, psnr_floor=31.0)
+    s.update(bit_accuracy=0.6, psnr=40)  # above the floor: the paper's rule, λ_w rises
+    s.update(bit_accuracy=0.6, psnr=40)
+    assert (s.lambda_wm, s.lambda_img) == (1.0, 1.0)
+    s.update(bit_accuracy=0.6, psnr=29)  # bits lag but the images fall below the floor: λ_i up, λ_w back
+    assert (s.lambda_wm, s.lambda_img) == (0.5, 1.25)
+    for _ in range(5):
+        s.update(bit_accuracy=0.6, psnr=29)
+    assert s.lambda_wm == 0.0 and s.lambda_img == 2.5  # λ_w never negative
+    plain = LossWeightScheduler(gamma=0.25)  # no floor: the paper's rule alone
+    plain.update(bit_accuracy=0.6, psnr=29)
+    assert (plain.lambda_wm, plain.lambda_img) == (0.5, 1.0)
+
+
 def test_scheduler_raises_a_target_met_five_times_in_a_row_and_caps_it():
     s = LossWeightScheduler(bit_target=0.9, psnr_target=30, patience=5)
     for _ in range(4):

@@ -23,9 +23,9 @@ class WatermarkConfig:
                                "Stable Signature baseline; writes the decoder's state, not an adapter)", choices=MODES)
     rank: int = option(4, "LoRA rank (default 4)")
     alpha: float = option(32.0, "LoRA alpha (default 32)")
-    lr: float = option(5e-4, "learning rate (default 5e-4)")
+    lr: float = option(1e-3, "learning rate (default 1e-3)")
     batch_size: int = 4
-    max_steps: int = option(1500, "maximum steps (training stops early on its targets; default 1500)", flag="--steps")
+    max_steps: int = option(800, "maximum steps (training stops early on its targets; default 800)", flag="--steps")
     # latents sampled from the base model (when no image folder is given)
     latents: int = option(64, "latents sampled from the model to train on (default 64)")
     images: str | None = option(None, "folder of images whose latents to train on (default: samples of the model)")
@@ -35,7 +35,9 @@ class WatermarkConfig:
     # survive JPEG, resizing or blur anyway, and training through them only cost image quality.
     noise_probability: float = option(0.0, "share of steps trained through the noise layer (default 0)",
                                       flag="--noise")
-    # dynamic loss-weight scheduler (extended paper)
+    # dynamic loss-weight scheduler (extended paper), with a PSNR floor the images never go below for long
+    psnr_floor: float = option(31.0, "PSNR (dB) under which image quality comes first, whatever the bits read "
+                                     "(default 31: a margin over the 30 dB target; 0 = the paper's schedule alone)")
     bit_target: float = 0.9
     psnr_target: float = 30.0
     gamma: float = 0.25
