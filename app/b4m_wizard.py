@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
@@ -16,16 +17,19 @@ import gradio as gr
 from app.refusals import refusal
 from core.errors import UserError
 from adapters.library import adapters_folder
-from models.loading import is_micro_model
+from adapters.plp.config import B4MOptions
+from models.loading import is_micro_model, source_family
 from core.paths import safe_name
 from trainers.dataset import DatasetConfig, dataset_summary
 from trainers.jobs import JobQueue, list_jobs
+from trainers.presets import FAMILY_LABELS, find_preset
 
 MICROWORLD, FOLDERS, PROMPTS, NO_AUX = ("Micro-world sets", "My folders", "Class images from the base model", "None")
 AUX_SOURCES = [MICROWORLD, FOLDERS, PROMPTS, NO_AUX]
 OTHER_MODEL_SOURCES = [FOLDERS, PROMPTS, NO_AUX]  # the scene generator draws the micro world only
 DEFAULT_NAME = "my-b4m"
 DEFAULT_SUBJECT = "a red star in the center, gray background"
+PLP_OPTIONS = {f.name for f in fields(B4MOptions)}
 
 
 def _lines(text: str | None) -> list[str]:
@@ -122,15 +126,26 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
                                              elem_id="b4m-aux-content-prompts")
             per_prompt = gr.Number(value=8, precision=0, minimum=1, label="Images per prompt",
                                    elem_id="b4m-aux-per-prompt")
-        gr.Markdown("#### Make")
+        # The fields start from the model family's presets (trainers.presets: on the micro model, the recipe the
+        # Break-for-Make benchmark measures); the jobs run with --preset auto, so the layers come from it too.
+        family = source_family(model_source)
+        first, second = (find_preset(None, f"b4m-{stage}", PLP_OPTIONS, family, "auto") for stage in ("content",
+                                                                                                       "combine"))
+        gr.Markdown("#### Make\n" + (f"Starts from the preset of the {FAMILY_LABELS[family]}: {first.describe()}"
+                                      if first else "Starts from the bare defaults."))
         with gr.Row():
-            rank = gr.Number(value=4, precision=0, minimum=1, label="Rank", elem_id="b4m-rank")
-            steps = gr.Number(value=300, precision=0, minimum=1, label="Steps per stage", elem_id="b4m-steps")
-            combine_steps = gr.Number(value=100, precision=0, minimum=1, label="Combine steps",
-                                      elem_id="b4m-combine-steps")
+            rank = gr.Number(value=first.options.get("rank", 4) if first else 4, precision=0, minimum=1, label="Rank",
+                             elem_id="b4m-rank")
+            steps = gr.Number(value=first.settings["steps"] if first else 300, precision=0, minimum=1,
+                              label="Steps per stage", elem_id="b4m-steps")
+            combine_steps = gr.Number(value=second.settings["steps"] if second else 100, precision=0, minimum=1,
+                                      label="Combine steps", elem_id="b4m-combine-steps")
         with gr.Row():
-            lr = gr.Number(value=1e-3, label="Learning rate", elem_id="b4m-lr")
-            batch = gr.Number(value=1, precision=0, minimum=1, label="Batch size", elem_id="b4m-batch")
+            lr = gr.Number(value=first.settings["lr"] if first else 1e-3, label="Learning rate", elem_id="b4m-lr")
+            combine_lr = gr.Number(value=second.settings["lr"] if second else None, label="Combine learning rate",
+                                   elem_id="b4m-combine-lr")
+            batch = gr.Number(value=first.settings["batch_size"] if first else 1, precision=0, minimum=1,
+                              label="Batch size", elem_id="b4m-batch")
             plp_seed = gr.Number(value=0, precision=0, label="PLP seed", elem_id="b4m-plp-seed")
         preconditioned = gr.Checkbox(label="Riemannian-preconditioned AdamW", elem_id="b4m-preconditioned")
         name = gr.Textbox(value=DEFAULT_NAME, label="Output name", elem_id="b4m-name")
@@ -149,7 +164,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
                 aux_styles_v: str, aux_contents_v: str, style_prompts_v: str, content_prompts_v: str,
                 per_prompt_v: float | None, rank_v: float | None, steps_v: float | None, combine_v: float | None,
                 lr_v: float | None, batch_v: float | None, seed_v: float | None, precond_v: bool, name_v: str,
-                subjects_v: str) -> tuple[dict, str]:
+                subjects_v: str, combine_lr_v: float | None = None) -> tuple[dict, str]:
         """Check everything a job would refuse first, then queue all three runs or none."""
         ct, st = (ct_v or "").strip(), (st_v or "").strip()
         n_steps, n_combine, n_batch = int(steps_v or 0), int(combine_v or 0), int(batch_v or 0)
@@ -168,13 +183,14 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         folder = adapters_folder(data_root)
         content_file, style_file = folder / f"{stem}-content.safetensors", folder / f"{stem}-style.safetensors"
         shared = ["--batch-size", str(n_batch)]
-        if lr_v:  # empty/0: the method's default
-            shared += ["--lr", str(float(lr_v))]
+        stage_lr = ["--lr", str(float(lr_v))] if lr_v else []  # empty/0: the preset's, else the method's default
+        combine_lr = ["--lr", str(float(combine_lr_v))] if combine_lr_v else stage_lr
         if precond_v:
             shared += ["--preconditioned"]
         if model_source:
             shared += ["--model", model_source]
-        stage1 = ["--steps", str(n_steps), "--rank", str(int(rank_v)), "--plp-seed", str(int(seed_v or 0)), *shared]
+        stage1 = ["--steps", str(n_steps), "--rank", str(int(rank_v)), "--plp-seed", str(int(seed_v or 0)), *stage_lr,
+                  *shared]
         stamp = time.strftime("%Y%m%d-%H%M%S")
         jobs = [
             (f"{stamp}-b4m-content-{stem}", "b4m-content",
@@ -184,7 +200,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
         ]
         combine = ["--content", str(content_file), "--style", str(style_file), "--content-data", content,
                    "--style-data", style, "--out", str(folder / f"{stem}.safetensors"), "--steps", str(n_combine),
-                   *shared]
+                   *combine_lr, *shared]
         grid = preview_prompts(ct, st, _lines(subjects_v))
         for prompt in grid:
             combine += ["--sample-prompt", prompt]
@@ -203,7 +219,7 @@ def build_b4m_wizard(queue: JobQueue, data_root: Path, model_source: str | None)
 
     inputs = [content_folder, content_trigger, style_folder, style_trigger, aux_source, aux_count, aux_styles,
               aux_contents, style_prompts, content_prompts, per_prompt, rank, steps, combine_steps, lr, batch,
-              plp_seed, preconditioned, name, subjects]
+              plp_seed, preconditioned, name, subjects, combine_lr]
 
     def connect(runs: gr.Dropdown) -> None:
         make.click(on_make, inputs, [runs, status], show_progress="hidden")

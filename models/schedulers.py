@@ -32,6 +32,14 @@ def has_zero_terminal_snr(scheduler) -> bool:
     return alphas is not None and float(alphas[-1]) < ZERO_SNR_BELOW
 
 
+def usable_scheduler_names(base_scheduler) -> list[str]:
+    """The samplers a model's schedule works with, for the pages' lists: a sampler that would only be refused is
+    not offered (on a zero-terminal-SNR model, those that start from the largest sigma)."""
+    if has_zero_terminal_snr(base_scheduler):
+        return [n for n in SCHEDULER_NAMES if n not in NEEDS_FINITE_SIGMA]
+    return list(SCHEDULER_NAMES)
+
+
 def make_scheduler(name: str, base_scheduler):
     """A fresh scheduler of kind ``name`` sharing the model's noise schedule (betas, prediction type)."""
     if name in ("", None, MODEL_DEFAULT):

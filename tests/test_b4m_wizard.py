@@ -3,6 +3,7 @@ runs are queued all or none, and a refusal is one readable message."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
 
@@ -44,3 +45,24 @@ def test_make_queues_three_runs_or_none(data, tmp_path, monkeypatch):
     with pytest.raises(gr.Error, match="A run named 20261204-120000-b4m-content-mine exists already; wait a second"):
         on_make(*form)
     assert len(list_jobs(queue.runs_root)) == 3
+    args = {j.name: json.loads((j.run_dir / "job.json").read_text())["args"] for j in list_jobs(queue.runs_root)}
+    lr_of = {name.split("-b4m-")[1].rsplit("-", 1)[0]: a[a.index("--lr") + 1] for name, a in args.items()}
+    assert lr_of == {"content": "0.001", "style": "0.001", "combine": "0.001"}  # no combine lr given: the stages'
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261204-120001")
+    on_make(*form, 5e-4)  # the combine's own learning rate (the micro preset's is a quarter of the stages')
+    args = json.loads((queue.runs_root / "20261204-120001-b4m-combine-mine" / "job.json").read_text())["args"]
+    assert args[args.index("--lr") + 1] == "0.0005"
+
+
+def test_the_wizard_starts_from_the_model_familys_preset(tmp_path):
+    """On the micro model the fields hold the Break-for-Make benchmark's recipe (trainers.presets)."""
+    from conftest import MICRO_MODEL
+
+    if not (MICRO_MODEL / "model_index.json").is_file():
+        pytest.skip("micro base model not shipped")
+    with gr.Blocks() as demo:
+        build_b4m_wizard(JobQueue(tmp_path / "runs", max_running=0), tmp_path, str(MICRO_MODEL))
+    values = {b.elem_id: getattr(b, "value", None) for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    assert (values["b4m-rank"], values["b4m-steps"], values["b4m-combine-steps"]) == (16, 800, 300)
+    assert (values["b4m-lr"], values["b4m-combine-lr"], values["b4m-batch"]) == (2e-3, 5e-4, 4)

@@ -477,7 +477,7 @@ def test_train_dataset_folders(studio, bad_corpus):
                 ("/on_sr_start", (str(of_kind(bad_corpus, "spec")[0].path.parent), SHIPPED_SR, 10, 0.1, 0.01, "x"),
                  "no images"),
                 ("/on_make", (str(mixed / "no-such-folder"), "sks", str(mixed), "w@z", "None", 24, "", "", "", "", 8,
-                              4, 10, 10, 1e-3, 1, 0, False, "x", ""), "does not exist")]
+                              4, 10, 10, 1e-3, 1, 0, False, "x", "", None), "does not exist")]
     for api, args, fragment in refusals:
         TRIED["Train: start", "client"] += 1
         assert_readable(refused(client, api, *args), fragment)

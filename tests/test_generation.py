@@ -100,3 +100,20 @@ def test_samplers_that_need_a_finite_sigma_are_refused_on_zero_snr_schedules():
             scheduler = make_scheduler(name, zero_snr)
             scheduler.set_timesteps(20)
             assert len(scheduler.timesteps) >= 20 and scheduler.config.prediction_type == "v_prediction"
+
+
+def test_the_pages_offer_only_the_samplers_the_models_schedule_works_with():
+    """Not offered, rather than refused after a click: on a zero-terminal-SNR schedule (the micro model) every listed
+    sampler makes a scheduler; on SD's schedule all are listed."""
+    from diffusers import DDIMScheduler
+
+    from models.schedulers import NEEDS_FINITE_SIGMA, SCHEDULER_NAMES, make_scheduler, usable_scheduler_names
+
+    zero_snr = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                             timestep_spacing="trailing")
+    sd = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    assert usable_scheduler_names(sd) == SCHEDULER_NAMES
+    offered = usable_scheduler_names(zero_snr)
+    assert offered[0] == "Model default" and not set(NEEDS_FINITE_SIGMA) & set(offered)
+    for name in offered:
+        assert make_scheduler(name, zero_snr) is not None  # none of them is refused

@@ -32,7 +32,14 @@ def test_every_family_has_a_lora_and_a_sara_preset_and_the_micro_one_is_the_test
     # tests/test_lora_microworld.py's recipe, the one shown to teach the micro model a star
     assert micro.settings["steps"] == 400 and micro.settings["batch_size"] == 4 and micro.settings["lr"] == 2e-3
     assert micro.options == {"rank": 16, "targets": MICRO_TARGETS}
-    assert find_preset(None, "b4m-content", {"rank"}, "micro", "auto") is None  # no preset yet: bare defaults
+    b4m = {f.name for f in training_methods()["b4m-content"].option_fields()}
+    stages = {stage: find_preset(None, f"b4m-{stage}", b4m, "micro", "auto") for stage in ("content", "style", "combine")}
+    # bench/b4m_microworld.py's recipe: 800 / 400 / 300 steps, batch 4, lr 2e-3 (combine 5e-4), rank 16 on its layers
+    assert [stages[s].settings["steps"] for s in stages] == [800, 400, 300]
+    assert [stages[s].settings["lr"] for s in stages] == [2e-3, 2e-3, 5e-4]
+    assert stages["content"].options == {"rank": 16, "targets": MICRO_TARGETS}
+    assert sorted(p.family for p in shipped_presets("b4m-style", b4m)) == ["micro", "sd1", "sd2", "sdxl"]
+    assert shipped_presets("watermark", set()) == [] and shipped_presets("sr", set()) == []  # one set of defaults
     assert find_preset(None, "lora", LORA_OPTIONS, "micro", "none") is None
 
 

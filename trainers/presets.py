@@ -84,11 +84,34 @@ def _sara_presets() -> list[Preset]:
     ]
 
 
+def _b4m_presets(stage: str) -> list[Preset]:
+    """Break-for-Make per stage. Micro: the recipe bench/b4m_microworld.py's table measures (content 800 steps, style
+    400, combine 300 at a quarter of the lr). SD: kohya-style starting points, not measured here."""
+    micro_steps = {"content": 800, "style": 400, "combine": 300}[stage]
+    micro_lr, sd_lr = (5e-4, 5e-5) if stage == "combine" else (2e-3, 1e-4)
+    sd_steps = 500 if stage == "combine" else 1000
+    plp = {"rank": 16, "targets": MICRO_TARGETS} if stage != "combine" else {}  # combine: the stage-1 files' own
+    note = "The Break-for-Make benchmark's recipe (bench/b4m_microworld.py)."
+    return [
+        Preset("micro", "micro", {"steps": micro_steps, "batch_size": 4, "lr": micro_lr, "checkpoint_every": 100},
+               plp, note),
+        Preset("sd1", "sd1", {"steps": sd_steps, "batch_size": 1, "lr": sd_lr, "checkpoint_every": 250,
+                              "sample_every": 250}, {"rank": 8} if plp else {}),
+        Preset("sd2", "sd2", {"steps": sd_steps, "batch_size": 1, "lr": sd_lr, "checkpoint_every": 250,
+                              "sample_every": 250}, {"rank": 8} if plp else {}),
+        Preset("sdxl", "sdxl", {"steps": sd_steps, "batch_size": 1, "lr": sd_lr, "checkpoint_every": 250,
+                                "sample_every": 250, "gradient_checkpointing": True}, {"rank": 16} if plp else {}),
+    ]
+
+
 def shipped_presets(method: str, option_names: set[str]) -> list[Preset]:
-    """The shipped presets of a method: SaRA's own, and the LoRA ones for every peft-trained adapter type (each
-    keeps only the options its type has). Break-for-Make, the upscaler and the watermark have none yet."""
+    """The shipped presets of a method: SaRA's own, Break-for-Make's per stage, and the LoRA ones for every
+    peft-trained adapter type (each keeps only the options its type has). The upscaler and the watermark keep one
+    set of defaults for every family (their settings do not depend on the diffusion model's family)."""
     if method == "sara":
         found = _sara_presets()
+    elif method.startswith("b4m-"):
+        found = _b4m_presets(method.removeprefix("b4m-"))
     elif method in {t.name for t in adapter_types().values() if t.trainable_with_peft}:
         found = _lora_presets()
     else:
