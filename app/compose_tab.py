@@ -25,7 +25,7 @@ from core.errors import UserError
 from adapters.library import EXAMPLE_CONCEPTS, describe, list_adapters
 from pipelines.lora_composer import BOX_COLOURS, box_overlay, compose, save_composition
 from models.cache import ModelCache
-from models.schedulers import MODEL_DEFAULT, SCHEDULER_NAMES
+from models.schedulers import MODEL_DEFAULT, SCHEDULER_NAMES, usable_scheduler_names
 
 from app.generate_tab import CancelTokens
 
@@ -135,7 +135,21 @@ class ConceptRow:
     box: list[gr.Number]  # x0, y0, x1, y1
 
 
-def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path) -> None:
+@dataclass
+class ComposeSettings:
+    """The fields the Generate tab's *Send to Compose* fills from an image's parameters (named as
+    ``core.png_metadata.generation_fields`` names them)."""
+    prompt: gr.Textbox
+    negative_prompt: gr.Textbox
+    steps: gr.Slider
+    guidance: gr.Slider
+    seed: gr.Number
+    width: gr.Slider
+    height: gr.Slider
+    sampler: gr.Dropdown
+
+
+def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path) -> ComposeSettings:
     tokens = CancelTokens()
     choices = lora_choices(adapters)
     rows: list[ConceptRow] = []
@@ -204,8 +218,8 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
             with gr.Row():
                 seed = gr.Number(value=DEFAULT_SEED, precision=0, label="Seed", elem_id="compose-seed")
                 randomize = gr.Button("Random seed", size="sm", elem_id="compose-random-seed")
-                sampler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler",
-                                      elem_id="compose-sampler")
+                sampler = gr.Dropdown(usable_scheduler_names(models.peek().base_scheduler), value=MODEL_DEFAULT,
+                                      label="Sampler", elem_id="compose-sampler")
             with gr.Row():
                 run = gr.Button("Compose", variant="primary", elem_id="compose-run")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="compose-cancel")
@@ -448,4 +462,5 @@ def build_compose_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapte
 
     demo.load(refresh_choices, loras, loras, queue=False)
     keep_fresh(lambda: [adapters], refresh_choices, loras, loras)
+    return ComposeSettings(prompt, negative, steps, guidance, seed, width, height, sampler)
 

@@ -1,19 +1,24 @@
 """The Generate tab: widgets and events only; the work is ``pipelines.generation``."""
 from __future__ import annotations
 
+import html
 import threading
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import gradio as gr
 
 from app.live_lists import keep_fresh
-from app.refusals import refusal
+from app.refusals import debugging, refusal
 from core.errors import UserError
 from core.png_metadata import generation_fields, read_png_parameters
 from adapters.library import list_adapters
 from pipelines.generation import MAX_BATCH, MAX_STEPS, GenerationRequest, generate, save_generated
+from pipelines.prompt_loras import LORA_TAG, strip_lora_tags
 from models.cache import ModelCache
-from models.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT
+from models.schedulers import SCHEDULER_NAMES, MODEL_DEFAULT, usable_scheduler_names
 from pipelines.upscale import upscale_files
 
 EXAMPLE_PROMPTS = [
@@ -44,12 +49,95 @@ class CancelTokens:
         return True
 
 
-LORA_SLOTS = 3  # on_generate names one argument per slot
+LORA_SLOTS = 3  # request_of names one argument per slot
+HISTORY_KEPT = 200  # images the session's history gallery keeps, newest first
+# The Compose fields *Send to Compose* fills, by their ``generation_fields`` names (``ComposeSettings`` has the same)
+SENT_SETTINGS = ("prompt", "negative_prompt", "steps", "guidance", "seed", "width", "height", "sampler")
 
 
-def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path, sr_models) -> None:
+@dataclass(frozen=True)
+class Shot:
+    """An image on the page with what made it: the seed for *Use this seed*, the parameters for Compose."""
+    path: str
+    seed: int
+    parameters: str
+    caption: str
+
+
+@dataclass
+class GenerateTab:
+    """What the studio wires to the other tabs: the selected image and the buttons that send it."""
+    selected: gr.State  # a Shot, or None
+    to_compose: gr.Button
+    to_upscale: gr.Button
+    to_verify: gr.Button
+
+
+def gallery_of(shots: list[Shot]) -> list[tuple[str, str]]:
+    return [(s.path, s.caption) for s in shots]
+
+
+def with_history(batch: list[Shot], history: list[Shot], keep: int = HISTORY_KEPT) -> list[Shot]:
+    """The session's images after a batch: the batch's newest first, then the earlier ones, at most ``keep``."""
+    return (batch[::-1] + history)[:keep]
+
+
+def upscaled_shots(done: list[tuple[Path, Path]], sources: list[Shot]) -> list[Shot]:
+    """An upscaled image keeps its source's seed and parameters: *Use this seed* and the sends still know them."""
+    by_path = {Path(s.path): s for s in sources}
+    shots = []
+    for source, result in done:
+        origin = by_path.get(Path(source))
+        shots.append(Shot(str(result), origin.seed if origin else -1, origin.parameters if origin else "",
+                          Path(result).name))
+    return shots
+
+
+def refused_on_page(message: str, exc: BaseException | None = None) -> str:
+    """A refusal the page shows as a warning toast and returns as the status line. Raised as ``refusal``'s
+    ``gr.Error`` it would cover the gallery with Gradio's error badge; here the earlier results stay in view."""
+    refusal(message)  # for its one log line
+    if debugging() and exc is not None:
+        traceback.print_exception(exc)
+    shown = html.escape(message)  # toasts and Markdown read HTML: "<lora:x>" would vanish as an unknown tag
+    gr.Warning(shown)
+    return f"⚠ {shown}"
+
+
+def image_to(tab: str) -> Callable[[Shot | None], tuple]:
+    """The handler of a *Send to* button: the selected image into ``tab``'s images input, and that tab shown."""
+
+    def send(shot: Shot | None):
+        if shot is None:
+            gr.Warning("Select an image in the results first.")
+            return gr.skip(), gr.skip()
+        return [shot.path], gr.Tabs(selected=tab)
+
+    return send
+
+
+def settings_to_compose(shot: Shot | None) -> list:
+    """*Send to Compose*: Compose makes a picture from prompts and boxes, not from a picture, so the image's prompt
+    and settings go there (as ``SENT_SETTINGS``, then the tab switch). ``<lora:…>`` tags are cut: Compose gives
+    each LoRA a box of its own."""
+    if shot is None:
+        gr.Warning("Select an image in the results first.")
+        return [gr.skip() for _ in SENT_SETTINGS] + [gr.skip()]
+    fields = generation_fields(shot.parameters)
+    if LORA_TAG.search(fields["prompt"]):
+        gr.Info(html.escape("The prompt's <lora:…> tags were left out: in Compose each LoRA is a concept with its "
+                            "own box."))
+        fields["prompt"] = strip_lora_tags(fields["prompt"])
+    if fields.get("sampler") not in SCHEDULER_NAMES:
+        fields.pop("sampler", None)
+    return [fields.get(name, gr.skip()) for name in SENT_SETTINGS] + [gr.Tabs(selected="compose")]
+
+
+def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapters: Path,
+                       sr_models) -> GenerateTab:
     tokens = CancelTokens()
     native = models.peek().native_size
+    samplers = usable_scheduler_names(models.peek().base_scheduler)  # one the model's schedule refuses is not offered
 
     with gr.Row():
         with gr.Column(scale=3):
@@ -67,7 +155,7 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
                 randomize = gr.Button("Random seed", size="sm", elem_id="gen-random-seed")
                 reuse = gr.Button("Reuse last seed", size="sm", elem_id="gen-reuse-seed")
             with gr.Row():
-                scheduler = gr.Dropdown(SCHEDULER_NAMES, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
+                scheduler = gr.Dropdown(samplers, value=MODEL_DEFAULT, label="Sampler", elem_id="gen-sampler")
                 batch_count = gr.Slider(1, MAX_BATCH, value=1, step=1, label="Batch count", elem_id="gen-batch")
             with gr.Accordion("Adapters (LoRA, SaRA, watermark)", open=False, elem_id="gen-loras"):
                 lora_files, lora_strengths = [], []
@@ -93,60 +181,130 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
             # No fixed height and images contained: with one, the grid shows a single result as a full-width square,
             # which a fixed height cut (and object-fit: cover crops images that are not square).
             gallery = gr.Gallery(label="Results", columns=4, elem_id="gen-gallery", format="png", object_fit="contain")
+            with gr.Row():
+                use_seed = gr.Button("Use this seed", size="sm", interactive=False, min_width=90,
+                                     elem_id="gen-use-seed")
+                to_compose = gr.Button("Send to Compose", size="sm", interactive=False, min_width=90,
+                                       elem_id="gen-to-compose")
+                to_upscale = gr.Button("Send to Upscale", size="sm", interactive=False, min_width=90,
+                                       elem_id="gen-to-upscale")
+                to_verify = gr.Button("Send to Verify", size="sm", interactive=False, min_width=90,
+                                      elem_id="gen-to-verify")
+            chosen = gr.Markdown("Click an image to use its seed or send it to another tab.", elem_id="gen-selected")
             upscale = gr.Button("Upscale these ×4", size="sm", elem_id="gen-upscale")
             status = gr.Markdown(elem_id="gen-status")
             info = gr.Textbox(label="Parameters of the last image", lines=4, elem_id="gen-info")
-    last_seed = gr.State(-1)
-    last_paths = gr.State([])
+            with gr.Accordion("This session's images", open=False, elem_id="gen-history-box") as history_box:
+                history_gallery = gr.Gallery(label="Every image of this session, newest first", columns=6,
+                                             elem_id="gen-history", format="png", object_fit="contain")
+    batch = gr.State([])  # the last generated batch: Reuse last seed, Upscale these
+    shown = gr.State([])  # the results gallery's images
+    history = gr.State([])  # the session's images, newest first
+    selected = gr.State(None)
+    actions = [use_seed, to_compose, to_upscale, to_verify]
+
+    def selection(shot: Shot | None) -> dict:
+        note = (f"Selected **{Path(shot.path).name}** (seed {shot.seed})" if shot else
+                "Click an image to use its seed or send it to another tab.")
+        return {selected: shot, chosen: note, **{b: gr.Button(interactive=shot is not None) for b in actions}}
+
+    def request_of(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
+                   lora0, lora1, lora2, strength0, strength1, strength2, watermark_v) -> GenerationRequest:
+        names, strengths = (lora0, lora1, lora2), (strength0, strength1, strength2)
+        loras = tuple((str(adapters / name), float(w)) for name, w in zip(names, strengths) if name)
+        return GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
+                                 guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
+                                 height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras,
+                                 watermark=str(adapters / Path(watermark_v).name) if watermark_v else None,
+                                 lora_folder=str(adapters))
+
+    def made(request_obj: GenerationRequest, session: str,
+             progress: gr.Progress) -> Iterator[tuple[list[Shot], str]]:
+        """The batch so far and the status line, after each saved image; a refused request raises UserError."""
+        token = tokens.start(session)
+        shots: list[Shot] = []
+        with models.use() as model:
+            progress((0, int(request_obj.steps) * int(request_obj.batch_count)), desc="Generating")
+            for item in generate(model, request_obj, cancel=token,
+                                 on_step=lambda s, t: progress((s, t), desc="Generating")):
+                path = save_generated(item, outputs)
+                shots.append(Shot(str(path), item.seed, item.parameters, f"seed {item.seed}"))
+                notes = "".join(f"\n\n⚠ {w}" for w in item.record["warnings"])
+                yield list(shots), f"Saved **{path.name}** in `{outputs}`.{notes}"
+        if token.is_set():
+            yield list(shots), f"Cancelled after {len(shots)} of {int(request_obj.batch_count)} image(s)."
+
+    gen_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count, *lora_files,
+                  *lora_strengths, watermark]
 
     def on_generate(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v, batch_v,
                     lora0, lora1, lora2, strength0, strength1, strength2, watermark_v,
                     request: gr.Request, progress=gr.Progress()):
-        token = tokens.start(request.session_hash or "anonymous")
-        names, strengths = (lora0, lora1, lora2), (strength0, strength1, strength2)
-        loras = tuple((str(adapters / name), float(w)) for name, w in zip(names, strengths) if name)
-        request_obj = GenerationRequest(prompt=prompt_v or "", negative_prompt=negative_v or "", steps=steps_v,
-                                        guidance=guidance_v, seed=-1 if seed_v is None else seed_v, width=width_v,
-                                        height=height_v, scheduler=scheduler_v, batch_count=batch_v, loras=loras,
-                                        watermark=str(adapters / Path(watermark_v).name) if watermark_v else None,
-                                        lora_folder=str(adapters))
-        images: list[tuple[str, str]] = []
-        params, seed_used = "", -1
+        """Generate for API clients (``/on_generate``): a refused request ends their call with its message."""
+        request_obj = request_of(prompt_v, negative_v, steps_v, guidance_v, seed_v, width_v, height_v, scheduler_v,
+                                 batch_v, lora0, lora1, lora2, strength0, strength1, strength2, watermark_v)
         try:
-            with models.use() as model:
-                progress((0, int(steps_v) * int(batch_v)), desc="Generating")
-                for item in generate(model, request_obj, cancel=token,
-                                     on_step=lambda s, t: progress((s, t), desc="Generating")):
-                    path = save_generated(item, outputs)
-                    images.append((str(path), f"seed {item.seed}"))
-                    # the batch's first seed: "Reuse last seed" then gives the whole batch again (seed, seed+1, …)
-                    params, seed_used = item.parameters, seed_used if len(images) > 1 else item.seed
-                    notes = "".join(f"\n\n⚠ {w}" for w in item.record["warnings"])
-                    yield images, f"Saved **{path.name}** in `{outputs}`.{notes}", params, seed_used, \
-                        [p for p, _ in images]
+            for shots, text in made(request_obj, request.session_hash or "anonymous", progress):
+                yield gallery_of(shots), text, shots[-1].parameters if shots else ""
         except UserError as exc:
             raise refusal(str(exc)) from exc
-        if token.is_set():
-            yield images, f"Cancelled after {len(images)} of {int(batch_v)} image(s).", params, seed_used, \
-                [p for p, _ in images]
 
-    gen_inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, batch_count, *lora_files,
-                  *lora_strengths, watermark]
-    gen_outputs = [gallery, status, info, last_seed, last_paths]
-    run.click(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
-    prompt.submit(on_generate, gen_inputs, gen_outputs, concurrency_id="model")
-
-    def on_upscale(paths):
-        if not paths:
-            raise refusal("Generate something first.")
+    def on_generate_page(data: dict, request: gr.Request, progress=gr.Progress()):
+        """Generate on the page: each image joins the gallery as it is saved and the batch the session's history;
+        a refused request keeps the earlier results in view."""
+        request_obj = request_of(*(data[c] for c in gen_inputs))
+        shots: list[Shot] = []
         try:
-            done, problems = upscale_files(sr_models, [Path(p) for p in paths], outputs / "upscaled", None, None, 256)
+            for shots, text in made(request_obj, request.session_hash or "anonymous", progress):
+                if not shots:  # cancelled before the first image: the earlier results stay
+                    yield {status: text}
+                    continue
+                # a new batch replaces the gallery: its preview closes and nothing is selected any more
+                first = len(shots) == 1
+                yield {gallery: gr.Gallery(gallery_of(shots), selected_index=None) if first else gallery_of(shots),
+                       status: text, info: shots[-1].parameters, batch: shots, shown: shots,
+                       **(selection(None) if first else {})}
         except UserError as exc:
-            raise refusal(str(exc)) from exc
+            yield {status: refused_on_page(str(exc), exc)}
+        if shots:
+            kept = with_history(shots, data[history])
+            yield {history: kept, history_gallery: gallery_of(kept),
+                   history_box: gr.Accordion(label=f"This session's images ({len(kept)})")}
+
+    page_outputs = [gallery, status, info, batch, shown, history, history_gallery, history_box, selected, chosen,
+                    *actions]
+    gr.on([run.click, prompt.submit], on_generate_page, {*gen_inputs, history}, page_outputs,
+          show_progress_on=[gallery, status, info], concurrency_id="model", api_visibility="private")
+    # The API's endpoint: no trigger on the page
+    gr.on([], on_generate, gen_inputs, [gallery, status, info], concurrency_id="model", api_name="on_generate")
+
+    def on_upscale(batch_v: list[Shot]):
+        if not batch_v:
+            return {status: refused_on_page("Generate something first.")}
+        try:
+            done, problems = upscale_files(sr_models, [Path(s.path) for s in batch_v], outputs / "upscaled", None,
+                                           None, 256)
+        except UserError as exc:
+            return {status: refused_on_page(str(exc), exc)}
         lines = [f"Upscaled {len(done)} image(s) into: `{outputs / 'upscaled'}`"] + [f"⚠ {p}" for p in problems]
-        return [(str(r), r.name) for _, r in done], "\n\n".join(lines)
+        shots = upscaled_shots(done, batch_v)
+        return {gallery: gr.Gallery(gallery_of(shots), selected_index=None), status: "\n\n".join(lines),
+                shown: shots, **selection(None)}
 
-    upscale.click(on_upscale, last_paths, [gallery, status], concurrency_id="upscale")
+    upscale.click(on_upscale, batch, [gallery, status, shown, selected, chosen, *actions],
+                  show_progress_on=[gallery, status], concurrency_id="upscale")
+
+    def on_select(shots: list[Shot], evt: gr.SelectData) -> dict:
+        index = evt.index if isinstance(evt.index, int) else -1
+        return selection(shots[index] if 0 <= index < len(shots) else None)
+
+    gallery.select(on_select, shown, [selected, chosen, *actions], queue=False, api_visibility="private")
+    history_gallery.select(on_select, history, [selected, chosen, *actions], queue=False, api_visibility="private")
+
+    def on_use_seed(shot: Shot | None):
+        return shot.seed if shot is not None and shot.seed >= 0 else gr.skip()
+
+    use_seed.click(on_use_seed, selected, seed, queue=False, api_visibility="private")
 
     def adapter_choices():
         entries, _ = list_adapters(adapters)
@@ -180,10 +338,12 @@ def build_generate_tab(demo: gr.Blocks, models: ModelCache, outputs: Path, adapt
         return (fields["prompt"], fields["negative_prompt"],
                 *(gr.update(value=fields[k]) if k in fields else gr.skip()
                   for k in ("steps", "guidance", "seed", "width", "height")),
-                gr.update(value=sampler) if sampler in SCHEDULER_NAMES else gr.skip())
+                gr.update(value=sampler) if sampler in samplers else gr.skip())
 
     png_file.change(on_png, png_file, png_text, queue=False)
     png_send.click(on_png_send, png_text, [prompt, negative, steps, guidance, seed, width, height, scheduler],
                    queue=False)
     randomize.click(lambda: -1, None, seed, queue=False)
-    reuse.click(lambda s: s, last_seed, seed, queue=False)
+    # the batch's first seed: "Reuse last seed" then gives the whole batch again (seed, seed+1, …)
+    reuse.click(lambda shots: shots[0].seed if shots else -1, batch, seed, queue=False)
+    return GenerateTab(selected=selected, to_compose=to_compose, to_upscale=to_upscale, to_verify=to_verify)

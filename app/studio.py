@@ -88,7 +88,7 @@ def build_studio(config: StudioConfig):
     import gradio as gr
 
     from app.compose_tab import build_compose_tab
-    from app.generate_tab import build_generate_tab
+    from app.generate_tab import SENT_SETTINGS, build_generate_tab, image_to, settings_to_compose
     from app.library_tab import build_library_tab
     from app.train_tab import build_train_tab
     from app.upscale_tab import build_upscale_tab
@@ -104,19 +104,26 @@ def build_studio(config: StudioConfig):
     with gr.Blocks(title="Atelier", analytics_enabled=False) as demo:
         gr.Markdown(f"# Atelier\nModel **{model.name}** · fingerprint `{model.fingerprint}` · "
                     f"{model.runtime.describe()}", elem_id="studio-header")
-        with gr.Tabs():
+        with gr.Tabs(elem_id="studio-tabs") as tabs:
             with gr.Tab("Generate", id="generate"):
-                build_generate_tab(demo, models, outputs, adapters_folder(data_home()), sr_models)
+                generate = build_generate_tab(demo, models, outputs, adapters_folder(data_home()), sr_models)
             with gr.Tab("Compose", id="compose"):
-                build_compose_tab(demo, models, outputs, adapters_folder(data_home()))
+                compose = build_compose_tab(demo, models, outputs, adapters_folder(data_home()))
             with gr.Tab("Train", id="train"):
                 build_train_tab(demo, jobs, data_home(), config.model)
             with gr.Tab("Upscale", id="upscale"):
-                build_upscale_tab(demo, sr_models, data_home(), outputs)
+                upscale_images = build_upscale_tab(demo, sr_models, data_home(), outputs)
             with gr.Tab("Verify", id="verify"):
-                build_verify_tab(demo, data_home(), adapters_folder(data_home()))
+                verify_images = build_verify_tab(demo, data_home(), adapters_folder(data_home()))
             with gr.Tab("Library", id="library"):
                 build_library_tab(demo, models, adapters_folder(data_home()))
+        # The Generate tab's sends: the selected image (or its settings) into another tab, which is then shown.
+        # Queued, so their toasts reach the page; no progress over the fields they fill.
+        quiet = {"show_progress": "hidden", "api_visibility": "private"}
+        generate.to_upscale.click(image_to("upscale"), generate.selected, [upscale_images, tabs], **quiet)
+        generate.to_verify.click(image_to("verify"), generate.selected, [verify_images, tabs], **quiet)
+        generate.to_compose.click(settings_to_compose, generate.selected,
+                                  [*(getattr(compose, name) for name in SENT_SETTINGS), tabs], **quiet)
         demo.load(None, None, None, js=CTRL_ENTER_JS)
     jobs.start_background()
     demo.queue(default_concurrency_limit=1)

@@ -12,7 +12,8 @@ from core.image_files import rgb_image
 from pipelines.upscale import SHIPPED, SRModelCache, sr_model_choices, upscale_files
 
 
-def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs: Path) -> None:
+def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs: Path) -> gr.File:
+    """Returns the images input, which the Generate tab's *Send to Upscale* fills."""
     folder = outputs / "upscaled"
     with gr.Row():
         with gr.Column(scale=2):
@@ -56,3 +57,4 @@ def build_upscale_tab(demo: gr.Blocks, cache: SRModelCache, home: Path, outputs:
 
     run.click(on_run, [files, model, official, tile, outscale], [compare, gallery, status], concurrency_id="upscale")
     demo.load(lambda: gr.update(choices=sr_model_choices(home)), None, model, queue=False, api_name="sr_model_choices")
+    return files

@@ -17,7 +17,8 @@ IDENTIFY_COLUMNS = ["image", "key", "bits matched", "adjusted p-value", "correct
 ROBUST_COLUMNS = ["attack", "bits matched", "bit accuracy", "p-value", "detected"]
 
 
-def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
+def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> gr.File:
+    """Returns the images input, which the Generate tab's *Send to Verify* fills."""
     with gr.Row():
         with gr.Column(scale=2):
             files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="wm-files")
@@ -84,3 +85,4 @@ def build_verify_tab(demo: gr.Blocks, home: Path, adapters: Path) -> None:
 
     demo.load(refresh, None, [adapter, extractor], queue=False, api_name="verify_choices")
     keep_fresh(lambda: [adapters, extractors_folder(home)], refresh, [], [adapter, extractor])
+    return files
