@@ -297,9 +297,11 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
             plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss (raw and smoothed)", height=220,
                                elem_id="train-loss", color_map={"loss": "#cbd5e1", "smoothed": "#ea580c"})
             with gr.Row():
+                # shown only where the run logs them (a watermark run has no learning-rate curve)
                 val_plot = gr.LinePlot(x="step", y="validation loss", title="Validation loss (fixed noise)",
-                                       height=160, elem_id="train-val-plot")
-                lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=160, elem_id="train-lr-plot")
+                                       height=160, elem_id="train-val-plot", visible=False)
+                lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=160, elem_id="train-lr-plot",
+                                      visible=False)
             samples = gr.Gallery(label="Preview samples (base model first, then newest first)", columns=2,
                                  height=420, elem_id="train-samples")
             tail = gr.Textbox(label="Log (newest first)", lines=8, max_lines=12, elem_id="train-log")
@@ -570,7 +572,9 @@ def build_train_tab(demo: gr.Blocks, queue: JobQueue, data_root: Path, model_sou
         # Stop and Resume are offered only where they can work: Stop while a run waits or runs, Resume for a stopped
         # or interrupted run with a checkpoint; Sample now and Extend for a running or finished run of the shared
         # training loop.
-        return (_progress_html(info), *_curves(run_dir), _samples(run_dir), _log_tail(run_dir),
+        loss, validation, lr = _curves(run_dir)
+        return (_progress_html(info), loss, gr.update(value=validation, visible=validation is not None),
+                gr.update(value=lr, visible=lr is not None), _samples(run_dir), _log_tail(run_dir),
                 gr.update(interactive=info.status in ("running", "queued")), gr.update(interactive=info.resumable),
                 gr.update(interactive=info.extendable), gr.update(interactive=info.extendable))
 
