@@ -8,6 +8,7 @@ from pathlib import Path
 from core.errors import UserError
 
 # The handlers import the work when they run, so `launch.py --help` stays instant.
+MATCH = {True: "this model", False: "another model", None: "unknown"}  # trained on the model given (--model)?
 
 
 def register(subparsers) -> None:
@@ -15,18 +16,19 @@ def register(subparsers) -> None:
                                    description="The adapters of your data folder (<data folder>/adapters) and the "
                                                "shipped example concepts, as the Library tab shows them.")
     commands = parser.add_subparsers(dest="adapter_command", metavar="COMMAND", required=True)
-    ls = commands.add_parser("list", help="every adapter with its type, format and base model")
+    ls = commands.add_parser("list", help="every adapter: type, created, method, steps, base model, formats")
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--model", help="the base model to check adapters against (default: the embedded model)")
     ls.set_defaults(func=handle_list)
-    info = commands.add_parser("info", help="one adapter's metadata")
+    info = commands.add_parser("info", help="one adapter's details (created, method, steps, dataset, base model, "
+                                            "trigger, formats, run folder, thumbnail) and metadata")
     info.add_argument("name", help="a file name of the Library (or a path to any .safetensors adapter)")
     info.set_defaults(func=handle_info)
     imp = commands.add_parser("import", help="check a file and copy it into the Library")
     imp.add_argument("file")
     imp.add_argument("--model", help="the model to read it against (default: the embedded model)")
     imp.set_defaults(func=handle_import)
-    exp = commands.add_parser("export", help="write an adapter in another format next to it")
+    exp = commands.add_parser("export", help="write an adapter in another format to <adapters>/exports/")
     exp.add_argument("name")
     exp.add_argument("--format", required=True, choices=("diffusers", "kohya"))
     exp.add_argument("--model", help="the base model (kohya names of SDXL follow its layout; default: embedded)")
@@ -35,7 +37,8 @@ def register(subparsers) -> None:
     ren.add_argument("name")
     ren.add_argument("new_name")
     ren.set_defaults(func=handle_rename)
-    rm = commands.add_parser("delete", help="delete one of your adapters (its run folder stays)")
+    rm = commands.add_parser("delete", help="delete one of your adapters and its exported copies (its run folder "
+                                            "stays)")
     rm.add_argument("name")
     rm.add_argument("--yes", action="store_true", help="do not ask")
     rm.set_defaults(func=handle_delete)
@@ -73,14 +76,16 @@ def handle_list(args: argparse.Namespace) -> int:
 
     fingerprint = load_model(args.model or str(default_model_source())).fingerprint
     entries, problems = library_entries(_folder(), fingerprint)
-    rows = [{"name": library_label(e), "type": e.kind.label, "format": e.format, "triggers": e.triggers,
-             "base": {True: "this model", False: "another model", None: "unknown"}[e.matches_model],
+    rows = [{"name": library_label(e), "type": e.kind.label, "format": e.format, "formats": e.formats_label(),
+             "created": e.created, "method": e.method, "steps": e.steps, "dataset": e.dataset_name,
+             "triggers": e.triggers, "base": MATCH[e.matches_model], "base_model": e.base_model, "run": e.run_name,
              "kb": e.size_kb, **e.columns} for e in entries]
     if args.json:
         print(json.dumps({"adapters": rows, "problems": problems}))
         return 0
-    for row in rows:
-        print(f"{row['name']:40s} {row['type']:22s} {row['format']:9s} {row['base']:14s} {row['kb']:>7} KB"
+    for row, entry in zip(rows, entries):
+        print(f"{row['name']:40s} {row['type']:22s} {entry.created_label():16s} {row['method']:12s} "
+              f"{row['steps'] or '-':>6} steps  {row['base']:14s} {row['kb']:>7} KB  {row['formats']}"
               + (f"  triggers: {row['triggers']}" if row["triggers"] else ""))
     for line in problems:
         print(f"warning: {line}")
@@ -88,12 +93,13 @@ def handle_list(args: argparse.Namespace) -> int:
 
 
 def handle_info(args: argparse.Namespace) -> int:
-    from adapters.registry import identify
+    from adapters.library import entry_details, library_entry
     from core.safetensors_files import read_metadata
 
     path = _path(args.name)
-    meta = read_metadata(path)
-    print(json.dumps({"file": str(path), "type": identify(path, meta).label, "metadata": meta}, indent=2))
+    entry = library_entry(path, _folder())
+    print(json.dumps({"file": str(path), "type": entry.kind.label, **entry_details(entry),
+                      "metadata": read_metadata(path)}, indent=2))
     return 0
 
 
@@ -121,12 +127,15 @@ def handle_rename(args: argparse.Namespace) -> int:
 
 
 def handle_delete(args: argparse.Namespace) -> int:
-    from adapters.library import delete_adapter
+    from adapters.library import delete_adapter, exported_copies, library_path
 
     if not args.yes:
-        answer = input(f"delete {args.name} from {_folder()}? [y/N] ")
+        path = library_path(args.name, _folder())
+        also = "".join(f" and {copy}" for copy in (exported_copies(path, _folder()) if path.is_file() else []))
+        answer = input(f"delete {args.name}{also} from {_folder()}? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             print("kept")
             return 1
-    print(f"deleted {delete_adapter(args.name, _folder())}")
+    for path in delete_adapter(args.name, _folder()):
+        print(f"deleted {path}")
     return 0

@@ -93,6 +93,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
 
         # 3. Train a LoRA on it: start, stop at once (while the job is still loading), resume, see it done.
         page.locator("#train-trigger textarea, #train-trigger input").first.fill("sks")
+        page.locator("#train-prompts textarea").fill("sks a red star in the center, gray background")  # a preview
         type_number(page, "train-steps", STEPS)
         type_number(page, "train-ckpt-every", 1000)
         page.locator("#train-start").click()
@@ -127,6 +128,14 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.reload()
         page.get_by_role("tab", name="Library").click()  # the new adapter is in the Library...
         page.wait_for_function(f"document.querySelector('#lib-table')?.innerText.includes('{NAME}')", timeout=30_000)
+        pick(page, "lib-chosen", f"{NAME}.safetensors")  # its card: the run's last preview, and the run by name
+        page.wait_for_function(f"document.querySelector('#lib-details')?.innerText.includes('{run_dir.name}')",
+                               timeout=30_000)
+        page.wait_for_function("(() => { const i = document.querySelector('#lib-thumb img'); "
+                               "return i && i.complete && i.naturalWidth > 0; })()", timeout=30_000)
+        card = page.locator("#lib-details").inner_text()
+        assert "Train tab → Runs" in card and f"steps {STEPS}" in card and NAME in card, card
+        shot(page, "library-card")
         page.get_by_role("tab", name="Compose").click()  # ...and among the Compose tab's LoRAs
         pick(page, "compose-lora-0", re.compile(rf"^{NAME}\.safetensors"))
         page.locator("#compose-prompt-0 textarea").fill("sks a red star in the center, gray background")

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from core.safetensors_files import add_metadata, read_metadata, save_atomic
 from trainers.jobs import job_info
 from trainers.run_loop import RunLoop, StepReport, StepTrainer
-from trainers.run_targets import CREATED_KEY, METADATA_KEY, RUN_DIR_KEY, STEPS_KEY, done_line, loss_shortfall
+from core.run_provenance import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
+from trainers.run_targets import METADATA_KEY, done_line, loss_shortfall
 
 
 def test_loss_shortfall_reads_the_trend_not_the_last_step():

@@ -22,10 +22,11 @@ import torch
 
 from core.errors import ModelLoadError, UserError
 
+from core.run_provenance import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
 from core.safetensors_files import add_metadata
 from trainers.checkpoints import CheckpointState, latest_checkpoint, load_checkpoint, rng_restore, save_checkpoint
 from trainers.events import EventLog, read_events
-from trainers.run_targets import CREATED_KEY, METADATA_KEY, RUN_DIR_KEY, STEPS_KEY, loss_shortfall, status_label
+from trainers.run_targets import METADATA_KEY, loss_shortfall, status_label
 
 STOP_FILE = "STOP"
 SAMPLE_FILE = "SAMPLE"  # "Sample now": previews after the current step (a file, as STOP; removed once acted on)

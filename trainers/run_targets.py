@@ -12,9 +12,6 @@ from statistics import fmean
 MIN_STEPS_FOR_LOSS = 10  # fewer steps than this cannot show a trend through the noise of single-batch losses
 WINDOW_SHARE = 0.1  # the first and last tenth of the steps are compared (at least 5 steps each)
 METADATA_KEY = "atelier.warnings"
-# Where a file came from, stamped by the run loop into every artefact it ends with (done or stopped): the Library
-# shows the date and steps, links the run and takes its last preview as the thumbnail.
-RUN_DIR_KEY, STEPS_KEY, CREATED_KEY = "atelier.run_dir", "atelier.steps", "atelier.created"
 
 
 def loss_shortfall(losses: list[float]) -> str | None:
