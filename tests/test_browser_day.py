@@ -110,6 +110,12 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.reload()  # a page refresh re-attaches to the newest run, stopped: Resume is offered, Stop is not
         page.get_by_role("tab", name="Train").click()
         progress_says(page, LORA_RUN, "stopped", 60_000)
+        # ...and the New-run form is as the user left it (the browser keeps it)
+        page.wait_for_function("document.querySelector('#train-trigger textarea, #train-trigger input')?.value "
+                               "=== 'sks'", timeout=15_000)
+        assert page.locator("#train-name textarea, #train-name input").first.input_value() == NAME
+        assert page.locator("#train-prompts textarea").input_value().startswith("sks a red star")
+        assert page.locator("#train-steps input").input_value() == str(STEPS)
         page.wait_for_function("document.querySelector('#train-resume')?.disabled === false", timeout=10_000)
         assert page.locator("#train-stop").is_disabled()
         shot(page, "train-stopped")
@@ -125,8 +131,7 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         shot(page, "train-done")
 
         # 4. Compose the new LoRA (left box) with a shipped example LoRA (right box).
-        page.reload()
-        page.get_by_role("tab", name="Library").click()  # the new adapter is in the Library...
+        page.get_by_role("tab", name="Library").click()  # the new adapter is in the Library, without a reload...
         page.wait_for_function(f"document.querySelector('#lib-table')?.innerText.includes('{NAME}')", timeout=30_000)
         pick(page, "lib-chosen", f"{NAME}.safetensors")  # its card: the run's last preview, and the run by name
         page.wait_for_function(f"document.querySelector('#lib-details')?.innerText.includes('{run_dir.name}')",
@@ -190,13 +195,20 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         assert page.locator("#train-stop").is_disabled()
         shot(page, "watermark-trained")
 
-        page.reload()  # the new adapters in the Generate tab: the day's LoRA applied, the watermark on every image
-        page.locator("#gen-prompt textarea").fill("sks a blue star in the center, gray background")
+        # The new adapters in the Generate tab, without a reload: the day's LoRA named in the prompt as in A1111,
+        # the watermark (its list follows the adapters folder) on every image.
+        page.get_by_role("tab", name="Generate").click()
+        page.locator("#gen-prompt textarea").fill(f"sks a blue star in the center, gray background <lora:{NAME}:1>")
         page.locator("#gen-steps input[type=number]").fill("4")
         page.locator("#gen-seed input").fill("11")
         page.get_by_text("Adapters (LoRA, SaRA, watermark)").click()
-        pick(page, "gen-lora-0", f"{NAME}.safetensors")
-        pick(page, "gen-watermark", f"{MARK}.safetensors")
+        for _ in range(20):  # the list's next look at the folder (every 3 s) brings the new watermark
+            page.locator("#gen-watermark input").click()
+            if page.get_by_role("option", name=f"{MARK}.safetensors").count():
+                break
+            page.keyboard.press("Escape")
+            page.wait_for_timeout(1000)
+        page.get_by_role("option", name=f"{MARK}.safetensors").click()
         page.locator("#gen-run").click()
         page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('00001-11.png')",
                                timeout=90_000)
