@@ -11,7 +11,7 @@ from bad_inputs import good_tiny_lora
 from conftest import run_cli
 from core.safetensors_files import add_metadata
 from trainers.events import EventLog
-from trainers.run_targets import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
+from core.run_provenance import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
 
 
 def test_the_library_on_the_command_line(tiny_model_dir, bad_corpus, tmp_path):

@@ -202,12 +202,12 @@ def test_a_new_users_day(browser, tmp_path, monkeypatch):
         page.locator("#gen-steps input[type=number]").fill("4")
         page.locator("#gen-seed input").fill("11")
         page.get_by_text("Adapters (LoRA, SaRA, watermark)").click()
-        for _ in range(20):  # the list's next look at the folder (every 3 s) brings the new watermark
+        for _ in range(60):  # the list's next look at the folder (every 3 s; later under load) brings the watermark
             page.locator("#gen-watermark input").click()
             if page.get_by_role("option", name=f"{MARK}.safetensors").count():
                 break
             page.keyboard.press("Escape")
-            page.wait_for_timeout(1000)
+            page.wait_for_timeout(1500)
         page.get_by_role("option", name=f"{MARK}.safetensors").click()
         page.locator("#gen-run").click()
         page.wait_for_function("document.querySelector('#gen-status')?.innerText.includes('00001-11.png')",

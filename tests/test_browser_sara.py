@@ -40,7 +40,7 @@ def test_sara_run_from_the_page(browser, default_model_dir, tmp_path):
     home = Path(os.environ["ATELIER_HOME"])
     with running_studio(default_model_dir, tmp_path / "outputs") as url:
         page = open_tab(browser, url, "Train", width=1500, height=1400)
-        assert page.locator("#train-lora-rank").is_visible()
+        page.locator("#train-lora-rank").wait_for(state="visible", timeout=30_000)  # the page under load renders late
         assert not page.locator("#train-sara").is_visible()
 
         # Choosing SaRA swaps rank for the SaRA group and plans the default 5 % selection at once.

@@ -14,7 +14,7 @@ from core.safetensors_files import add_metadata, read_metadata, save_atomic
 from models.loading import load_model
 from test_adapter_files import random_adapter
 from trainers.events import EventLog
-from trainers.run_targets import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
+from core.run_provenance import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def _png(path, colour):
 
 
 def test_an_adapter_from_a_run_shows_its_date_steps_dataset_run_and_last_preview(model, tmp_path):
-    """The keys the run loop stamps (trainers.run_targets) and its event log (written with the trainers' own
+    """The keys the run loop stamps (core.run_provenance) and its event log (written with the trainers' own
     EventLog): created, steps, run folder and thumbnail come from the run, dataset and base model from the file."""
     folder, run = tmp_path / "adapters", tmp_path / "runs" / "20261208-012259-lora-star"
     adapter = random_adapter(model.pipe, seed=3)

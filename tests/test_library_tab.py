@@ -17,7 +17,7 @@ from bad_inputs import good_tiny_lora
 from conftest import start_studio
 from core.safetensors_files import add_metadata, save_atomic
 from trainers.events import EventLog
-from trainers.run_targets import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
+from core.run_provenance import CREATED_KEY, RUN_DIR_KEY, STEPS_KEY
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 

@@ -68,7 +68,7 @@ def test_the_command_line_is_generated_from_the_options(tmp_path):
     assert config.method == "rslora"
     assert config.method_options == {"rank": 4, "train_text_encoder": True, "targets": ["to_q", "to_v"]}
     args = parser.parse_args(["train", "b4m-content", "--data", "d", "--out", "o.safetensors", "--plp-seed", "7",
-                              "--aux-lr-ratio", "0.2"])
+                              "--aux-lr-ratio", "0.2", "--preset", "none"])
     assert config_from_args(args).method_options == {"seed": 7, "other_lr_ratio": 0.2}  # flags differ from fields
     with pytest.raises(SystemExit):  # SaRA's budget and threshold exclude each other
         parser.parse_args(["train", "sara", "--budget", "5%", "--threshold", "0.01"])

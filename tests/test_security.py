@@ -124,7 +124,7 @@ def test_a_runs_samples_are_served_only_once_the_page_shows_them(studio):
     assert studio.get(sample) == 403  # the runs folder is not served as a whole
     client = studio.client()
     client.predict(None, api_name="/on_refresh")  # the page's load: this session's list of runs
-    grid = client.predict(RUN, api_name="/on_tick")[2]  # progress, loss plot, samples, log
+    grid = client.predict(RUN, api_name="/on_tick")[4]  # progress, loss, validation and lr plots, samples, log, ...
     samples = grid["value"]  # an update: the grid's columns follow the run's preview prompts
     assert len(samples) == 1 and Path(samples[0]["image"]).is_file()
     assert studio.get(sample) == 200

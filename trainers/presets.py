@@ -99,8 +99,9 @@ def _b4m_presets(stage: str) -> list[Preset]:
                               "sample_every": 250}, {"rank": 8} if plp else {}),
         Preset("sd2", "sd2", {"steps": sd_steps, "batch_size": 1, "lr": sd_lr, "checkpoint_every": 250,
                               "sample_every": 250}, {"rank": 8} if plp else {}),
+        # no gradient checkpointing: the PLP halves switch roles between the forward pass and its recomputation
         Preset("sdxl", "sdxl", {"steps": sd_steps, "batch_size": 1, "lr": sd_lr, "checkpoint_every": 250,
-                                "sample_every": 250, "gradient_checkpointing": True}, {"rank": 16} if plp else {}),
+                                "sample_every": 250}, {"rank": 16} if plp else {}),
     ]
 
 
