@@ -47,6 +47,7 @@ class JobInfo:
     # A run of the shared training loop (LoRA types, SaRA, Break-for-Make) that is running, queued or done: "Extend
     # by N steps" and "Sample now" can act on it.
     extendable: bool = False
+    then_extend: int = 0  # steps to add once it is done (Extend on a running run)
 
     @property
     def name(self) -> str:
@@ -131,7 +132,8 @@ def job_info(run_dir: Path) -> JobInfo:
                    resumable=ckpt is not None and status in ("stopped", "interrupted", "error"), warnings=warnings,
                    phase=phase if status == "running" else None,
                    extendable=shared_loop and (status in ("running", "queued") or (status == "done" and
-                                                                                    ckpt is not None)))
+                                                                                    ckpt is not None)),
+                   then_extend=int(job.get("then_extend") or 0))
 
 
 def list_jobs(runs_root: Path) -> list[JobInfo]:
@@ -240,9 +242,9 @@ class JobQueue:
         if not info.extendable:
             raise ValueError(f"{info.name} cannot be extended ({info.status}; only finished or running runs of the "
                              "shared training loop: LoRA types, SaRA, Break-for-Make)")
-        job = _read_json(run_dir / JOB_FILE)
         if info.status in ("running", "queued"):
-            _write_json(run_dir / JOB_FILE, {**job, "then_extend": int(job.get("then_extend") or 0) + steps})
+            job = _read_json(run_dir / JOB_FILE)
+            _write_json(run_dir / JOB_FILE, {**job, "then_extend": info.then_extend + steps})
             return f"{info.name} goes on for {steps} more steps once it reaches step {info.total}."
         self._requeue(run_dir, info.method, ["--resume", str(run_dir), "--extend", str(steps)])
         return f"{info.name} continues from step {info.step} to step {info.step + steps}."
@@ -271,13 +273,14 @@ class JobQueue:
 
     def tick(self) -> None:
         """Start queued jobs while fewer than ``max_running`` run (a finished run asked to go on is queued again)."""
-        for job in list_jobs(self.runs_root):
-            extra = _read_json(job.run_dir / JOB_FILE).get("then_extend") if job.status == "done" else None
-            if extra:
-                self._requeue(job.run_dir, job.method, ["--resume", str(job.run_dir), "--extend", str(int(extra))],
-                              start=False)
         with self._lock:
             jobs = list_jobs(self.runs_root)
+            extended = [j for j in jobs if j.status == "done" and j.then_extend]
+            for job in extended:
+                self._requeue(job.run_dir, job.method, ["--resume", str(job.run_dir), "--extend",
+                                                        str(job.then_extend)], start=False)
+            if extended:  # they are queued now
+                jobs = list_jobs(self.runs_root)
             running = sum(1 for j in jobs if j.status == "running")
             status = {j.name: j.status for j in jobs}
             queued = sorted((j for j in jobs if j.status == "queued" and all(
